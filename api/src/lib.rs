@@ -1,0 +1,1 @@
+//! The `LivePatch` API types (custom resources) shared by the operator and the node agent.

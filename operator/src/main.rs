@@ -1,0 +1,2 @@
+//! The cluster operator (filled by the operator issue).
+fn main() {}
