@@ -1,0 +1,316 @@
+//! x86-64: finding the address references inside machine code (rip-relative operands, rel32
+//! branches, absolute immediates, `%fs` TLS offsets), encoding the entry jump, and the debug
+//! register layout.
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind, Register};
+
+/// Length of the jump written at an old function's entry (`jmp rel32`).
+pub const JUMP_LEN: usize = 5;
+pub const INT3: u8 = 0xcc;
+/// `syscall`
+pub const SYSCALL: [u8; 2] = [0x0f, 0x05];
+/// offsetof(struct user, u_debugreg) on x86-64 Linux.
+pub const DEBUGREG_OFFSET: usize = 848;
+/// Number of hardware execute breakpoints (DR0-DR3).
+pub const HW_BREAKPOINTS: usize = 4;
+
+/// How a reference field encodes its target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefKind {
+    /// Signed 32-bit displacement from the end of the instruction.
+    PcRel,
+    /// Absolute address, 32 bits zero-extended.
+    Abs32,
+    /// Absolute address, 32 bits sign-extended.
+    Abs32S,
+    /// Absolute 64-bit address.
+    Abs64,
+    /// Offset from the thread pointer (`%fs:disp32`, local-exec TLS).
+    TpOff32,
+    /// 8-bit displacement from the end of the instruction (short branches).
+    PcRel8,
+}
+
+/// One reference field found in code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CodeRef {
+    /// Address of the instruction.
+    pub ip: u64,
+    /// Address just after the instruction (base of pc-relative fields).
+    pub next_ip: u64,
+    /// Offset of the field from the start of the decoded bytes.
+    pub field_off: usize,
+    pub field_size: u8,
+    pub kind: RefKind,
+    /// The referenced address (pc-relative fields, absolute fields) or the value (TLS).
+    pub target: u64,
+    /// A memory operand (load, store, `lea`), not a branch or an immediate.
+    pub is_mem: bool,
+    pub is_lea: bool,
+    pub is_branch: bool,
+    pub is_call: bool,
+    /// An absolute candidate that may also be a plain number (immediates in non-PIE code).
+    pub maybe_number: bool,
+    /// `jmp [table + index*8]`: an absolute jump table (non-PIE).
+    pub jump_table: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("undecodable instruction at {ip:#x}")]
+pub struct DecodeError {
+    pub ip: u64,
+}
+
+/// Decode `code` (placed at `ip`) and list every address reference it contains.
+pub fn decode_refs(code: &[u8], ip: u64) -> Result<Vec<CodeRef>, DecodeError> {
+    let mut out = Vec::new();
+    let mut decoder = Decoder::with_ip(64, code, ip, DecoderOptions::NONE);
+    let mut insn = Instruction::default();
+    while decoder.can_decode() {
+        let pos = decoder.position();
+        decoder.decode_out(&mut insn);
+        if insn.is_invalid() {
+            return Err(DecodeError { ip: insn.ip() });
+        }
+        let co = decoder.get_constant_offsets(&insn);
+        let next_ip = insn.next_ip();
+        let flow = insn.flow_control();
+        let is_branch = matches!(flow, FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch | FlowControl::Call);
+        let is_call = flow == FlowControl::Call;
+        let is_lea = insn.mnemonic() == Mnemonic::Lea;
+        let base = CodeRef {
+            ip: insn.ip(),
+            next_ip,
+            field_off: 0,
+            field_size: 0,
+            kind: RefKind::PcRel,
+            target: 0,
+            is_mem: false,
+            is_lea,
+            is_branch: false,
+            is_call: false,
+            maybe_number: false,
+            jump_table: false,
+        };
+        // Near branches: the displacement is reported as the immediate.
+        for i in 0..insn.op_count() {
+            if matches!(insn.op_kind(i), OpKind::NearBranch64 | OpKind::NearBranch32 | OpKind::NearBranch16) && co.has_immediate() {
+                let size = co.immediate_size() as u8;
+                out.push(CodeRef {
+                    field_off: pos + co.immediate_offset(),
+                    field_size: size,
+                    kind: if size == 1 { RefKind::PcRel8 } else { RefKind::PcRel },
+                    target: insn.near_branch_target(),
+                    is_branch,
+                    is_call,
+                    ..base.clone()
+                });
+            }
+        }
+        let has_mem = (0..insn.op_count()).any(|i| insn.op_kind(i) == OpKind::Memory);
+        if has_mem && co.has_displacement() {
+            let field_off = pos + co.displacement_offset();
+            let dsize = co.displacement_size() as u8;
+            if insn.is_ip_rel_memory_operand() {
+                out.push(CodeRef {
+                    field_off,
+                    field_size: dsize,
+                    kind: RefKind::PcRel,
+                    target: insn.ip_rel_memory_address(),
+                    is_mem: true,
+                    is_branch: matches!(flow, FlowControl::IndirectBranch | FlowControl::IndirectCall),
+                    is_call: flow == FlowControl::IndirectCall,
+                    ..base.clone()
+                });
+            } else if insn.memory_segment() == Register::FS && insn.memory_base() == Register::None && insn.memory_index() == Register::None && dsize == 4 {
+                out.push(CodeRef {
+                    field_off,
+                    field_size: 4,
+                    kind: RefKind::TpOff32,
+                    target: insn.memory_displacement64(),
+                    is_mem: true,
+                    ..base.clone()
+                });
+            } else if insn.memory_base() == Register::None && dsize == 4 && !matches!(insn.memory_segment(), Register::FS | Register::GS) {
+                // Absolute disp32 (non-PIE): `mov eax, [addr]` or a jump table `jmp [tbl + rax*8]`.
+                out.push(CodeRef {
+                    field_off,
+                    field_size: 4,
+                    kind: RefKind::Abs32S,
+                    target: insn.memory_displacement64(),
+                    is_mem: true,
+                    is_branch: flow == FlowControl::IndirectBranch,
+                    jump_table: flow == FlowControl::IndirectBranch && insn.memory_index() != Register::None && insn.memory_index_scale() == 8,
+                    maybe_number: insn.memory_index() != Register::None && flow != FlowControl::IndirectBranch,
+                    ..base.clone()
+                });
+            }
+        }
+        // Immediates that may be addresses (non-PIE code takes addresses with `mov $sym, %edi`).
+        if co.has_immediate() && !is_branch {
+            for i in 0..insn.op_count() {
+                let (kind, size) = match insn.op_kind(i) {
+                    OpKind::Immediate32 => (RefKind::Abs32, 4u8),
+                    OpKind::Immediate32to64 => (RefKind::Abs32S, 4),
+                    OpKind::Immediate64 => (RefKind::Abs64, 8),
+                    _ => continue,
+                };
+                if co.immediate_size() as u8 != size {
+                    continue;
+                }
+                out.push(CodeRef {
+                    field_off: pos + co.immediate_offset(),
+                    field_size: size,
+                    kind,
+                    target: insn.immediate(i),
+                    maybe_number: true,
+                    ..base.clone()
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Instruction boundaries of `code` placed at `ip` (for "is this pc at an instruction start").
+pub fn instruction_starts(code: &[u8], ip: u64) -> Result<Vec<u64>, DecodeError> {
+    let mut out = Vec::new();
+    let mut decoder = Decoder::with_ip(64, code, ip, DecoderOptions::NONE);
+    let mut insn = Instruction::default();
+    while decoder.can_decode() {
+        decoder.decode_out(&mut insn);
+        if insn.is_invalid() {
+            return Err(DecodeError { ip: insn.ip() });
+        }
+        out.push(insn.ip());
+    }
+    Ok(out)
+}
+
+/// Encode `jmp rel32` at `from` to `to`; `None` when out of reach.
+pub fn jmp_rel32(from: u64, to: u64) -> Option<[u8; JUMP_LEN]> {
+    let rel = (to as i128) - (from as i128 + JUMP_LEN as i128);
+    let rel = i32::try_from(rel).ok()?;
+    let mut b = [0u8; JUMP_LEN];
+    b[0] = 0xe9;
+    b[1..].copy_from_slice(&rel.to_le_bytes());
+    Some(b)
+}
+
+/// Decode a `jmp rel32` written by [`jmp_rel32`]; the target if `bytes` is one.
+pub fn decode_jmp_rel32(from: u64, bytes: &[u8]) -> Option<u64> {
+    if bytes.len() < JUMP_LEN || bytes[0] != 0xe9 {
+        return None;
+    }
+    let rel = i32::from_le_bytes(bytes[1..5].try_into().ok()?);
+    Some((from as i64 + JUMP_LEN as i64 + rel as i64) as u64)
+}
+
+/// An import stub: `jmp *[rip+0]` followed by the 8-byte absolute target.
+pub const STUB_LEN: usize = 16;
+pub fn import_stub(target: u64) -> [u8; STUB_LEN] {
+    let mut b = [0u8; STUB_LEN];
+    b[..6].copy_from_slice(&[0xff, 0x25, 0, 0, 0, 0]);
+    b[6..14].copy_from_slice(&target.to_le_bytes());
+    b[14] = INT3;
+    b[15] = INT3;
+    b
+}
+
+/// Whether a byte is padding between functions (so a jump may run into it).
+pub fn is_padding(b: u8) -> bool {
+    b == INT3 || b == 0x90 || b == 0x00
+}
+
+/// DR7 with execute breakpoints enabled in the given slots (local enable, RW=00, LEN=00).
+pub fn dr7_execute(slots: &[usize]) -> u64 {
+    slots.iter().fold(0u64, |v, &i| v | 1 << (2 * i))
+}
+
+/// Offset in `struct user` of debug register `n` (0-7).
+pub fn debugreg_offset(n: usize) -> usize {
+    DEBUGREG_OFFSET + n * 8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_call_and_riprel() {
+        // call rel32 (+0x10); mov eax,[rip+0x20]; lea rdi,[rip-0x8]
+        let code = [0xe8, 0x10, 0, 0, 0, 0x8b, 0x05, 0x20, 0, 0, 0, 0x48, 0x8d, 0x3d, 0xf8, 0xff, 0xff, 0xff];
+        let refs = decode_refs(&code, 0x1000).unwrap();
+        assert_eq!(refs.len(), 3, "{refs:?}");
+        assert_eq!(refs[0].kind, RefKind::PcRel);
+        assert!(refs[0].is_call);
+        assert_eq!(refs[0].field_off, 1);
+        assert_eq!(refs[0].target, 0x1005 + 0x10);
+        assert_eq!(refs[1].field_off, 7);
+        assert_eq!(refs[1].target, 0x100b + 0x20);
+        assert!(refs[1].is_mem);
+        assert_eq!(refs[2].target, 0x1012 - 8);
+        assert!(refs[2].is_lea);
+    }
+
+    #[test]
+    fn riprel_with_immediate_uses_instruction_end() {
+        // cmp dword [rip+0x10], 5  (83 3d disp32 imm8)
+        let code = [0x83, 0x3d, 0x10, 0, 0, 0, 0x05];
+        let refs = decode_refs(&code, 0x2000).unwrap();
+        assert_eq!(refs.len(), 1);
+        assert_eq!(refs[0].next_ip, 0x2007);
+        assert_eq!(refs[0].target, 0x2007 + 0x10);
+    }
+
+    #[test]
+    fn tls_and_absolute() {
+        // mov eax, fs:[0xfffffffc] (64 8b 04 25 fc ff ff ff); mov edi, 0x402004 (bf 04 20 40 00)
+        let code = [0x64, 0x8b, 0x04, 0x25, 0xfc, 0xff, 0xff, 0xff, 0xbf, 0x04, 0x20, 0x40, 0x00];
+        let refs = decode_refs(&code, 0x401000).unwrap();
+        assert_eq!(refs.len(), 2, "{refs:?}");
+        assert_eq!(refs[0].kind, RefKind::TpOff32);
+        assert_eq!(refs[0].target as i64, -4);
+        assert_eq!(refs[1].kind, RefKind::Abs32);
+        assert_eq!(refs[1].target, 0x402004);
+        assert!(refs[1].maybe_number);
+    }
+
+    #[test]
+    fn absolute_jump_table() {
+        // jmp qword [rax*8 + 0x402010]  (ff 24 c5 10 20 40 00)
+        let code = [0xff, 0x24, 0xc5, 0x10, 0x20, 0x40, 0x00];
+        let refs = decode_refs(&code, 0x401000).unwrap();
+        assert_eq!(refs.len(), 1);
+        assert!(refs[0].jump_table);
+        assert_eq!(refs[0].target, 0x402010);
+    }
+
+    #[test]
+    fn short_branch_is_pcrel8() {
+        let code = [0xeb, 0x02, 0x90, 0x90];
+        let refs = decode_refs(&code, 0).unwrap();
+        assert_eq!(refs[0].kind, RefKind::PcRel8);
+        assert_eq!(refs[0].target, 4);
+    }
+
+    #[test]
+    fn jump_encoding_roundtrip_and_reach() {
+        let b = jmp_rel32(0x1000, 0x2000).unwrap();
+        assert_eq!(decode_jmp_rel32(0x1000, &b), Some(0x2000));
+        let b = jmp_rel32(0x2000, 0x1000).unwrap();
+        assert_eq!(decode_jmp_rel32(0x2000, &b), Some(0x1000));
+        assert!(jmp_rel32(0, 1 << 32).is_none());
+    }
+
+    #[test]
+    fn invalid_code_is_an_error() {
+        assert!(decode_refs(&[0x06], 0).is_err()); // push es: invalid in 64-bit mode
+    }
+
+    #[test]
+    fn dr7_bits() {
+        assert_eq!(dr7_execute(&[0]), 1);
+        assert_eq!(dr7_execute(&[0, 3]), 1 | 1 << 6);
+    }
+}

@@ -1,0 +1,157 @@
+//! The `livepatch` command line: the engine, locally, with no cluster.
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use livepatch::bundle::Bundle;
+use livepatch::elf::ElfFile;
+use livepatch::extract;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "livepatch", version, about = "Live procedure update for running processes")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Show which functions and data differ between two executables.
+    Diff {
+        old: PathBuf,
+        new: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build a patch bundle turning OLD's changed functions into NEW's.
+    Build {
+        #[arg(long)]
+        old: PathBuf,
+        #[arg(long)]
+        new: PathBuf,
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
+        /// Only these functions (repeatable); default: every changed function.
+        #[arg(long = "function")]
+        functions: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print what a bundle contains.
+    Inspect {
+        bundle: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LIVEPATCH_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = e.downcast_ref::<livepatch::Error>().map(|e| e.exit_code()).unwrap_or(1);
+            eprintln!("livepatch: {e:#}");
+            ExitCode::from(code as u8)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Diff { old, new, json } => {
+            let (o, n) = (ElfFile::open(&old)?, ElfFile::open(&new)?);
+            let d = extract::diff(&o, &n)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+            } else {
+                print_diff(&d);
+            }
+        }
+        Cmd::Build { old, new, output, functions, json } => {
+            let (o, n) = (ElfFile::open(&old)?, ElfFile::open(&new)?);
+            let (manifest, blob, _) = extract::build(&o, &n, &extract::BuildOptions { functions })?;
+            let b = Bundle::write(&manifest, &blob, &output).with_context(|| format!("writing {}", output.display()))?;
+            if json {
+                println!("{}", serde_json::json!({"bundle": output, "patch_id": b.patch_id(), "sha256": b.digest,
+                    "functions": b.manifest.functions.iter().map(|f| &f.name).collect::<Vec<_>>()}));
+            } else {
+                println!("wrote {} ({} bytes, patch {} sha256 {})", output.display(), std::fs::metadata(&output)?.len(), b.patch_id(), b.digest);
+                for f in &b.manifest.functions {
+                    println!("  {:<10} {}", format!("{:?}", f.kind).to_lowercase(), f.name);
+                }
+            }
+        }
+        Cmd::Inspect { bundle, json } => {
+            let b = Bundle::read(&bundle)?;
+            if json {
+                let mut v = serde_json::to_value(&b.manifest)?;
+                v["patch_id"] = b.patch_id().into();
+                v["sha256"] = b.digest.clone().into();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_bundle(&b);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_diff(d: &extract::Diff) {
+    println!("references: {}", d.reference_source);
+    for c in &d.changed_functions {
+        println!("changed   {} ({} -> {} bytes)", c.name, c.old_size, c.new_size);
+    }
+    for a in &d.added_functions {
+        println!("added     {} ({} bytes)", a.name, a.size);
+    }
+    for r in &d.removed_functions {
+        println!("removed   {}", r.name);
+    }
+    for c in &d.changed_data {
+        println!("data      {}: {}", c.name, c.note);
+    }
+    for a in &d.added_data {
+        println!("new data  {} ({} bytes)", a.name, a.size);
+    }
+    if let Some(r) = d.layout_refusals().first() {
+        println!("=> cannot be applied live: `{}` changed layout; an offline restart is needed", r.name);
+    }
+}
+
+fn print_bundle(b: &Bundle) {
+    let m = &b.manifest;
+    println!("patch {} (format {}, {})", b.patch_id(), m.format_version, m.arch);
+    println!("sha256     {}", b.digest);
+    println!("target     build id {} ({}){}", m.target.build_id, if m.target.pie { "PIE" } else { "non-PIE" },
+        m.target.path.as_deref().map(|p| format!(" {p}")).unwrap_or_default());
+    println!("references {}", m.reference_source);
+    println!("span       {:#x}..{:#x}", m.span.lo, m.span.lo + m.span.len);
+    println!("functions:");
+    for f in &m.functions {
+        println!("  {:<9} {:<32} new {:#x}+{}  old {}", format!("{:?}", f.kind).to_lowercase(), f.name, f.new_svma, f.new_size,
+            f.old_svma.map(|a| format!("{a:#x}+{}", f.old_size)).unwrap_or_else(|| "-".into()));
+    }
+    println!("pieces:");
+    for p in &m.pieces {
+        println!("  {:<6} {:#x}+{} {}", format!("{:?}", p.kind).to_lowercase(), p.svma, p.len, p.name);
+    }
+    println!("fixups: {}", m.fixups.len());
+    for x in &m.fixups {
+        println!("  {:#x} {:?} -> {:?}", x.at, x.kind, x.target);
+    }
+    for d in &m.changed_data {
+        println!("data       {}: {}", d.name, d.note);
+    }
+}

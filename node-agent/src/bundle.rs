@@ -1,0 +1,352 @@
+//! The patch bundle: a versioned, self-describing file carrying the new code of the changed
+//! functions, the read-only data it needs, and every fixup, for one exact target executable.
+//!
+//! Layout (all integers little-endian):
+//! ```text
+//! "LPBUNDL\0"  u32 format version  u32 manifest length  manifest (JSON)
+//! u64 blob length  blob  sha256(everything before)
+//! ```
+//! The trailing digest is the bundle's identity (the patch id derives from it) and what a
+//! `LivePatch` spec pins with `sha256`.
+use crate::arch::x86_64::RefKind;
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::path::Path;
+
+pub const MAGIC: &[u8; 8] = b"LPBUNDL\0";
+pub const FORMAT_VERSION: u32 = 1;
+/// Limits that keep a hostile bundle from costing unbounded memory.
+pub const MAX_BUNDLE: u64 = 512 << 20;
+pub const MAX_MANIFEST: u64 = 64 << 20;
+pub const MAX_SPAN: u64 = 1 << 30;
+pub const MAX_ITEMS: usize = 1 << 20;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TargetId {
+    /// GNU build id (hex) of the executable the bundle applies to.
+    pub build_id: String,
+    pub path: Option<String>,
+    pub pie: bool,
+}
+
+/// The range of NEW's addresses mirrored into the region, page aligned.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Span {
+    pub lo: u64,
+    pub len: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PieceKind {
+    Code,
+    Rodata,
+}
+
+/// Bytes placed at their NEW address inside the mirror.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Piece {
+    pub name: String,
+    pub kind: PieceKind,
+    pub svma: u64,
+    pub len: u64,
+    /// Offset in the blob.
+    pub blob: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FunctionKind {
+    /// Exists in OLD; gets a jump at its old entry.
+    Changed,
+    /// Only in NEW; reached from other new code.
+    Added,
+    /// A split-off part (`.cold`) of a changed function: entered by jumps, never by its entry.
+    Companion,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Function {
+    pub name: String,
+    pub kind: FunctionKind,
+    /// Old code (SVMA in OLD) for changed and companion functions.
+    pub old_svma: Option<u64>,
+    pub old_size: u64,
+    /// sha256 of the old function bytes, checked against the live process before patching.
+    pub old_digest: Option<String>,
+    pub new_svma: u64,
+    pub new_size: u64,
+}
+
+impl Function {
+    pub fn has_entry_jump(&self) -> bool {
+        self.kind == FunctionKind::Changed
+    }
+}
+
+/// What a reference field must point at in the live process.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "to", rename_all = "snake_case")]
+pub enum Target {
+    /// An address in OLD (SVMA); live = svma + load bias.
+    Old { svma: u64, name: String },
+    /// A NEW address carried in the mirror.
+    Mirror { svma: u64 },
+    /// A dynamic symbol resolved in the live process (reached through a stub in the region).
+    Import { name: String },
+    /// An 8-byte slot in the region holding the live address of another target: a GOT entry
+    /// that OLD lacks.
+    Slot { of: Box<Target> },
+    /// A thread-pointer offset of a TLS variable of OLD.
+    TpOff { value: i64, name: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Fixup {
+    /// NEW SVMA of the field.
+    pub at: u64,
+    pub kind: RefKind,
+    /// For pc-relative fields: the NEW SVMA the displacement counts from.
+    pub next_ip: u64,
+    pub addend: i64,
+    pub target: Target,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DataChange {
+    pub name: String,
+    pub old_size: Option<u64>,
+    pub new_size: u64,
+    pub writable: bool,
+    pub note: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub arch: String,
+    pub target: TargetId,
+    pub new_build_id: Option<String>,
+    pub created_at: u64,
+    /// Where the references were found: "emit-relocs" or "decoded".
+    pub reference_source: String,
+    pub span: Span,
+    pub pieces: Vec<Piece>,
+    pub functions: Vec<Function>,
+    pub fixups: Vec<Fixup>,
+    pub changed_data: Vec<DataChange>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bundle {
+    pub manifest: Manifest,
+    pub blob: Vec<u8>,
+    /// sha256 of the file (hex).
+    pub digest: String,
+}
+
+impl Bundle {
+    /// Short, stable identity of a patch.
+    pub fn patch_id(&self) -> String {
+        patch_id_of(&self.digest)
+    }
+
+    pub fn piece_bytes(&self, p: &Piece) -> &[u8] {
+        &self.blob[p.blob as usize..(p.blob + p.len) as usize]
+    }
+
+    pub fn to_bytes(manifest: &Manifest, blob: &[u8]) -> Vec<u8> {
+        let json = serde_json::to_vec(manifest).expect("manifest serialises");
+        let mut out = Vec::with_capacity(json.len() + blob.len() + 64);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        out.extend_from_slice(&json);
+        out.extend_from_slice(&(blob.len() as u64).to_le_bytes());
+        out.extend_from_slice(blob);
+        let d = Sha256::digest(&out);
+        out.extend_from_slice(&d);
+        out
+    }
+
+    pub fn write(manifest: &Manifest, blob: &[u8], path: &Path) -> Result<Bundle> {
+        let bytes = Self::to_bytes(manifest, blob);
+        std::fs::write(path, &bytes).map_err(|e| Error::io(format!("cannot write bundle {}", path.display()), e))?;
+        Self::parse(&bytes)
+    }
+
+    pub fn read(path: &Path) -> Result<Bundle> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(format!("cannot open bundle {}", path.display()), e))?;
+        if meta.len() > MAX_BUNDLE {
+            return Err(Error::Bundle(format!("{} is {} bytes, over the {} byte limit", path.display(), meta.len(), MAX_BUNDLE)));
+        }
+        let bytes = std::fs::read(path).map_err(|e| Error::io(format!("cannot read bundle {}", path.display()), e))?;
+        Self::parse(&bytes)
+    }
+
+    /// Parse and validate a bundle. Never panics; every inconsistency is an error.
+    pub fn parse(bytes: &[u8]) -> Result<Bundle> {
+        let bad = |m: &str| Error::Bundle(m.to_string());
+        if bytes.len() as u64 > MAX_BUNDLE {
+            return Err(bad("bundle over the size limit"));
+        }
+        if bytes.len() < 8 + 4 + 4 + 8 + 32 {
+            return Err(bad("file too short to be a bundle (truncated?)"));
+        }
+        if &bytes[..8] != MAGIC {
+            return Err(bad("not a livepatch bundle (bad magic)"));
+        }
+        let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
+        if version != FORMAT_VERSION {
+            return Err(Error::Bundle(format!("bundle format version {version} is not supported (this livepatch reads version {FORMAT_VERSION})")));
+        }
+        let (body, digest) = bytes.split_at(bytes.len() - 32);
+        let actual = Sha256::digest(body);
+        if actual.as_slice() != digest {
+            return Err(bad("digest mismatch: the bundle is corrupted or truncated"));
+        }
+        let mlen = u32::from_le_bytes(body[12..16].try_into().unwrap()) as u64;
+        if mlen > MAX_MANIFEST || 16 + mlen + 8 > body.len() as u64 {
+            return Err(bad("manifest length runs past the end of the bundle"));
+        }
+        let mend = 16 + mlen as usize;
+        let manifest: Manifest =
+            serde_json::from_slice(&body[16..mend]).map_err(|e| Error::Bundle(format!("manifest is not valid: {e}")))?;
+        let blen = u64::from_le_bytes(body[mend..mend + 8].try_into().unwrap());
+        if blen != (body.len() - mend - 8) as u64 {
+            return Err(bad("blob length does not match the file size"));
+        }
+        let blob = body[mend + 8..].to_vec();
+        let b = Bundle { manifest, blob, digest: hex::encode(digest) };
+        b.validate()?;
+        Ok(b)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let m = &self.manifest;
+        let bad = |m: String| Err(Error::Bundle(m));
+        if m.arch != "x86_64" {
+            return bad(format!("bundle is for architecture {}, this livepatch handles x86_64", m.arch));
+        }
+        if m.target.build_id.is_empty() || hex::decode(&m.target.build_id).is_err() {
+            return bad("target build id is missing or not hex".into());
+        }
+        if m.span.len == 0 || m.span.len > MAX_SPAN || m.span.lo % 4096 != 0 || m.span.len % 4096 != 0 || m.span.lo.checked_add(m.span.len).is_none() {
+            return bad(format!("span {:#x}+{:#x} is not a sane page-aligned range", m.span.lo, m.span.len));
+        }
+        if m.pieces.len() > MAX_ITEMS || m.functions.len() > MAX_ITEMS || m.fixups.len() > MAX_ITEMS {
+            return bad("too many entries".into());
+        }
+        let span_end = m.span.lo + m.span.len;
+        let in_span = |a: u64, len: u64| a >= m.span.lo && a.checked_add(len).is_some_and(|e| e <= span_end);
+        for p in &m.pieces {
+            if p.blob.checked_add(p.len).is_none_or(|e| e > self.blob.len() as u64) {
+                return bad(format!("piece {} runs past the blob", p.name));
+            }
+            if !in_span(p.svma, p.len) {
+                return bad(format!("piece {} lies outside the span", p.name));
+            }
+        }
+        if m.functions.iter().all(|f| !f.has_entry_jump()) {
+            return bad("bundle replaces no function".into());
+        }
+        for f in &m.functions {
+            if !in_span(f.new_svma, f.new_size) || !self.covered(f.new_svma, f.new_size) {
+                return bad(format!("function {} has no code in the bundle", f.name));
+            }
+            if f.kind != FunctionKind::Added && (f.old_svma.is_none() || f.old_digest.is_none()) {
+                return bad(format!("function {} lacks its old address or digest", f.name));
+            }
+        }
+        for x in &m.fixups {
+            let w = match x.kind {
+                RefKind::Abs64 => 8,
+                RefKind::PcRel8 => 1,
+                _ => 4,
+            };
+            if !self.covered(x.at, w) {
+                return bad(format!("fixup at {:#x} is outside the carried code", x.at));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether [a, a+len) lies inside one piece.
+    fn covered(&self, a: u64, len: u64) -> bool {
+        self.manifest.pieces.iter().any(|p| a >= p.svma && a.checked_add(len).is_some_and(|e| e <= p.svma + p.len))
+    }
+}
+
+pub fn patch_id_of(digest_hex: &str) -> String {
+    format!("lp-{}", &digest_hex[..digest_hex.len().min(12)])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> (Manifest, Vec<u8>) {
+        let blob = vec![0x90u8; 32];
+        let m = Manifest {
+            format_version: FORMAT_VERSION,
+            arch: "x86_64".into(),
+            target: TargetId { build_id: "abcd".into(), path: None, pie: true },
+            new_build_id: None,
+            created_at: 0,
+            reference_source: "decoded".into(),
+            span: Span { lo: 0x1000, len: 0x1000 },
+            pieces: vec![Piece { name: "f".into(), kind: PieceKind::Code, svma: 0x1100, len: 32, blob: 0 }],
+            functions: vec![Function {
+                name: "f".into(),
+                kind: FunctionKind::Changed,
+                old_svma: Some(0x1100),
+                old_size: 32,
+                old_digest: Some("00".into()),
+                new_svma: 0x1100,
+                new_size: 32,
+            }],
+            fixups: vec![Fixup { at: 0x1101, kind: RefKind::PcRel, next_ip: 0x1105, addend: 0, target: Target::Old { svma: 0x2000, name: "g".into() } }],
+            changed_data: vec![],
+        };
+        (m, blob)
+    }
+
+    #[test]
+    fn roundtrip() {
+        let (m, blob) = sample();
+        let bytes = Bundle::to_bytes(&m, &blob);
+        let b = Bundle::parse(&bytes).unwrap();
+        assert_eq!(b.manifest, m);
+        assert_eq!(b.blob, blob);
+        assert!(b.patch_id().starts_with("lp-"));
+    }
+
+    #[test]
+    fn truncated_and_corrupted_are_refused() {
+        let (m, blob) = sample();
+        let bytes = Bundle::to_bytes(&m, &blob);
+        for cut in [0, 7, 20, bytes.len() / 2, bytes.len() - 1] {
+            assert!(Bundle::parse(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut bad = bytes.clone();
+        bad[30] ^= 1;
+        let e = Bundle::parse(&bad).unwrap_err().to_string();
+        assert!(e.contains("digest mismatch"), "{e}");
+    }
+
+    #[test]
+    fn inconsistent_manifest_is_refused() {
+        let (mut m, blob) = sample();
+        m.pieces[0].len = 64; // past the blob
+        let e = Bundle::parse(&Bundle::to_bytes(&m, &blob)).unwrap_err().to_string();
+        assert!(e.contains("past the blob"), "{e}");
+        let (mut m, blob) = sample();
+        m.fixups[0].at = 0x5000;
+        let e = Bundle::parse(&Bundle::to_bytes(&m, &blob)).unwrap_err().to_string();
+        assert!(e.contains("outside the carried code"), "{e}");
+        let (mut m, blob) = sample();
+        m.span.len = 0;
+        assert!(Bundle::parse(&Bundle::to_bytes(&m, &blob)).is_err());
+    }
+}

@@ -1,0 +1,78 @@
+//! The engine's error type. Each variant says what happened and, where a person can act,
+//! what to do. [`Error::exit_code`] maps errors onto the CLI contract (1 failed, 3 refused,
+//! 4 blocked).
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The change cannot be applied to a live process; an offline restart is needed.
+    #[error("refused: {reason}")]
+    Refused { reason: String, restart_required: bool },
+
+    /// The bundle was built for another executable.
+    #[error("refused: build id mismatch: the bundle was built for build id {expected}, but process {pid} runs {found}; build the bundle from the exact executable the process runs (livepatch build --old <that file>)")]
+    BuildIdMismatch { pid: i32, expected: String, found: String },
+
+    /// Old code stayed active until the timeout; the target was left unchanged.
+    #[error("blocked: {0}")]
+    Blocked(String),
+
+    #[error("{path}: {msg}")]
+    Elf { path: PathBuf, msg: String },
+
+    #[error("bad bundle: {0}")]
+    Bundle(String),
+
+    #[error("process {pid}: {msg}")]
+    Process { pid: i32, msg: String },
+
+    #[error("ptrace {op} on thread {tid}: {errno}{advice}")]
+    Ptrace { op: &'static str, tid: i32, errno: nix::errno::Errno, advice: &'static str },
+
+    #[error("{context}: {source}")]
+    Io { context: String, #[source] source: std::io::Error },
+
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Error {
+    /// Exit code of the CLI contract.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Refused { .. } | Error::BuildIdMismatch { .. } => 3,
+            Error::Blocked(_) => 4,
+            _ => 1,
+        }
+    }
+
+    /// Whether the outcome means the process should be restarted offline to get the fix.
+    pub fn restart_required(&self) -> bool {
+        match self {
+            Error::Refused { restart_required, .. } => *restart_required,
+            Error::Blocked(_) => true,
+            _ => false,
+        }
+    }
+
+    pub fn refused(reason: impl Into<String>) -> Self {
+        Error::Refused { reason: reason.into(), restart_required: true }
+    }
+
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io { context: context.into(), source }
+    }
+
+    pub fn ptrace(op: &'static str, tid: i32, errno: nix::errno::Errno) -> Self {
+        let advice = match errno {
+            nix::errno::Errno::EPERM => {
+                " (permission denied: run as root or with CAP_SYS_PTRACE; in Kubernetes add SYS_PTRACE to the container's securityContext.capabilities and set hostPID: true; check that no other debugger is attached and that kernel.yama.ptrace_scope allows attaching)"
+            }
+            nix::errno::Errno::ESRCH => " (the thread exited or is not stopped)",
+            _ => "",
+        };
+        Error::Ptrace { op, tid, errno, advice }
+    }
+}

@@ -1,0 +1,718 @@
+//! Extract: compare two executables and turn the changed functions of the new one into a
+//! patch [`bundle`](crate::bundle).
+//!
+//! Functions are compared with their address references masked and replaced by what they
+//! refer to (a symbol, a PLT entry, the content of a string literal), so a function is not
+//! "changed" only because addresses moved. The bundle keeps NEW's layout: every carried piece
+//! (function or read-only data) sits at its NEW address inside a *mirror* of NEW's address
+//! range, so references between carried pieces (calls between patched functions, relative
+//! jump tables, alignment of SIMD constants) need no fixing. Only references that leave the
+//! mirror get a [`Fixup`].
+use crate::arch::x86_64::{self, CodeRef, RefKind, JUMP_LEN};
+use crate::bundle::*;
+use crate::elf::{ElfFile, GotSlot, SymKind, Symbol};
+use crate::error::{Error, Result};
+use goblin::elf::reloc::*;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+const PAGE: u64 = 4096;
+/// How much anonymous read-only data (string literals, jump tables) one reference carries at most.
+const MAX_ANON_CHUNK: u64 = 4096;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionChange {
+    pub name: String,
+    pub old_addr: u64,
+    pub old_size: u64,
+    pub new_addr: u64,
+    pub new_size: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Named {
+    pub name: String,
+    pub addr: u64,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Diff {
+    pub old_build_id: Option<String>,
+    pub new_build_id: Option<String>,
+    pub changed_functions: Vec<FunctionChange>,
+    pub added_functions: Vec<Named>,
+    pub removed_functions: Vec<Named>,
+    pub changed_data: Vec<DataChange>,
+    pub added_data: Vec<Named>,
+    pub reference_source: String,
+}
+
+impl Diff {
+    /// Data changes that make a live update impossible.
+    pub fn layout_refusals(&self) -> Vec<&DataChange> {
+        self.changed_data.iter().filter(|d| d.writable && d.old_size.is_some_and(|o| o != d.new_size)).collect()
+    }
+}
+
+/// One side of the comparison: an executable with its symbols indexed by key.
+struct Side<'a> {
+    elf: &'a ElfFile,
+    by_key: HashMap<String, &'a Symbol>,
+    by_name: HashMap<&'a str, Vec<&'a Symbol>>,
+}
+
+impl<'a> Side<'a> {
+    fn new(elf: &'a ElfFile) -> Self {
+        let mut by_key = HashMap::new();
+        let mut by_name: HashMap<&str, Vec<&Symbol>> = HashMap::new();
+        for s in &elf.symbols {
+            by_key.entry(s.key()).or_insert(s);
+            by_name.entry(s.name.as_str()).or_default().push(s);
+        }
+        Side { elf, by_key, by_name }
+    }
+
+    /// The counterpart of `s` (from the other file) in this file.
+    fn matching(&self, s: &Symbol) -> Option<&'a Symbol> {
+        let same_kind = |c: &&&Symbol| c.kind == s.kind;
+        if let Some(m) = self.by_key.get(&s.key()).filter(|m| m.kind == s.kind) {
+            return Some(m);
+        }
+        if let Some(v) = self.by_name.get(s.name.as_str()) {
+            let v: Vec<_> = v.iter().filter(same_kind).collect();
+            if v.len() == 1 {
+                return Some(v[0]);
+            }
+        }
+        // Static locals are numbered by the compiler (`counter.0`, `counter.1`): match the stem
+        // when it is unique on both sides.
+        let stem = strip_numeric_suffix(&s.name)?;
+        let cands: Vec<&Symbol> = self
+            .elf
+            .symbols
+            .iter()
+            .filter(|c| c.kind == s.kind && c.file == s.file && strip_numeric_suffix(&c.name) == Some(stem))
+            .collect();
+        (cands.len() == 1).then(|| cands[0])
+    }
+}
+
+fn strip_numeric_suffix(name: &str) -> Option<&str> {
+    let (stem, num) = name.rsplit_once('.')?;
+    (!num.is_empty() && num.bytes().all(|b| b.is_ascii_digit())).then_some(stem)
+}
+
+/// Address references of a function, with `--emit-relocs` information folded in.
+fn function_refs(elf: &ElfFile, f: &Symbol) -> Result<Vec<CodeRef>> {
+    let code = elf.read(f.addr, f.size as usize).ok_or_else(|| Error::Elf {
+        path: elf.path.clone(),
+        msg: format!("function {} at {:#x} has no bytes in the file", f.name, f.addr),
+    })?;
+    let mut refs = x86_64::decode_refs(code, f.addr).map_err(|e| Error::Elf {
+        path: elf.path.clone(),
+        msg: format!("cannot decode function {}: {e}", f.name),
+    })?;
+    let (lo, hi) = elf.image_range();
+    let relocs = relocs_in(elf, f.addr, f.end());
+    if !elf.relocs.is_empty() {
+        // With relocations, an absolute field is an address exactly when a relocation says so.
+        let at: BTreeSet<u64> = relocs.iter().map(|r| r.at).collect();
+        refs.retain(|r| !is_absolute(r.kind) || at.contains(&(f.addr + r.field_off as u64)));
+        // A relocated field the decoder did not see would be a bug in our decoding: refuse.
+        for r in relocs {
+            let covered = refs.iter().any(|c| f.addr + c.field_off as u64 == r.at);
+            if !covered && !matches!(r.kind, R_X86_64_NONE) {
+                return Err(Error::refused(format!(
+                    "function {}: relocation of type {} at {:#x} does not match any decoded operand",
+                    f.name, r.kind, r.at
+                )));
+            }
+        }
+    } else {
+        // Without relocations: an absolute candidate in a PIE is a number; in a non-PIE it is
+        // an address when it falls inside the image.
+        refs.retain(|r| !is_absolute(r.kind) || r.jump_table || (!elf.pie && r.target >= lo && r.target < hi));
+    }
+    Ok(refs)
+}
+
+fn relocs_in(elf: &ElfFile, lo: u64, hi: u64) -> &[crate::elf::Reloc] {
+    let a = elf.relocs.partition_point(|r| r.at < lo);
+    let b = elf.relocs.partition_point(|r| r.at < hi);
+    &elf.relocs[a..b]
+}
+
+fn is_absolute(k: RefKind) -> bool {
+    matches!(k, RefKind::Abs32 | RefKind::Abs32S | RefKind::Abs64)
+}
+
+/// A description of what a reference points at, independent of where things were placed.
+fn describe(elf: &ElfFile, f: &Symbol, r: &CodeRef) -> String {
+    let t = r.target;
+    if r.kind == RefKind::TpOff32 {
+        return match tls_symbol(elf, t as i64) {
+            Some((s, off)) => format!("tls:{}+{off}", s.key()),
+            None => format!("tls?{}", t as i64),
+        };
+    }
+    if f.contains(t) {
+        return format!("self+{}", t - f.addr);
+    }
+    if let Some((_, name)) = elf.plt_entry(t) {
+        return format!("plt:{name}");
+    }
+    if let Some(slot) = elf.got.get(&t) {
+        return match slot {
+            GotSlot::Symbol(n) => format!("got:{n}"),
+            GotSlot::Local(a) => format!("got-local:{}", describe_addr(elf, *a)),
+        };
+    }
+    describe_addr(elf, t)
+}
+
+fn describe_addr(elf: &ElfFile, t: u64) -> String {
+    if let Some(s) = elf.symbol_at(t) {
+        return format!("{}:{}+{}", if s.kind == SymKind::Func { "fn" } else { "obj" }, s.key(), t - s.addr);
+    }
+    match elf.section_at(t) {
+        Some(sec) if !sec.is_writable() && sec.has_bits() => {
+            // Anonymous read-only data (string literals, constants): compare the content.
+            let end = anon_end(elf, t, sec);
+            let bytes = elf.read(t, (end - t) as usize).unwrap_or(&[]);
+            let text = match bytes.iter().position(|&b| b == 0) {
+                Some(n) => &bytes[..=n],
+                None => &bytes[..bytes.len().min(64)],
+            };
+            format!("anon:{}:{}", sec.name, hex::encode(&text[..text.len().min(256)]))
+        }
+        Some(sec) => format!("anon-data:{}+{}", sec.name, t - sec.addr),
+        None => format!("abs:{t:#x}"),
+    }
+}
+
+/// End of the anonymous chunk starting at `t`: the next symbol, the section end, or a cap.
+fn anon_end(elf: &ElfFile, t: u64, sec: &crate::elf::Section) -> u64 {
+    let mut end = (sec.addr + sec.size).min(t + MAX_ANON_CHUNK);
+    if let Some(n) = elf.next_symbol_after(t) {
+        if n.addr > t {
+            end = end.min(n.addr);
+        }
+    }
+    end.max(t + 1)
+}
+
+fn tls_symbol(elf: &ElfFile, tpoff: i64) -> Option<(&Symbol, i64)> {
+    let tls = elf.tls.as_ref()?;
+    elf.symbols.iter().filter(|s| s.kind == SymKind::Tls).find_map(|s| {
+        let start = tls.tpoff(tls_offset(tls, s.addr));
+        (tpoff >= start && tpoff < start + s.size.max(1) as i64).then(|| (s, tpoff - start))
+    })
+}
+
+/// TLS symbol values are offsets in the TLS template in linked files; tolerate absolute ones.
+fn tls_offset(tls: &crate::elf::Tls, value: u64) -> u64 {
+    if value < tls.memsz || tls.vaddr == 0 {
+        value
+    } else {
+        value.saturating_sub(tls.vaddr)
+    }
+}
+
+/// Normalised form of a function: code with reference fields zeroed, plus what they point at.
+fn normalise(elf: &ElfFile, f: &Symbol) -> Result<(Vec<u8>, Vec<String>)> {
+    let mut code = elf.read(f.addr, f.size as usize).unwrap_or(&[]).to_vec();
+    let refs = function_refs(elf, f)?;
+    let mut what = Vec::with_capacity(refs.len());
+    for r in &refs {
+        let end = (r.field_off + r.field_size as usize).min(code.len());
+        code[r.field_off..end].fill(0);
+        what.push(describe(elf, f, r));
+    }
+    Ok((code, what))
+}
+
+fn has_reference_relocs(elf: &ElfFile) -> bool {
+    !elf.relocs.is_empty()
+}
+
+/// Compare OLD and NEW.
+pub fn diff(old: &ElfFile, new: &ElfFile) -> Result<Diff> {
+    check_supported(old)?;
+    check_supported(new)?;
+    let o = Side::new(old);
+    let n = Side::new(new);
+    let mut d = Diff {
+        old_build_id: old.build_id_hex(),
+        new_build_id: new.build_id_hex(),
+        reference_source: if has_reference_relocs(new) { "emit-relocs".into() } else { "decoded".into() },
+        ..Default::default()
+    };
+    let mut seen_old = BTreeSet::new();
+    for nf in new.functions() {
+        match o.matching(nf) {
+            Some(of) => {
+                seen_old.insert(of.addr);
+                if of.size != nf.size || normalise(old, of)? != normalise(new, nf)? {
+                    d.changed_functions.push(FunctionChange {
+                        name: nf.name.clone(),
+                        old_addr: of.addr,
+                        old_size: of.size,
+                        new_addr: nf.addr,
+                        new_size: nf.size,
+                    });
+                }
+            }
+            None => d.added_functions.push(Named { name: nf.name.clone(), addr: nf.addr, size: nf.size }),
+        }
+    }
+    for of in old.functions() {
+        if !seen_old.contains(&of.addr) && n.matching(of).is_none() {
+            d.removed_functions.push(Named { name: of.name.clone(), addr: of.addr, size: of.size });
+        }
+    }
+    for ns in new.symbols.iter().filter(|s| s.kind != SymKind::Func) {
+        let writable = new.sections.get(ns.shndx).is_some_and(|s| s.is_writable()) || ns.kind == SymKind::Tls;
+        match o.matching(ns) {
+            Some(os) if os.size != ns.size => d.changed_data.push(DataChange {
+                name: ns.name.clone(),
+                old_size: Some(os.size),
+                new_size: ns.size,
+                writable,
+                note: format!("size changed from {} to {} bytes", os.size, ns.size),
+            }),
+            Some(os) => {
+                let ob = old.read(os.addr, os.size as usize);
+                let nb = new.read(ns.addr, ns.size as usize);
+                if ob != nb && !holds_addresses(new, ns) {
+                    d.changed_data.push(DataChange {
+                        name: ns.name.clone(),
+                        old_size: Some(os.size),
+                        new_size: ns.size,
+                        writable,
+                        note: if writable {
+                            "initial value changed; the live value is kept".into()
+                        } else {
+                            "content changed; new code uses the new content".into()
+                        },
+                    });
+                }
+            }
+            None => d.added_data.push(Named { name: ns.name.clone(), addr: ns.addr, size: ns.size }),
+        }
+    }
+    Ok(d)
+}
+
+/// Objects holding pointers (vtables, function tables) differ whenever code moves.
+fn holds_addresses(elf: &ElfFile, s: &Symbol) -> bool {
+    elf.sections.get(s.shndx).is_some_and(|sec| sec.name.starts_with(".data.rel") || sec.name.starts_with(".init_array") || sec.name.starts_with(".fini_array") || sec.name == ".got")
+}
+
+fn check_supported(elf: &ElfFile) -> Result<()> {
+    if elf.machine != goblin::elf::header::EM_X86_64 {
+        return Err(Error::Elf { path: elf.path.clone(), msg: format!("machine {} is not supported (x86-64 only)", elf.machine) });
+    }
+    if elf.functions().next().is_none() {
+        return Err(Error::Elf {
+            path: elf.path.clone(),
+            msg: "has no function symbols (stripped?); build from the unstripped executable or its debug file".into(),
+        });
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct BuildOptions {
+    /// Only these functions (by name); empty means every changed function.
+    pub functions: Vec<String>,
+}
+
+/// Build a bundle patching OLD into NEW.
+pub fn build(old: &ElfFile, new: &ElfFile, opts: &BuildOptions) -> Result<(Manifest, Vec<u8>, Diff)> {
+    let d = diff(old, new)?;
+    let build_id = old.build_id_hex().ok_or_else(|| Error::Elf {
+        path: old.path.clone(),
+        msg: "has no GNU build id; link with -Wl,--build-id so a bundle can be tied to it".into(),
+    })?;
+    if let Some(dc) = d.layout_refusals().first() {
+        return Err(Error::refused(format!(
+            "data layout changed: variable `{}` {}; a live update cannot convert the state of a running process, an offline restart is needed",
+            dc.name, dc.note
+        )));
+    }
+    let mut b = Builder::new(old, new, &d);
+    let selected: Vec<String> = if opts.functions.is_empty() {
+        d.changed_functions.iter().map(|c| c.name.clone()).collect()
+    } else {
+        for name in &opts.functions {
+            if !d.changed_functions.iter().any(|c| &c.name == name) {
+                let exists = new.functions().any(|f| &f.name == name);
+                return Err(Error::Other(if exists {
+                    format!("function `{name}` did not change between the two executables")
+                } else {
+                    format!("function `{name}` is not in {}", new.path.display())
+                }));
+            }
+        }
+        opts.functions.clone()
+    };
+    if selected.is_empty() {
+        return Err(Error::Other("no function changed between the two executables: nothing to patch".into()));
+    }
+    for name in &selected {
+        let nf = new.functions().find(|f| &f.name == name).expect("changed function exists");
+        b.include(nf, FunctionKind::Changed);
+        // Split-off cold parts travel with their function.
+        let cold = format!("{name}.cold");
+        for c in new.functions().filter(|c| c.name == cold || c.name.starts_with(&format!("{cold}."))) {
+            b.include(c, FunctionKind::Companion);
+        }
+    }
+    b.run()?;
+    let (manifest, blob) = b.finish(TargetId { build_id, path: Some(old.path.display().to_string()), pie: old.pie })?;
+    Ok((manifest, blob, d))
+}
+
+struct Builder<'a> {
+    old: &'a ElfFile,
+    new: &'a ElfFile,
+    o: Side<'a>,
+    diff: &'a Diff,
+    /// Functions carried, by NEW address.
+    funcs: BTreeMap<u64, (&'a Symbol, FunctionKind)>,
+    queue: Vec<u64>,
+    /// Read-only chunks carried: start -> end (NEW SVMAs).
+    rodata: BTreeMap<u64, u64>,
+    fixups: Vec<Fixup>,
+}
+
+impl<'a> Builder<'a> {
+    fn new(old: &'a ElfFile, new: &'a ElfFile, diff: &'a Diff) -> Self {
+        Builder { old, new, o: Side::new(old), diff, funcs: BTreeMap::new(), queue: Vec::new(), rodata: BTreeMap::new(), fixups: Vec::new() }
+    }
+
+    fn include(&mut self, f: &'a Symbol, kind: FunctionKind) {
+        if let Some(e) = self.funcs.get_mut(&f.addr) {
+            if kind == FunctionKind::Changed {
+                e.1 = kind;
+            }
+            return;
+        }
+        self.funcs.insert(f.addr, (f, kind));
+        self.queue.push(f.addr);
+    }
+
+    fn is_changed(&self, name: &str) -> bool {
+        self.diff.changed_functions.iter().any(|c| c.name == name)
+    }
+
+    fn run(&mut self) -> Result<()> {
+        while let Some(addr) = self.queue.pop() {
+            let (f, _) = self.funcs[&addr];
+            for r in function_refs(self.new, f)? {
+                self.bind(f, &r)?;
+            }
+        }
+        // Relocated absolute words inside carried read-only data (jump tables of non-PIE code).
+        let chunks: Vec<(u64, u64)> = self.rodata.iter().map(|(a, b)| (*a, *b)).collect();
+        for (lo, hi) in chunks {
+            for r in relocs_in(self.new, lo, hi).to_vec() {
+                if r.kind == R_X86_64_64 {
+                    let t = (r.sym_addr as i64 + r.addend) as u64;
+                    let target = self.classify_addr(t, None, &format!("data at {:#x}", r.at))?;
+                    self.fixups.push(Fixup { at: r.at, kind: RefKind::Abs64, next_ip: 0, addend: 0, target });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Decide what one reference of function `f` must point at in the live process.
+    fn bind(&mut self, f: &'a Symbol, r: &CodeRef) -> Result<()> {
+        let at = f.addr + r.field_off as u64;
+        let fix = |target: Target| Fixup { at, kind: r.kind, next_ip: r.next_ip, addend: 0, target };
+        if r.kind == RefKind::TpOff32 {
+            let (ns, off) = tls_symbol(self.new, r.target as i64).ok_or_else(|| {
+                Error::refused(format!("function {}: thread-local access at {:#x} matches no TLS variable", f.name, r.ip))
+            })?;
+            let os = self.o.matching(ns).filter(|os| os.size == ns.size).ok_or_else(|| {
+                Error::refused(format!(
+                    "function {} uses thread-local variable `{}` which the running executable lacks (or has with another size); an offline restart is needed",
+                    f.name, ns.name
+                ))
+            })?;
+            let tls = self.old.tls.as_ref().expect("OLD has the TLS variable, so a TLS segment");
+            let value = tls.tpoff(tls_offset(tls, os.addr)) + off;
+            if value != r.target as i64 {
+                self.fixups.push(fix(Target::TpOff { value, name: ns.name.clone() }));
+            }
+            return Ok(());
+        }
+        let t = r.target;
+        if f.contains(t) {
+            // Internal: the mirror keeps distances; absolute ones (non-PIE) move with it.
+            if is_absolute(r.kind) {
+                self.fixups.push(fix(Target::Mirror { svma: t }));
+            }
+            if r.jump_table {
+                self.carry_jump_table(f, t)?;
+            }
+            return Ok(());
+        }
+        if r.jump_table {
+            self.carry_jump_table(f, t)?;
+            self.fixups.push(fix(Target::Mirror { svma: t }));
+            return Ok(());
+        }
+        if let Some((_, name)) = self.new.plt_entry(t) {
+            let name = name.to_string();
+            let target = match self.old.plt_for(&name) {
+                Some(p) => Target::Old { svma: p, name: format!("{name}@plt") },
+                None if r.is_branch && !r.is_mem => Target::Import { name },
+                None => Target::Slot { of: Box::new(Target::Import { name }) },
+            };
+            self.fixups.push(fix(target));
+            return Ok(());
+        }
+        if let Some(slot) = self.new.got.get(&t).cloned() {
+            if !r.is_mem || r.is_lea {
+                return Err(Error::refused(format!("function {} takes the address of a GOT entry at {:#x}", f.name, r.ip)));
+            }
+            let target = match slot {
+                GotSlot::Symbol(name) => match self.old.got_for(&name) {
+                    Some(s) => Target::Old { svma: s, name: format!("{name}@got") },
+                    None => Target::Slot { of: Box::new(Target::Import { name }) },
+                },
+                GotSlot::Local(a) => {
+                    let inner = self.classify_addr(a, Some(f), &format!("GOT entry used by {}", f.name))?;
+                    match &inner {
+                        Target::Old { svma, .. } => match self.old.got.iter().find(|(_, v)| matches!(v, GotSlot::Local(x) if x == svma)) {
+                            Some((s, _)) => Target::Old { svma: *s, name: "got".into() },
+                            None => Target::Slot { of: Box::new(inner) },
+                        },
+                        _ => Target::Slot { of: Box::new(inner) },
+                    }
+                }
+            };
+            self.fixups.push(fix(target));
+            return Ok(());
+        }
+        let target = self.classify_addr(t, Some(f), &format!("function {}", f.name))?;
+        match (&target, r.kind) {
+            (Target::Mirror { .. }, RefKind::PcRel | RefKind::PcRel8) => {}
+            (_, RefKind::PcRel8) => {
+                return Err(Error::refused(format!(
+                    "function {}: a short branch at {:#x} leaves the patched code and cannot be redirected",
+                    f.name, r.ip
+                )))
+            }
+            _ => self.fixups.push(fix(target)),
+        }
+        Ok(())
+    }
+
+    /// What a NEW address (outside PLT/GOT) is in the live process.
+    fn classify_addr(&mut self, t: u64, from: Option<&'a Symbol>, who: &str) -> Result<Target> {
+        let new = self.new;
+        if let Some(s) = new.symbol_at(t) {
+            let off = t - s.addr;
+            match s.kind {
+                SymKind::Func => {
+                    if self.funcs.contains_key(&s.addr) {
+                        return Ok(Target::Mirror { svma: t });
+                    }
+                    match self.o.matching(s) {
+                        // Entering another function in the middle is only safe if it did not change.
+                        Some(os) if off == 0 || !self.is_changed(&s.name) => {
+                            return Ok(Target::Old { svma: os.addr + off, name: s.name.clone() })
+                        }
+                        Some(_) => {
+                            self.include(s, FunctionKind::Companion);
+                        }
+                        None => self.include(s, FunctionKind::Added),
+                    }
+                    return Ok(Target::Mirror { svma: t });
+                }
+                SymKind::Object | SymKind::Tls => {
+                    let sec = new.sections.get(s.shndx);
+                    let writable = sec.is_some_and(|x| x.is_writable());
+                    if let Some(lib) = new.copies.get(&s.addr) {
+                        return match self.old.copies.iter().find(|(_, n)| *n == lib) {
+                            Some((a, _)) => Ok(Target::Old { svma: a + off, name: lib.clone() }),
+                            None => Err(Error::refused(format!(
+                                "{who} uses library variable `{lib}` which the running executable does not copy; an offline restart is needed"
+                            ))),
+                        };
+                    }
+                    let os = self.o.matching(s);
+                    if writable {
+                        return match os {
+                            Some(os) if os.size == s.size => Ok(Target::Old { svma: os.addr + off, name: s.name.clone() }),
+                            Some(os) => Err(Error::refused(format!(
+                                "data layout changed: {who} uses variable `{}` whose size changed from {} to {} bytes; an offline restart is needed",
+                                s.name, os.size, s.size
+                            ))),
+                            None => Err(Error::refused(format!(
+                                "{who} needs variable `{}` which the running executable lacks in writable memory; new state cannot be added live, an offline restart is needed",
+                                s.name
+                            ))),
+                        };
+                    }
+                    // Read-only: bind to OLD's copy when identical, else carry NEW's.
+                    if let Some(os) = os {
+                        if os.size == s.size && self.old.read(os.addr, os.size as usize) == new.read(s.addr, s.size as usize) && !holds_addresses(new, s) {
+                            return Ok(Target::Old { svma: os.addr + off, name: s.name.clone() });
+                        }
+                    }
+                    self.carry(s.addr, s.end().max(s.addr + 1), who)?;
+                    return Ok(Target::Mirror { svma: t });
+                }
+            }
+        }
+        match new.section_at(t) {
+            Some(sec) if !sec.is_writable() && sec.has_bits() && !sec.is_exec() => {
+                let end = anon_end(new, t, sec);
+                self.carry(t, end, who)?;
+                Ok(Target::Mirror { svma: t })
+            }
+            Some(sec) if sec.is_exec() => {
+                let _ = from;
+                Err(Error::refused(format!("{who} refers to code at {t:#x} in {} that belongs to no function", sec.name)))
+            }
+            Some(sec) => Err(Error::refused(format!(
+                "{who} refers to unnamed writable data at {t:#x} in {}; it cannot be bound to the running process, an offline restart is needed",
+                sec.name
+            ))),
+            None => Err(Error::refused(format!("{who} refers to {t:#x}, outside the executable"))),
+        }
+    }
+
+    fn carry(&mut self, lo: u64, hi: u64, who: &str) -> Result<()> {
+        if self.new.read(lo, (hi - lo) as usize).is_none() {
+            return Err(Error::refused(format!("{who}: data at {lo:#x} has no bytes in the file")));
+        }
+        let e = self.rodata.entry(lo).or_insert(hi);
+        *e = (*e).max(hi);
+        Ok(())
+    }
+
+    /// `jmp [table + index*8]` in non-PIE code: carry the table and move its entries.
+    fn carry_jump_table(&mut self, f: &'a Symbol, table: u64) -> Result<()> {
+        let mut n = 0u64;
+        loop {
+            let Some(w) = self.new.read(table + n * 8, 8) else { break };
+            let v = u64::from_le_bytes(w.try_into().unwrap());
+            if !f.contains(v) || n >= 4096 {
+                break;
+            }
+            if self.new.relocs.is_empty() {
+                self.fixups.push(Fixup { at: table + n * 8, kind: RefKind::Abs64, next_ip: 0, addend: 0, target: Target::Mirror { svma: v } });
+            }
+            n += 1;
+        }
+        if n == 0 {
+            return Err(Error::refused(format!("function {}: jump table at {table:#x} could not be read", f.name)));
+        }
+        self.carry(table, table + n * 8, &format!("function {}", f.name))
+    }
+
+    fn finish(self, target: TargetId) -> Result<(Manifest, Vec<u8>)> {
+        let mut pieces = Vec::new();
+        let mut blob = Vec::new();
+        let mut functions = Vec::new();
+        for (f, kind) in self.funcs.values() {
+            let code = self.new.read(f.addr, f.size as usize).expect("function bytes were read before");
+            pieces.push(Piece { name: f.name.clone(), kind: PieceKind::Code, svma: f.addr, len: f.size, blob: blob.len() as u64 });
+            blob.extend_from_slice(code);
+            let os = if *kind == FunctionKind::Added { None } else { self.o.matching(f) };
+            let (old_svma, old_size, old_digest) = match os {
+                Some(os) => {
+                    let bytes = self.old.read(os.addr, os.size as usize).ok_or_else(|| Error::Elf {
+                        path: self.old.path.clone(),
+                        msg: format!("function {} has no bytes in the file", os.name),
+                    })?;
+                    (Some(os.addr), os.size, Some(hex::encode(Sha256::digest(bytes))))
+                }
+                None if *kind == FunctionKind::Changed => unreachable!("changed functions exist in OLD"),
+                None => (None, 0, None),
+            };
+            let kind = if os.is_none() { FunctionKind::Added } else { *kind };
+            if kind == FunctionKind::Changed {
+                self.check_jump_room(os.unwrap())?;
+            }
+            functions.push(Function { name: f.name.clone(), kind, old_svma, old_size, old_digest, new_svma: f.addr, new_size: f.size });
+        }
+        // Merge overlapping read-only chunks, then carry them.
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        for (&lo, &hi) in &self.rodata {
+            match merged.last_mut() {
+                Some(last) if lo <= last.1 => last.1 = last.1.max(hi),
+                _ => merged.push((lo, hi)),
+            }
+        }
+        for (lo, hi) in merged {
+            // A chunk overlapping a carried function would be carried twice; functions win.
+            if pieces.iter().any(|p| lo < p.svma + p.len && p.svma < hi) {
+                return Err(Error::refused(format!("read-only data at {lo:#x} overlaps patched code")));
+            }
+            let bytes = self.new.read(lo, (hi - lo) as usize).expect("checked in carry");
+            pieces.push(Piece { name: format!("rodata@{lo:#x}"), kind: PieceKind::Rodata, svma: lo, len: hi - lo, blob: blob.len() as u64 });
+            blob.extend_from_slice(bytes);
+        }
+        pieces.sort_by_key(|p| p.svma);
+        let lo = pieces.first().map(|p| p.svma).unwrap_or(0) / PAGE * PAGE;
+        let hi = pieces.iter().map(|p| p.svma + p.len).max().unwrap_or(0).div_ceil(PAGE) * PAGE;
+        let mut fixups = self.fixups;
+        fixups.sort_by_key(|x| x.at);
+        fixups.dedup_by_key(|x| x.at);
+        let manifest = Manifest {
+            format_version: FORMAT_VERSION,
+            arch: "x86_64".into(),
+            target,
+            new_build_id: self.new.build_id_hex(),
+            created_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            reference_source: self.diff.reference_source.clone(),
+            span: Span { lo, len: hi - lo },
+            pieces,
+            functions,
+            fixups,
+            changed_data: self.diff.changed_data.clone(),
+        };
+        Ok((manifest, blob))
+    }
+
+    /// The jump needs JUMP_LEN bytes at the old entry: the function itself or padding after it.
+    fn check_jump_room(&self, os: &Symbol) -> Result<()> {
+        if os.size >= JUMP_LEN as u64 {
+            return Ok(());
+        }
+        let pad_lo = os.end();
+        let pad_hi = os.addr + JUMP_LEN as u64;
+        let padding_ok = self.old.read(pad_lo, (pad_hi - pad_lo) as usize).is_some_and(|b| b.iter().all(|&x| x::is_padding(x)))
+            && !self.old.symbols.iter().any(|s| s.addr >= pad_lo && s.addr < pad_hi && s.size > 0);
+        if padding_ok {
+            return Ok(());
+        }
+        Err(Error::refused(format!(
+            "function `{}` is {} bytes long, too short for the {JUMP_LEN}-byte jump, and no padding follows it; an offline restart is needed (or mark it noinline and give it a larger body)",
+            os.name, os.size
+        )))
+    }
+}
+
+use x86_64 as x;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numeric_suffix() {
+        assert_eq!(strip_numeric_suffix("counter.0"), Some("counter"));
+        assert_eq!(strip_numeric_suffix("counter.12"), Some("counter"));
+        assert_eq!(strip_numeric_suffix("main.cold"), None);
+        assert_eq!(strip_numeric_suffix("x."), None);
+    }
+}
