@@ -1,1 +1,263 @@
-//! TODO
+//! Apply: the whole sequence for one process, in order: check the target, fix up and map the
+//! region (the target keeps running), then stop it, make sure no old code is active, write the
+//! jumps and let it go. Any failure leaves the target on its previous code and unstopped;
+//! the region is unmapped.
+use crate::arch::x86_64::{jmp_rel32, JUMP_LEN};
+use crate::bundle::{Bundle, FunctionKind};
+use crate::error::{Error, Result};
+use crate::fixup::{self, Layout};
+use crate::jump::{Jumps, Site};
+use crate::map;
+use crate::process::{Lock, MemoryReader, ProcMem, Process};
+use crate::ptrace::Stopped;
+use crate::region::{CodeRange, Entry, Header};
+use crate::status::{self, Applied};
+use crate::unwind::Modules;
+use crate::watchpoint::{self, Guarded, Strategy, View};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub strategy: Strategy,
+    pub timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { strategy: Strategy::default(), timeout: Duration::from_secs(30) }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub pid: i32,
+    pub patch_id: String,
+    pub functions: Vec<String>,
+    /// How long every thread of the target was stopped for the switch (microseconds).
+    pub pause_us: u64,
+    pub strategy: Strategy,
+    pub attempts: u32,
+    pub waited_ms: u64,
+    /// Time to map the region (one thread held for the injected system calls).
+    pub map_us: u64,
+    pub total_ms: u64,
+    pub region: String,
+    pub already_applied: bool,
+    pub stacked: usize,
+    pub restart_recommended: bool,
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+/// Apply `bundle` to process `pid`.
+pub fn apply(pid: i32, bundle: &Bundle, opts: &Options) -> Result<Report> {
+    let t0 = Instant::now();
+    let proc = Process::open(pid)?;
+    let _lock = Lock::take(&proc)?;
+    let exe = proc.exe()?;
+    let m = &bundle.manifest;
+    let running = exe.build_id_hex().unwrap_or_else(|| "none".into());
+    if running != m.target.build_id {
+        return Err(Error::BuildIdMismatch { pid, expected: m.target.build_id.clone(), found: running });
+    }
+    let mem = ProcMem::open(pid)?;
+    let maps = proc.maps()?;
+    let bias = proc.exe_bias(&exe, &maps)?;
+    let (applied, _) = status::applied(&mem, &maps);
+    let patch_id = bundle.patch_id();
+    let functions: Vec<String> = m.functions.iter().filter(|f| f.has_entry_jump()).map(|f| f.name.clone()).collect();
+    let live: Vec<&Applied> = applied.iter().filter(|a| !a.orphan).collect();
+    if live.iter().any(|a| a.header.patch_id == patch_id) {
+        return Ok(Report {
+            pid,
+            patch_id,
+            functions,
+            pause_us: 0,
+            strategy: opts.strategy,
+            attempts: 0,
+            waited_ms: 0,
+            map_us: 0,
+            total_ms: ms(t0.elapsed()),
+            region: String::new(),
+            already_applied: true,
+            stacked: live.len(),
+            restart_recommended: live.len() > status::STACK_LIMIT,
+        });
+    }
+    // Leftovers of a tool that died between map and jump are unreachable: remove them.
+    let gadget = map::find_syscall_gadget(&mem, &maps)?;
+    for a in applied.iter().filter(|a| a.orphan) {
+        let _ = map::unmap(pid, gadget, a.mapping.start, a.mapping.end - a.mapping.start);
+    }
+
+    // Check the live old code against the bundle and note what each entry holds now.
+    let mut entries = Vec::new();
+    for f in &m.functions {
+        let Some(old_svma) = f.old_svma else { continue };
+        let at = old_svma.checked_add(bias).ok_or_else(|| Error::Bundle("old address overflows".into()))?;
+        let mut live_code = mem.read_vec(at, f.old_size as usize)?;
+        let current = mem.read_vec(at, JUMP_LEN)?;
+        // The entry may carry an earlier patch's jump: compare with its original bytes.
+        let original = live
+            .iter()
+            .find_map(|a| a.header.entries.iter().find(|e| e.entry == at).and_then(|e| hex::decode(&e.original).ok()))
+            .unwrap_or_else(|| current.clone());
+        let n = live_code.len().min(original.len());
+        live_code[..n].copy_from_slice(&original[..n]);
+        if Some(hex::encode(Sha256::digest(&live_code))) != f.old_digest {
+            return Err(Error::Refused {
+                reason: format!(
+                    "the code of `{}` in process {pid} differs from the executable the bundle was built against (digest mismatch); the bundle does not fit this process",
+                    f.name
+                ),
+                restart_required: false,
+            });
+        }
+        if f.has_entry_jump() {
+            entries.push((f, at, original, current));
+        }
+    }
+
+    // Lay out and fix up the region.
+    let mut layout = Layout::new(bundle, bias);
+    let (lo, hi) = exe.image_range();
+    let addr = map::choose_address(&maps, lo.wrapping_add(bias), hi.wrapping_add(bias), layout.len, !exe.pie).ok_or_else(|| Error::Process {
+        pid,
+        msg: format!("no free address range of {} bytes within reach of the executable's code", layout.len),
+    })?;
+    layout.place(addr);
+    let imports = resolve_imports(&proc, &mem, &maps, &exe_inode(&proc)?, gadget, &layout)?;
+    let mut image = fixup::build_image(bundle, &layout, &imports)?;
+    let seq = live.iter().map(|a| a.header.seq).max().unwrap_or(0) + 1;
+    let header = Header {
+        patch_id: patch_id.clone(),
+        bundle_sha256: bundle.digest.clone(),
+        build_id: m.target.build_id.clone(),
+        applied_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        seq,
+        base: layout.base,
+        len: layout.len,
+        entries: entries
+            .iter()
+            .map(|(f, at, original, current)| Entry {
+                name: f.name.clone(),
+                entry: *at,
+                target: layout.mirror(f.new_svma),
+                original: hex::encode(original),
+                previous: hex::encode(current),
+                old_start: *at,
+                old_len: f.old_size,
+            })
+            .collect(),
+        code: m.functions.iter().map(|f| CodeRange { name: f.name.clone(), start: layout.mirror(f.new_svma), len: f.new_size }).collect(),
+    };
+    let enc = header.encode();
+    if enc.len() as u64 > layout.header_len {
+        return Err(Error::Other("patch region header does not fit its reserved space".into()));
+    }
+    image[..enc.len()].copy_from_slice(&enc);
+    let sites: Vec<Site> = header
+        .entries
+        .iter()
+        .map(|e| {
+            let write = jmp_rel32(e.entry, e.target).ok_or_else(|| Error::Other(format!("`{}`: new code out of jump range", e.name)))?;
+            Ok(Site { name: e.name.clone(), at: e.entry, expect: hex::decode(&e.previous).expect("hex we wrote"), write: write.to_vec() })
+        })
+        .collect::<Result<_>>()?;
+
+    // Map. From here on, dropping `region` unmaps it.
+    let tm = Instant::now();
+    let region = map::map_region(&proc, &mem, &maps, gadget, &format!("{}{patch_id}", crate::region::NAME_PREFIX), addr, &image)?;
+    let map_us = tm.elapsed().as_micros() as u64;
+
+    // What must not be active: the old functions (the jump's bytes included) and any copies
+    // of them that earlier patches carry.
+    let mut guarded = Vec::new();
+    for f in m.functions.iter().filter(|f| f.kind != FunctionKind::Added) {
+        let at = f.old_svma.unwrap() + bias;
+        let end = at + f.old_size.max(if f.has_entry_jump() { JUMP_LEN as u64 } else { 0 });
+        guarded.push(Guarded { name: f.name.clone(), start: at, end });
+        for a in &live {
+            for c in a.header.code.iter().filter(|c| c.name == f.name) {
+                guarded.push(Guarded { name: format!("{} (patch {})", f.name, a.header.patch_id), start: c.start, end: c.start + c.len });
+            }
+        }
+    }
+    let maps_now = proc.maps()?;
+    let modules = Modules::load(pid, &maps_now, &mem);
+    let view = View { proc: &proc, mem: &mem, maps: &maps_now, modules: &modules };
+    let (stopped, attempts, waited) = match opts.strategy {
+        Strategy::Wait => {
+            let w = watchpoint::wait_inactive(&view, &guarded, opts.timeout)?;
+            (w.stopped, w.attempts, w.waited)
+        }
+        Strategy::Trap => {
+            let w = watchpoint::trap::trap_inactive(&view, &guarded, &header.entries, opts.timeout)?;
+            (w.stopped, w.attempts, w.waited)
+        }
+    };
+    let jumps = Jumps::write(&mem, &sites)?;
+    if opts.strategy == Strategy::Trap {
+        watchpoint::trap::move_held_threads(&stopped, &header.entries)?;
+    }
+    jumps.commit();
+    let since = stopped.since();
+    stopped.detach();
+    let pause_us = since.elapsed().as_micros() as u64;
+    region.commit();
+    let stacked = live.len() + 1;
+    Ok(Report {
+        pid,
+        patch_id,
+        functions,
+        pause_us,
+        strategy: opts.strategy,
+        attempts,
+        waited_ms: ms(waited),
+        map_us,
+        total_ms: ms(t0.elapsed()),
+        region: format!("{:#x}-{:#x}", layout.base, layout.base + layout.len),
+        already_applied: false,
+        stacked,
+        restart_recommended: stacked > status::STACK_LIMIT,
+    })
+}
+
+fn exe_inode(proc: &Process) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(proc.exe_path()).map_err(|e| crate::process::proc_err(proc.pid, "stat its executable", e))?.ino())
+}
+
+/// Live addresses of the dynamic symbols the new code needs and OLD never linked.
+fn resolve_imports(proc: &Process, mem: &ProcMem, maps: &[crate::process::Mapping], exe_ino: &u64, gadget: u64, layout: &Layout) -> Result<HashMap<String, u64>> {
+    let _ = gadget;
+    let mut out = HashMap::new();
+    for name in layout.imports() {
+        if out.contains_key(name) {
+            continue;
+        }
+        let s = fixup::find_live_symbol(proc.pid, maps, *exe_ino, name).ok_or_else(|| {
+            Error::refused(format!("the new code calls `{name}`, which no library loaded in process {} defines", proc.pid))
+        })?;
+        let addr = if s.ifunc {
+            // An indirect function: ask its resolver, in the target, for the implementation.
+            let tid = proc.pid;
+            let mut t = Stopped::one(proc, tid, Duration::from_secs(5))?;
+            let a = t.call(tid, mem, s.addr, [0; 6])?;
+            drop(t);
+            if a == 0 || mem.read_vec(a, 1).is_err() {
+                return Err(Error::Process { pid: proc.pid, msg: format!("resolver of `{name}` returned {a:#x}") });
+            }
+            a
+        } else {
+            s.addr
+        };
+        out.insert(name.to_string(), addr);
+    }
+    Ok(out)
+}

@@ -1,1 +1,207 @@
-//! TODO
+//! Fixup: bind the new code's references to the live process and lay out the region image.
+//!
+//! Region layout (all live addresses):
+//! ```text
+//! base         header (magic, version, JSON: patch id, digest, entries with original bytes)
+//! mirror_base  NEW's span [span.lo, span.lo+len) with the carried pieces at their offsets
+//! tail         import stubs (jmp *[rip]; addr) and address slots (GOT entries OLD lacks)
+//! ```
+use crate::arch::x86_64::{self, RefKind, STUB_LEN};
+use crate::bundle::{Bundle, Target};
+use crate::error::{Error, Result};
+use crate::process::Mapping;
+use goblin::elf::{sym, Elf};
+use std::collections::{BTreeMap, HashMap};
+
+pub const PAGE: u64 = 4096;
+
+pub fn page_up(x: u64) -> u64 {
+    x.div_ceil(PAGE) * PAGE
+}
+
+/// Where everything of one region goes. SVMA (NEW's file addresses) to AVMA (live) mapping of
+/// the mirror is `mirror_base + (svma - span_lo)`; OLD's SVMAs map with `bias`.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub base: u64,
+    pub len: u64,
+    pub header_len: u64,
+    pub mirror_base: u64,
+    pub span_lo: u64,
+    pub span_len: u64,
+    pub tail: u64,
+    /// Load bias of the running executable.
+    pub bias: u64,
+    stubs: BTreeMap<String, u64>,
+    slots: Vec<(Target, u64)>,
+}
+
+impl Layout {
+    /// Size the region for `bundle`; addresses are filled by [`Layout::place`].
+    pub fn new(bundle: &Bundle, bias: u64) -> Layout {
+        let m = &bundle.manifest;
+        let header_len = page_up(16 + 4096 + 1024 * (m.functions.len() as u64 * 2));
+        let mut stubs = BTreeMap::new();
+        let mut slots: Vec<(Target, u64)> = Vec::new();
+        for f in &m.fixups {
+            match &f.target {
+                Target::Import { name } => {
+                    let n = stubs.len() as u64;
+                    stubs.entry(name.clone()).or_insert(n * STUB_LEN as u64);
+                }
+                Target::Slot { of } => {
+                    if !slots.iter().any(|(t, _)| t == of.as_ref()) {
+                        slots.push((of.as_ref().clone(), 0));
+                    }
+                }
+                _ => {}
+            }
+        }
+        let stub_bytes = stubs.len() as u64 * STUB_LEN as u64;
+        for (i, s) in slots.iter_mut().enumerate() {
+            s.1 = stub_bytes + i as u64 * 8;
+        }
+        let tail_len = page_up(stub_bytes + slots.len() as u64 * 8);
+        Layout {
+            base: 0,
+            len: header_len + m.span.len + tail_len,
+            header_len,
+            mirror_base: 0,
+            span_lo: m.span.lo,
+            span_len: m.span.len,
+            tail: 0,
+            bias,
+            stubs,
+            slots,
+        }
+    }
+
+    pub fn place(&mut self, base: u64) {
+        self.base = base;
+        self.mirror_base = base + self.header_len;
+        self.tail = self.mirror_base + self.span_len;
+    }
+
+    /// Live address of a NEW address carried in the mirror.
+    pub fn mirror(&self, svma: u64) -> u64 {
+        self.mirror_base + (svma - self.span_lo)
+    }
+
+    pub fn old(&self, svma: u64) -> u64 {
+        svma.wrapping_add(self.bias)
+    }
+
+    pub fn imports(&self) -> impl Iterator<Item = &str> {
+        self.stubs.keys().map(|s| s.as_str()).chain(self.slots.iter().filter_map(|(t, _)| match t {
+            Target::Import { name } => Some(name.as_str()),
+            _ => None,
+        }))
+    }
+}
+
+/// Build the region image (without its header) for a placed layout.
+/// `imports` maps each dynamic symbol to its live address.
+pub fn build_image(bundle: &Bundle, l: &Layout, imports: &HashMap<String, u64>) -> Result<Vec<u8>> {
+    let mut img = vec![0u8; l.len as usize];
+    let off = |avma: u64| (avma - l.base) as usize;
+    for p in &bundle.manifest.pieces {
+        let at = off(l.mirror(p.svma));
+        img[at..at + p.len as usize].copy_from_slice(bundle.piece_bytes(p));
+    }
+    let import = |name: &str| imports.get(name).copied().ok_or_else(|| Error::Other(format!("symbol `{name}` was not resolved")));
+    for (name, o) in &l.stubs {
+        let at = off(l.tail) + *o as usize;
+        img[at..at + STUB_LEN].copy_from_slice(&x86_64::import_stub(import(name)?));
+    }
+    for (t, o) in &l.slots {
+        let v = match t {
+            Target::Import { name } => import(name)?,
+            t => live_target(t, l, imports)?,
+        };
+        let at = off(l.tail) + *o as usize;
+        img[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    }
+    for f in &bundle.manifest.fixups {
+        let t = live_target(&f.target, l, imports)?.wrapping_add(f.addend as u64);
+        let field = l.mirror(f.at);
+        let at = off(field);
+        let range = |what: &str| Error::Other(format!("fixup at {field:#x} ({what}) cannot reach {t:#x} ({:?}); the region is too far from the code", f.target));
+        match f.kind {
+            RefKind::PcRel => {
+                let d = t as i128 - l.mirror(f.next_ip) as i128;
+                let d = i32::try_from(d).map_err(|_| range("pc-relative"))?;
+                img[at..at + 4].copy_from_slice(&d.to_le_bytes());
+            }
+            RefKind::PcRel8 => {
+                let d = t as i128 - l.mirror(f.next_ip) as i128;
+                let d = i8::try_from(d).map_err(|_| range("short branch"))?;
+                img[at] = d as u8;
+            }
+            RefKind::Abs32 => {
+                let v = u32::try_from(t).map_err(|_| range("absolute 32-bit"))?;
+                img[at..at + 4].copy_from_slice(&v.to_le_bytes());
+            }
+            RefKind::Abs32S => {
+                let v = i32::try_from(t as i64).map_err(|_| range("absolute signed 32-bit"))?;
+                img[at..at + 4].copy_from_slice(&v.to_le_bytes());
+            }
+            RefKind::Abs64 => img[at..at + 8].copy_from_slice(&t.to_le_bytes()),
+            RefKind::TpOff32 => {
+                let v = i32::try_from(t as i64).map_err(|_| range("thread-pointer offset"))?;
+                img[at..at + 4].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+    Ok(img)
+}
+
+fn live_target(t: &Target, l: &Layout, _imports: &HashMap<String, u64>) -> Result<u64> {
+    Ok(match t {
+        Target::Old { svma, .. } => l.old(*svma),
+        Target::Mirror { svma } => l.mirror(*svma),
+        // Calls reach an import through its stub; a slot holds the symbol itself.
+        Target::Import { name } => l.tail + *l.stubs.get(name).ok_or_else(|| Error::Other(format!("no stub for {name}")))?,
+        Target::Slot { of } => {
+            let o = l.slots.iter().find(|(t, _)| t == of.as_ref()).map(|(_, o)| *o).ok_or_else(|| Error::Other("no slot".into()))?;
+            l.tail + o
+        }
+        Target::TpOff { value, .. } => *value as u64,
+    })
+}
+
+/// A dynamic symbol found in a loaded library.
+#[derive(Debug, Clone, Copy)]
+pub struct LiveSymbol {
+    pub addr: u64,
+    /// A GNU indirect function: `addr` is its resolver, to be called for the real address.
+    pub ifunc: bool,
+}
+
+/// Look up dynamic symbols in the shared objects mapped by a process.
+pub fn find_live_symbol(pid: i32, maps: &[Mapping], exe_inode: u64, name: &str) -> Option<LiveSymbol> {
+    let mut seen = Vec::new();
+    for m in maps {
+        if m.inode == 0 || m.inode == exe_inode || m.offset != 0 || m.path.is_empty() || seen.contains(&m.inode) || m.path.starts_with("/memfd:") {
+            continue;
+        }
+        seen.push(m.inode);
+        let file = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+        let data = std::fs::read(&file).or_else(|_| std::fs::read(format!("/proc/{pid}/root{}", m.path))).ok()?;
+        let Ok(elf) = Elf::parse(&data) else { continue };
+        let first = elf.program_headers.iter().filter(|p| p.p_type == goblin::elf::program_header::PT_LOAD).map(|p| p.p_vaddr).min().unwrap_or(0) & !0xfff;
+        let bias = m.start.wrapping_sub(first);
+        for (i, s) in elf.dynsyms.iter().enumerate() {
+            if s.st_shndx == 0 || s.st_value == 0 || elf.dynstrtab.get_at(s.st_name) != Some(name) {
+                continue;
+            }
+            if !matches!(s.st_bind(), sym::STB_GLOBAL | sym::STB_WEAK) {
+                continue;
+            }
+            if elf.versym.as_ref().and_then(|v| v.get_at(i)).is_some_and(|v| v.is_hidden()) {
+                continue; // an old compatibility version, not the default one
+            }
+            return Some(LiveSymbol { addr: bias.wrapping_add(s.st_value), ifunc: s.st_type() == sym::STT_GNU_IFUNC });
+        }
+    }
+    None
+}

@@ -1,1 +1,244 @@
-//! TODO
+//! Map: place a region within reach of the old code and map it into the target, without the
+//! target's help, by injecting system calls into one stopped thread (the other threads run on).
+//!
+//! The region is a memfd named `livepatch:<patch id>`, filled from our side through
+//! `/proc/PID/fd/N`, and mapped read+execute: it is never writable and executable at once.
+//! [`MappedRegion`] unmaps itself on drop unless committed.
+use crate::arch::x86_64::SYSCALL;
+use crate::error::{Error, Result};
+use crate::fixup::PAGE;
+use crate::process::{Mapping, MemoryReader, ProcMem, Process};
+use crate::ptrace::Stopped;
+use std::os::unix::fs::FileExt;
+use std::time::Duration;
+
+const SYS_CLOSE: i64 = 3;
+const SYS_MMAP: i64 = 9;
+const SYS_MUNMAP: i64 = 11;
+const SYS_MEMFD_CREATE: i64 = 319;
+const MFD_CLOEXEC: u64 = 1;
+const PROT_READ: u64 = 1;
+const PROT_EXEC: u64 = 4;
+const MAP_SHARED: u64 = 1;
+const MAP_FIXED_NOREPLACE: u64 = 0x10_0000;
+/// Keep regions well inside the ±2 GiB of a rel32.
+const REACH: u64 = 0x7000_0000;
+/// Lowest address we place at (above vm.mmap_min_addr).
+const LOW: u64 = 0x10_0000;
+/// Absolute 32-bit references of non-PIE code need the region below 2 GiB.
+const LOW_2G: u64 = 0x7fff_0000;
+const INJECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Find an address for `len` bytes in reach of [exe_lo, exe_hi).
+pub fn choose_address(maps: &[Mapping], exe_lo: u64, exe_hi: u64, len: u64, below_2g: bool) -> Option<u64> {
+    let win_lo = exe_hi.saturating_sub(REACH).max(LOW);
+    let mut win_hi = exe_lo.saturating_add(REACH);
+    if below_2g {
+        win_hi = win_hi.min(LOW_2G);
+    }
+    let mut sorted: Vec<(u64, u64)> = maps.iter().map(|m| (m.start, m.end)).collect();
+    sorted.sort();
+    let mut gaps = Vec::new();
+    let mut prev = 0u64;
+    for (s, e) in sorted {
+        if s > prev {
+            gaps.push((prev, s));
+        }
+        prev = prev.max(e);
+    }
+    gaps.push((prev, 0x7fff_ffff_f000));
+    let heap_end = maps.iter().find(|m| m.path == "[heap]").map(|m| m.end).unwrap_or(exe_hi);
+    let mut best: Option<(u64, u64)> = None; // (score, addr): lower score is better
+    for (gs, ge) in gaps {
+        // A guard page on each side.
+        let lo = gs.saturating_add(PAGE).max(win_lo);
+        let hi = ge.saturating_sub(PAGE).min(win_hi);
+        if hi <= lo || hi - lo < len {
+            continue;
+        }
+        let addr = (hi - len) & !(PAGE - 1);
+        if addr < lo {
+            continue;
+        }
+        // Prefer just below the executable (the heap grows upward after it); else far above
+        // the heap's end.
+        let score = if addr + len <= exe_lo {
+            exe_lo - (addr + len)
+        } else if addr >= heap_end + (256 << 20) || !below_2g {
+            (1 << 40) + addr.abs_diff(exe_hi)
+        } else {
+            (1 << 50) + addr.abs_diff(exe_hi)
+        };
+        let score = if below_2g { u64::MAX - addr } else { score };
+        if best.is_none_or(|(s, _)| score < s) {
+            best = Some((score, addr));
+        }
+    }
+    best.map(|(_, a)| a)
+}
+
+/// An executable `syscall` instruction in the target (libc first, else any code).
+pub fn find_syscall_gadget(mem: &dyn MemoryReader, maps: &[Mapping]) -> Result<u64> {
+    let mut cands: Vec<&Mapping> = maps.iter().filter(|m| m.is_exec() && m.path != "[vsyscall]").collect();
+    cands.sort_by_key(|m| (!m.path.contains("libc"), m.path == "[vdso]"));
+    for m in cands {
+        let mut addr = m.start;
+        while addr < m.end {
+            let n = (m.end - addr).min(64 << 10) as usize;
+            if let Ok(buf) = mem.read_vec(addr, n) {
+                if let Some(i) = buf.windows(2).position(|w| w == SYSCALL) {
+                    return Ok(addr + i as u64);
+                }
+            }
+            addr += n as u64 - 1;
+        }
+    }
+    Err(Error::Other("no syscall instruction found in the target's code".into()))
+}
+
+/// A region mapped into the target. Unmapped on drop unless [`MappedRegion::commit`]ted.
+pub struct MappedRegion {
+    pub pid: i32,
+    pub base: u64,
+    pub len: u64,
+    gadget: u64,
+    committed: bool,
+}
+
+impl MappedRegion {
+    pub fn commit(mut self) {
+        self.committed = true;
+    }
+
+    /// Unmap now, reporting errors.
+    pub fn unmap(mut self) -> Result<()> {
+        self.committed = true;
+        unmap(self.pid, self.gadget, self.base, self.len)
+    }
+}
+
+impl Drop for MappedRegion {
+    fn drop(&mut self) {
+        if !self.committed {
+            if let Err(e) = unmap(self.pid, self.gadget, self.base, self.len) {
+                tracing::warn!(pid = self.pid, base = self.base, "could not unmap the patch region: {e}");
+            }
+        }
+    }
+}
+
+/// A thread to inject into: the main thread unless it is gone.
+fn injection_thread(proc: &Process) -> Result<i32> {
+    let tids = proc.threads()?;
+    if tids.contains(&proc.pid) && !is_zombie_thread(proc.pid, proc.pid) {
+        return Ok(proc.pid);
+    }
+    tids.into_iter().find(|t| !is_zombie_thread(proc.pid, *t)).ok_or_else(|| Error::Process { pid: proc.pid, msg: "has no live thread".into() })
+}
+
+fn is_zombie_thread(pid: i32, tid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat"))
+        .ok()
+        .and_then(|s| crate::process::parse_stat(&s))
+        .is_none_or(|st| st.state == 'Z' || st.state == 'X')
+}
+
+/// Unmap [base, base+len) in the target.
+pub fn unmap(pid: i32, gadget: u64, base: u64, len: u64) -> Result<()> {
+    let proc = Process::open(pid)?;
+    let tid = injection_thread(&proc)?;
+    let mut t = Stopped::one(&proc, tid, INJECT_TIMEOUT)?;
+    let r = t.syscall(tid, gadget, SYS_MUNMAP, [base, len, 0, 0, 0, 0])?;
+    if r < 0 {
+        return Err(Error::Process { pid, msg: format!("munmap of the patch region failed: errno {}", -r) });
+    }
+    Ok(())
+}
+
+/// Create the memfd, fill it with `image`, and map it at `addr` read+execute.
+pub fn map_region(proc: &Process, mem: &ProcMem, maps: &[Mapping], gadget: u64, name: &str, addr: u64, image: &[u8]) -> Result<MappedRegion> {
+    let len = image.len() as u64;
+    let tid = injection_thread(proc)?;
+    let mut t = Stopped::one(proc, tid, INJECT_TIMEOUT)?;
+    let pid = proc.pid;
+    let regs = t.regs(tid)?;
+    // The name goes below the red zone of the stopped thread's stack.
+    let name_at = (regs.rsp - 128 - 256) & !15;
+    let maps_now = proc.maps().unwrap_or_else(|_| maps.to_vec());
+    if !maps_now.iter().any(|m| m.contains(name_at) && m.contains(regs.rsp)) {
+        return Err(Error::Process { pid, msg: "no room on the stack of the injection thread".into() });
+    }
+    let mut cname = name.as_bytes().to_vec();
+    cname.push(0);
+    let saved = mem.read_vec(name_at, cname.len())?;
+    mem.write(name_at, &cname)?;
+    let fd = t.syscall(tid, gadget, SYS_MEMFD_CREATE, [name_at, MFD_CLOEXEC, 0, 0, 0, 0]);
+    let _ = mem.write(name_at, &saved);
+    let fd = fd?;
+    if fd < 0 {
+        return Err(Error::Process { pid, msg: format!("memfd_create failed in the target: errno {}", -fd) });
+    }
+    let close = |t: &mut Stopped| {
+        let _ = t.syscall(tid, gadget, SYS_CLOSE, [fd as u64, 0, 0, 0, 0, 0]);
+    };
+    // Fill it from our side.
+    let fill = (|| {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/{pid}/fd/{fd}"))
+            .map_err(|e| Error::io("cannot open the target's memfd", e))?;
+        f.set_len(len).map_err(|e| Error::io("cannot size the patch region", e))?;
+        f.write_all_at(image, 0).map_err(|e| Error::io("cannot write the patch region", e))
+    })();
+    if let Err(e) = fill {
+        close(&mut t);
+        return Err(e);
+    }
+    let r = t.syscall(tid, gadget, SYS_MMAP, [addr, len, PROT_READ | PROT_EXEC, MAP_SHARED | MAP_FIXED_NOREPLACE, fd as u64, 0]);
+    close(&mut t);
+    let r = r?;
+    if r < 0 {
+        return Err(Error::Process { pid, msg: format!("mmap of the patch region at {addr:#x} failed: errno {}", -r) });
+    }
+    let got = r as u64;
+    let region = MappedRegion { pid, base: got, len, gadget, committed: false };
+    if got != addr {
+        // An old kernel took MAP_FIXED_NOREPLACE as a hint.
+        drop(t);
+        drop(region);
+        return Err(Error::Process { pid, msg: format!("patch region landed at {got:#x} instead of {addr:#x}") });
+    }
+    Ok(region)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(start: u64, end: u64, path: &str) -> Mapping {
+        Mapping { start, end, perms: "r-xp".into(), offset: 0, inode: 1, path: path.into() }
+    }
+
+    #[test]
+    fn pie_region_goes_just_below_the_executable() {
+        let maps = vec![m(0x5555_5555_4000, 0x5555_5555_9000, "/a"), m(0x5555_5555_9000, 0x5555_5557_a000, "[heap]"), m(0x7fff_f000_0000, 0x7fff_f001_0000, "/libc")];
+        let a = choose_address(&maps, 0x5555_5555_4000, 0x5555_5555_9000, 0x3000, false).unwrap();
+        assert!(a + 0x3000 <= 0x5555_5555_4000 - PAGE, "{a:#x}");
+        assert!(0x5555_5555_4000 - a < 0x10_0000);
+    }
+
+    #[test]
+    fn non_pie_region_stays_below_2g_and_away_from_the_heap() {
+        let maps = vec![m(0x40_0000, 0x40_5000, "/a"), m(0x40_5000, 0x50_0000, "[heap]")];
+        let a = choose_address(&maps, 0x40_0000, 0x40_5000, 0x3000, true).unwrap();
+        assert!(a + 0x3000 <= LOW_2G);
+        assert!(a > 0x1000_0000, "{a:#x}");
+    }
+
+    #[test]
+    fn no_room_is_none() {
+        let maps = vec![m(0, 0x7fff_ffff_f000, "/all")];
+        assert!(choose_address(&maps, 0x40_0000, 0x40_5000, 0x3000, true).is_none());
+    }
+}

@@ -1,1 +1,334 @@
-//! TODO
+//! Stopping a process's threads with ptrace, and running code in a stopped thread (a syscall,
+//! a function call) without the target's cooperation.
+//!
+//! [`Stopped`] is the side effect "these threads are stopped": dropping it detaches every
+//! thread, passing back any signal that arrived meanwhile, so an error path can never leave
+//! the target stopped. Every call must come from the OS thread that attached (a ptrace rule);
+//! callers keep a session on one thread.
+use crate::error::{Error, Result};
+use crate::process::Process;
+use nix::errno::Errno;
+use nix::sys::ptrace::{self, Options};
+use nix::sys::signal::Signal;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+pub type Regs = libc::user_regs_struct;
+
+#[derive(Debug, Default, Clone)]
+struct Thread {
+    stopped: bool,
+    /// A signal that arrived while we held the thread; delivered again on detach.
+    pending: Option<Signal>,
+}
+
+/// A set of threads of one process, attached and stopped.
+pub struct Stopped {
+    pub pid: i32,
+    threads: BTreeMap<i32, Thread>,
+    since: Instant,
+}
+
+fn pid(t: i32) -> Pid {
+    Pid::from_raw(t)
+}
+
+const OPTIONS: Options = Options::PTRACE_O_TRACECLONE.union(Options::PTRACE_O_TRACEEXEC);
+
+impl Stopped {
+    /// Stop every thread of the process, including threads created while stopping.
+    pub fn all(proc: &Process, timeout: Duration) -> Result<Stopped> {
+        let mut s = Stopped { pid: proc.pid, threads: BTreeMap::new(), since: Instant::now() };
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut grew = false;
+            for tid in proc.threads()? {
+                if s.threads.contains_key(&tid) {
+                    continue;
+                }
+                if s.seize(tid)? {
+                    grew = true;
+                }
+            }
+            s.wait_stopped(deadline)?;
+            if !grew {
+                break;
+            }
+        }
+        if s.threads.is_empty() {
+            return Err(Error::Process { pid: proc.pid, msg: "exited during the operation".into() });
+        }
+        Ok(s)
+    }
+
+    /// Stop one thread (for injecting a syscall while the others keep running).
+    pub fn one(proc: &Process, tid: i32, timeout: Duration) -> Result<Stopped> {
+        let mut s = Stopped { pid: proc.pid, threads: BTreeMap::new(), since: Instant::now() };
+        if !s.seize(tid)? {
+            return Err(Error::Process { pid: proc.pid, msg: format!("thread {tid} exited") });
+        }
+        s.wait_stopped(Instant::now() + timeout)?;
+        if !s.threads.contains_key(&tid) {
+            return Err(Error::Process { pid: proc.pid, msg: format!("thread {tid} exited") });
+        }
+        s.since = Instant::now();
+        Ok(s)
+    }
+
+    /// When stopping began (the start of the target's pause).
+    pub fn since(&self) -> Instant {
+        self.since
+    }
+
+    pub fn tids(&self) -> Vec<i32> {
+        self.threads.keys().copied().collect()
+    }
+
+    /// Attach and interrupt; false when the thread is already gone.
+    fn seize(&mut self, tid: i32) -> Result<bool> {
+        match ptrace::seize(pid(tid), OPTIONS) {
+            Ok(()) => {}
+            Err(Errno::ESRCH) => return Ok(false),
+            Err(Errno::EPERM) if traced_by_us(tid) => {
+                // Auto-attached through PTRACE_O_TRACECLONE; its stop is on the way.
+                self.threads.entry(tid).or_default();
+                return Ok(true);
+            }
+            Err(e) => {
+                if e == Errno::EPERM {
+                    if let Some(tracer) = tracer_of(tid).filter(|t| *t != 0) {
+                        return Err(Error::Process {
+                            pid: self.pid,
+                            msg: format!("thread {tid} is already traced by process {tracer} (a debugger?); detach it and retry"),
+                        });
+                    }
+                }
+                return Err(Error::ptrace("seize", tid, e));
+            }
+        }
+        self.threads.insert(tid, Thread::default());
+        match ptrace::interrupt(pid(tid)) {
+            Ok(()) | Err(Errno::ESRCH) => Ok(true),
+            Err(e) => Err(Error::ptrace("interrupt", tid, e)),
+        }
+    }
+
+    fn wait_stopped(&mut self, deadline: Instant) -> Result<()> {
+        let mut spins = 0u32;
+        loop {
+            let pending: Vec<i32> = self.threads.iter().filter(|(_, t)| !t.stopped).map(|(k, _)| *k).collect();
+            if pending.is_empty() {
+                return Ok(());
+            }
+            let mut progressed = false;
+            for tid in pending {
+                match waitpid(pid(tid), Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::StillAlive) => {}
+                    Ok(st) => {
+                        progressed = true;
+                        self.on_status(tid, st)?;
+                    }
+                    Err(Errno::ECHILD) => {
+                        progressed = true;
+                        self.threads.remove(&tid);
+                    }
+                    Err(Errno::EINTR) => {}
+                    Err(e) => return Err(Error::ptrace("wait", tid, e)),
+                }
+            }
+            if !progressed {
+                if Instant::now() > deadline {
+                    let tid = self.threads.iter().find(|(_, t)| !t.stopped).map(|(k, _)| *k).unwrap_or(0);
+                    return Err(Error::Process {
+                        pid: self.pid,
+                        msg: format!("thread {tid} did not stop in time (uninterruptible sleep?); retry later"),
+                    });
+                }
+                spins += 1;
+                if spins < 200 {
+                    std::thread::yield_now();
+                } else {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+            }
+        }
+    }
+
+    fn on_status(&mut self, tid: i32, st: WaitStatus) -> Result<()> {
+        match st {
+            WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
+                self.threads.remove(&tid);
+                if tid == self.pid && self.threads.is_empty() {
+                    return Err(Error::Process { pid: self.pid, msg: "exited during the operation".into() });
+                }
+            }
+            WaitStatus::PtraceEvent(_, _, ev) if ev == libc::PTRACE_EVENT_CLONE => {
+                if let Ok(child) = ptrace::getevent(pid(tid)) {
+                    self.threads.entry(child as i32).or_default();
+                }
+                self.mark_stopped(tid, None);
+            }
+            WaitStatus::PtraceEvent(_, _, ev) if ev == libc::PTRACE_EVENT_EXEC => {
+                self.mark_stopped(tid, None);
+                return Err(Error::Process { pid: self.pid, msg: "called exec during the operation; it runs another program now".into() });
+            }
+            WaitStatus::PtraceEvent(..) => self.mark_stopped(tid, None),
+            WaitStatus::Stopped(_, sig) => self.mark_stopped(tid, Some(sig)),
+            _ => self.mark_stopped(tid, None),
+        }
+        Ok(())
+    }
+
+    fn mark_stopped(&mut self, tid: i32, sig: Option<Signal>) {
+        let t = self.threads.entry(tid).or_default();
+        t.stopped = true;
+        if sig.is_some() && sig != Some(Signal::SIGSTOP) && sig != Some(Signal::SIGTRAP) {
+            t.pending = sig;
+        }
+    }
+
+    pub fn regs(&self, tid: i32) -> Result<Regs> {
+        ptrace::getregs(pid(tid)).map_err(|e| Error::ptrace("getregs", tid, e))
+    }
+
+    pub fn set_regs(&self, tid: i32, r: Regs) -> Result<()> {
+        ptrace::setregs(pid(tid), r).map_err(|e| Error::ptrace("setregs", tid, e))
+    }
+
+    pub fn peek_user(&self, tid: i32, offset: usize) -> Result<u64> {
+        ptrace::read_user(pid(tid), offset as ptrace::AddressType).map(|v| v as u64).map_err(|e| Error::ptrace("peekuser", tid, e))
+    }
+
+    pub fn poke_user(&self, tid: i32, offset: usize, value: u64) -> Result<()> {
+        // SAFETY: PTRACE_POKEUSER writes one word into the tracee's `struct user`; the kernel
+        // validates the offset, and the thread is stopped and traced by us.
+        let r = unsafe { libc::ptrace(libc::PTRACE_POKEUSER, tid, offset as *mut libc::c_void, value as *mut libc::c_void) };
+        if r < 0 {
+            return Err(Error::ptrace("pokeuser", tid, Errno::last()));
+        }
+        Ok(())
+    }
+
+    /// Resume one thread and wait for its next stop; the stop status is returned.
+    fn run_until_stop(&mut self, tid: i32, step: bool) -> Result<WaitStatus> {
+        let r = if step { ptrace::step(pid(tid), None) } else { ptrace::cont(pid(tid), None) };
+        r.map_err(|e| Error::ptrace(if step { "singlestep" } else { "cont" }, tid, e))?;
+        loop {
+            match waitpid(pid(tid), Some(WaitPidFlag::__WALL)) {
+                Ok(st @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => {
+                    self.threads.remove(&tid);
+                    return Err(Error::Process { pid: self.pid, msg: format!("thread {tid} died while running injected code ({st:?})") });
+                }
+                Ok(st) => return Ok(st),
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(Error::ptrace("wait", tid, e)),
+            }
+        }
+    }
+
+    /// Execute one system call in thread `tid` through an existing `syscall` instruction at
+    /// `gadget`. The thread's registers are restored afterwards (an interrupted system call of
+    /// the thread restarts as usual).
+    pub fn syscall(&mut self, tid: i32, gadget: u64, nr: i64, args: [u64; 6]) -> Result<i64> {
+        let saved = self.regs(tid)?;
+        let mut r = saved;
+        r.rip = gadget;
+        r.rax = nr as u64;
+        r.orig_rax = u64::MAX; // not in a syscall: no restart logic on resume
+        (r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9) = (args[0], args[1], args[2], args[3], args[4], args[5]);
+        self.set_regs(tid, r)?;
+        let result = (|| {
+            for _ in 0..64 {
+                match self.run_until_stop(tid, true)? {
+                    WaitStatus::Stopped(_, Signal::SIGTRAP) => {
+                        let after = self.regs(tid)?;
+                        if after.rip == gadget + 2 {
+                            return Ok(after.rax as i64);
+                        }
+                        return Err(Error::Process { pid: self.pid, msg: format!("injected syscall stopped at {:#x}", after.rip) });
+                    }
+                    WaitStatus::Stopped(_, sig) => {
+                        // A signal arrived first; keep it for later and try again.
+                        self.threads.entry(tid).or_default().pending = Some(sig);
+                        self.set_regs(tid, r)?;
+                    }
+                    _ => {
+                        self.set_regs(tid, r)?;
+                    }
+                }
+            }
+            Err(Error::Process { pid: self.pid, msg: "injected syscall kept being interrupted".into() })
+        })();
+        let restore = self.set_regs(tid, saved);
+        let v = result?;
+        restore?;
+        Ok(v)
+    }
+
+    /// Call a function of the target in thread `tid` (System V ABI) and return its result.
+    /// The call returns to address 0; the fault that follows is our signal that it finished.
+    pub fn call(&mut self, tid: i32, mem: &crate::process::ProcMem, func: u64, args: [u64; 6]) -> Result<u64> {
+        let saved = self.regs(tid)?;
+        let mut r = saved;
+        // Below the red zone, 16-byte aligned, then the return address 0 as a `call` pushes it.
+        let sp = (saved.rsp.checked_sub(1024).ok_or_else(|| Error::Other("stack pointer too low".into()))?) & !0xf;
+        let sp = sp - 8;
+        mem.write(sp, &0u64.to_le_bytes())?;
+        r.rsp = sp;
+        r.rip = func;
+        r.rax = 0;
+        r.orig_rax = u64::MAX;
+        (r.rdi, r.rsi, r.rdx, r.rcx, r.r8, r.r9) = (args[0], args[1], args[2], args[3], args[4], args[5]);
+        self.set_regs(tid, r)?;
+        let result = (|| {
+            for _ in 0..64 {
+                match self.run_until_stop(tid, false)? {
+                    WaitStatus::Stopped(_, Signal::SIGSEGV) => {
+                        let after = self.regs(tid)?;
+                        if after.rip == 0 {
+                            return Ok(after.rax);
+                        }
+                        return Err(Error::Process { pid: self.pid, msg: format!("injected call to {func:#x} faulted at {:#x}", after.rip) });
+                    }
+                    WaitStatus::Stopped(_, sig) => {
+                        self.threads.entry(tid).or_default().pending = Some(sig);
+                    }
+                    _ => {}
+                }
+            }
+            Err(Error::Process { pid: self.pid, msg: "injected call kept being interrupted".into() })
+        })();
+        let restore = self.set_regs(tid, saved);
+        let v = result?;
+        restore?;
+        Ok(v)
+    }
+
+    /// Resume everything now (consumes the guard).
+    pub fn detach(mut self) {
+        self.detach_all();
+    }
+
+    fn detach_all(&mut self) {
+        for (tid, t) in std::mem::take(&mut self.threads) {
+            let _ = ptrace::detach(pid(tid), t.pending);
+        }
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        self.detach_all();
+    }
+}
+
+fn tracer_of(tid: i32) -> Option<i32> {
+    let s = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    s.lines().find_map(|l| l.strip_prefix("TracerPid:")).and_then(|v| v.trim().parse().ok())
+}
+
+fn traced_by_us(tid: i32) -> bool {
+    tracer_of(tid) == Some(std::process::id() as i32)
+}

@@ -1,1 +1,125 @@
-//! TODO
+//! The patch region in the target: its header, which makes the target itself the record of
+//! what is applied (so a new `livepatch` process, or an agent restarted after a crash, can
+//! report and revert), and how regions are found in `/proc/PID/maps`.
+use crate::error::{Error, Result};
+use crate::process::{Mapping, MemoryReader};
+use serde::{Deserialize, Serialize};
+
+pub const MAGIC: &[u8; 8] = b"LPREGION";
+pub const VERSION: u32 = 1;
+/// Name of the memfd behind a region: shows as `/memfd:livepatch:<patch id> (deleted)`.
+pub const NAME_PREFIX: &str = "livepatch:";
+const MAX_HEADER_JSON: u32 = 4 << 20;
+
+/// One redirected entry: the old function's first bytes now jump to `target`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Entry {
+    pub name: String,
+    /// Live address of the old function's entry.
+    pub entry: u64,
+    /// Live address of its new code in this region.
+    pub target: u64,
+    /// The bytes at `entry` before any patch (hex).
+    pub original: String,
+    /// The bytes at `entry` just before this patch (hex): what revert restores.
+    pub previous: String,
+    /// Live range of the original function.
+    pub old_start: u64,
+    pub old_len: u64,
+}
+
+/// Code carried by the region (for activation checks on revert and stacking).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CodeRange {
+    pub name: String,
+    pub start: u64,
+    pub len: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Header {
+    pub patch_id: String,
+    pub bundle_sha256: String,
+    pub build_id: String,
+    /// Unix time in seconds.
+    pub applied_at: u64,
+    /// Position in the stack of patches (1 = first).
+    pub seq: u32,
+    pub base: u64,
+    pub len: u64,
+    pub entries: Vec<Entry>,
+    pub code: Vec<CodeRange>,
+}
+
+impl Header {
+    pub fn encode(&self) -> Vec<u8> {
+        let json = serde_json::to_vec(self).expect("header serialises");
+        let mut v = Vec::with_capacity(16 + json.len());
+        v.extend_from_slice(MAGIC);
+        v.extend_from_slice(&VERSION.to_le_bytes());
+        v.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        v.extend_from_slice(&json);
+        v
+    }
+
+    pub fn decode(mem: &dyn MemoryReader, base: u64) -> Result<Header> {
+        let mut head = [0u8; 16];
+        mem.read(base, &mut head)?;
+        if &head[..8] != MAGIC {
+            return Err(Error::Other(format!("no livepatch region header at {base:#x}")));
+        }
+        let version = u32::from_le_bytes(head[8..12].try_into().unwrap());
+        if version != VERSION {
+            return Err(Error::Other(format!("region at {base:#x} has header version {version}, this livepatch reads {VERSION}")));
+        }
+        let len = u32::from_le_bytes(head[12..16].try_into().unwrap());
+        if len > MAX_HEADER_JSON {
+            return Err(Error::Other(format!("region header at {base:#x} is implausibly large")));
+        }
+        let json = mem.read_vec(base + 16, len as usize)?;
+        serde_json::from_slice(&json).map_err(|e| Error::Other(format!("region header at {base:#x} is unreadable: {e}")))
+    }
+
+    pub fn contains_code(&self, pc: u64) -> Option<&CodeRange> {
+        self.code.iter().find(|c| pc >= c.start && pc < c.start + c.len)
+    }
+}
+
+/// Mappings that are livepatch regions.
+pub fn region_mappings(maps: &[Mapping]) -> Vec<&Mapping> {
+    maps.iter().filter(|m| m.offset == 0 && m.path.starts_with("/memfd:") && m.path[7..].starts_with(NAME_PREFIX)).collect()
+}
+
+/// Read every region's header, ordered by stack position.
+pub fn read_all(mem: &dyn MemoryReader, maps: &[Mapping]) -> Vec<(Result<Header>, Mapping)> {
+    let mut v: Vec<(Result<Header>, Mapping)> = region_mappings(maps).into_iter().map(|m| (Header::decode(mem, m.start), m.clone())).collect();
+    v.sort_by_key(|(h, m)| (h.as_ref().map(|h| h.seq).unwrap_or(u32::MAX), m.start));
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::process::Snapshot;
+
+    #[test]
+    fn header_roundtrip_through_memory() {
+        let h = Header {
+            patch_id: "lp-1".into(),
+            bundle_sha256: "ab".into(),
+            build_id: "cd".into(),
+            applied_at: 1,
+            seq: 2,
+            base: 0x10000,
+            len: 0x3000,
+            entries: vec![Entry { name: "f".into(), entry: 0x1000, target: 0x12000, original: "5548".into(), previous: "5548".into(), old_start: 0x1000, old_len: 10 }],
+            code: vec![CodeRange { name: "f".into(), start: 0x12000, len: 10 }],
+        };
+        let mem = Snapshot(vec![(0x10000, h.encode())]);
+        assert_eq!(Header::decode(&mem, 0x10000).unwrap(), h);
+        assert!(h.contains_code(0x12009).is_some());
+        assert!(h.contains_code(0x1200a).is_none());
+        let bad = Snapshot(vec![(0x10000, b"LPREGIOX\x01\0\0\0\0\0\0\0".to_vec())]);
+        assert!(Header::decode(&bad, 0x10000).is_err());
+    }
+}

@@ -1,1 +1,92 @@
-//! TODO
+//! Revert: the sequence backwards. The newest patch is removed (its entries get back the
+//! bytes they had before it), after the same activation check on the code being removed;
+//! `all` restores the original code. Works from the region headers alone, so it can undo what
+//! another livepatch process applied.
+use crate::arch::x86_64::{jmp_rel32, JUMP_LEN};
+use crate::error::{Error, Result};
+use crate::jump::{Jumps, Site};
+use crate::map;
+use crate::process::{Lock, MemoryReader, ProcMem, Process};
+use crate::status::{self, Applied};
+use crate::unwind::Modules;
+use crate::watchpoint::{self, Guarded, Strategy, View};
+use serde::Serialize;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub pid: i32,
+    pub reverted: Vec<String>,
+    pub functions: Vec<String>,
+    pub pause_us: u64,
+    pub attempts: u32,
+    pub remaining: usize,
+    pub total_ms: u64,
+}
+
+pub fn revert(pid: i32, all: bool, strategy: Strategy, timeout: Duration) -> Result<Report> {
+    let t0 = Instant::now();
+    let proc = Process::open(pid)?;
+    let _lock = Lock::take(&proc)?;
+    let mem = ProcMem::open(pid)?;
+    let maps = proc.maps()?;
+    let gadget = map::find_syscall_gadget(&mem, &maps)?;
+    let (applied, _) = status::applied(&mem, &maps);
+    let (orphans, live): (Vec<&Applied>, Vec<&Applied>) = applied.iter().partition(|a| a.orphan);
+    for o in &orphans {
+        let _ = map::unmap(pid, gadget, o.mapping.start, o.mapping.end - o.mapping.start);
+    }
+    if live.is_empty() {
+        return Err(status::nothing_applied(pid));
+    }
+    let removing: Vec<&Applied> = if all { live.clone() } else { vec![*live.last().unwrap()] };
+    let mut sites: Vec<Site> = Vec::new();
+    let mut functions = Vec::new();
+    for a in removing.iter().rev() {
+        for e in &a.header.entries {
+            if sites.iter().any(|s| s.at == e.entry) {
+                continue; // a newer patch's entry already restores further back
+            }
+            let now = mem.read_vec(e.entry, JUMP_LEN)?;
+            if jmp_rel32(e.entry, e.target).map(|j| j.to_vec()) != Some(now.clone()) {
+                return Err(Error::Other(format!(
+                    "the entry of `{}` does not hold patch {}'s jump (someone changed it); not reverting",
+                    e.name, a.header.patch_id
+                )));
+            }
+            // `all`: back to the original; else to what was there before this patch.
+            let write = if all { &e.original } else { &e.previous };
+            sites.push(Site { name: e.name.clone(), at: e.entry, expect: now, write: hex::decode(write).map_err(|_| Error::Other("corrupt region header".into()))? });
+            functions.push(e.name.clone());
+        }
+    }
+    if all {
+        // Entries first patched by older patches must go back to their original bytes too.
+        for s in sites.iter_mut() {
+            if let Some(orig) = live.iter().find_map(|a| a.header.entries.iter().find(|e| e.entry == s.at)) {
+                s.write = hex::decode(&orig.original).unwrap_or_else(|_| s.write.clone());
+            }
+        }
+    }
+    let guarded: Vec<Guarded> = removing
+        .iter()
+        .flat_map(|a| a.header.code.iter().map(move |c| Guarded { name: format!("{} (patch {})", c.name, a.header.patch_id), start: c.start, end: c.start + c.len }))
+        .collect();
+    let modules = Modules::load(pid, &maps, &mem);
+    let view = View { proc: &proc, mem: &mem, maps: &maps, modules: &modules };
+    let _ = strategy; // reverting waits on the region's code; see docs/architecture.md
+    let w = watchpoint::wait_inactive(&view, &guarded, timeout)?;
+    let jumps = Jumps::write(&mem, &sites)?;
+    jumps.commit();
+    let since = w.stopped.since();
+    w.stopped.detach();
+    let pause_us = since.elapsed().as_micros() as u64;
+    let mut reverted = Vec::new();
+    for a in &removing {
+        if let Err(e) = map::unmap(pid, gadget, a.mapping.start, a.mapping.end - a.mapping.start) {
+            tracing::warn!("patch {} reverted but its region stays mapped: {e}", a.header.patch_id);
+        }
+        reverted.push(a.header.patch_id.clone());
+    }
+    Ok(Report { pid, reverted, functions, pause_us, attempts: w.attempts, remaining: live.len() - removing.len(), total_ms: t0.elapsed().as_millis() as u64 })
+}

@@ -1,1 +1,133 @@
-//! TODO
+//! Status: what is applied to a process, read from the process itself (the region headers and
+//! the bytes at the old entries), so any `livepatch` process can answer, not only the one that
+//! applied.
+use crate::arch::x86_64::{decode_jmp_rel32, JUMP_LEN};
+use crate::error::{Error, Result};
+use crate::process::{Mapping, MemoryReader, ProcMem, Process};
+use crate::region::{self, Header};
+use serde::Serialize;
+
+/// Past this many stacked patches the memory image is messy enough that an offline upgrade
+/// to an executable with the fixes built in is recommended.
+pub const STACK_LIMIT: usize = 4;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EntryStatus {
+    pub name: String,
+    pub entry: String,
+    pub target: String,
+    /// `active` (the entry jumps here), `overridden` (a newer patch took it), `not-jumped`.
+    pub state: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PatchStatus {
+    pub patch_id: String,
+    pub seq: u32,
+    pub applied_at: u64,
+    pub bundle_sha256: String,
+    pub region: String,
+    pub functions: Vec<String>,
+    pub entries: Vec<EntryStatus>,
+    /// `applied`, or `orphan` (mapped but never switched to: a tool died mid-way; harmless,
+    /// removed by the next apply or revert).
+    pub state: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub pid: i32,
+    pub build_id: Option<String>,
+    pub patches: Vec<PatchStatus>,
+    pub stacked: usize,
+    pub restart_recommended: bool,
+    pub warnings: Vec<String>,
+}
+
+/// A region with its parsed header.
+pub struct Applied {
+    pub header: Header,
+    pub mapping: Mapping,
+    pub orphan: bool,
+}
+
+/// Every region of the process, ordered oldest first, with orphans identified.
+pub fn applied(mem: &dyn MemoryReader, maps: &[Mapping]) -> (Vec<Applied>, Vec<String>) {
+    let mut warnings = Vec::new();
+    let mut out: Vec<Applied> = Vec::new();
+    for (h, m) in region::read_all(mem, maps) {
+        match h {
+            Ok(header) => out.push(Applied { header, mapping: m, orphan: false }),
+            Err(e) => warnings.push(format!("region at {:#x}: {e}", m.start)),
+        }
+    }
+    let referenced: Vec<bool> = out
+        .iter()
+        .map(|a| {
+            let into_me = |bytes: &[u8], at: u64| decode_jmp_rel32(at, bytes).is_some_and(|t| t >= a.header.base && t < a.header.base + a.header.len);
+            a.header.entries.iter().any(|e| mem.read_vec(e.entry, JUMP_LEN).is_ok_and(|b| into_me(&b, e.entry)))
+                || out.iter().any(|o| o.header.entries.iter().any(|e| hex::decode(&e.previous).is_ok_and(|b| into_me(&b, e.entry))))
+        })
+        .collect();
+    for (a, r) in out.iter_mut().zip(referenced) {
+        a.orphan = !r;
+    }
+    (out, warnings)
+}
+
+pub fn entry_state(mem: &dyn MemoryReader, h: &Header, e: &region::Entry) -> &'static str {
+    match mem.read_vec(e.entry, JUMP_LEN).ok().and_then(|b| decode_jmp_rel32(e.entry, &b)) {
+        Some(t) if t == e.target => "active",
+        Some(t) if t < h.base || t >= h.base + h.len => "overridden",
+        _ => "not-jumped",
+    }
+}
+
+pub fn status(pid: i32) -> Result<Status> {
+    let proc = Process::open(pid)?;
+    let mem = ProcMem::open(pid)?;
+    let maps = proc.maps()?;
+    let build_id = crate::elf::build_id_of(&proc.exe_path()).ok().flatten();
+    let (list, mut warnings) = applied(&mem, &maps);
+    let patches: Vec<PatchStatus> = list
+        .iter()
+        .map(|a| PatchStatus {
+            patch_id: a.header.patch_id.clone(),
+            seq: a.header.seq,
+            applied_at: a.header.applied_at,
+            bundle_sha256: a.header.bundle_sha256.clone(),
+            region: format!("{:#x}-{:#x}", a.mapping.start, a.mapping.end),
+            functions: a.header.entries.iter().map(|e| e.name.clone()).collect(),
+            entries: a
+                .header
+                .entries
+                .iter()
+                .map(|e| EntryStatus {
+                    name: e.name.clone(),
+                    entry: format!("{:#x}", e.entry),
+                    target: format!("{:#x}", e.target),
+                    state: entry_state(&mem, &a.header, e).into(),
+                })
+                .collect(),
+            state: if a.orphan { "orphan".into() } else { "applied".into() },
+        })
+        .collect();
+    let stacked = patches.iter().filter(|p| p.state == "applied").count();
+    let restart_recommended = stacked > STACK_LIMIT;
+    if restart_recommended {
+        warnings.push(format!("{stacked} patches are stacked (more than {STACK_LIMIT}): an offline restart on an executable with the fixes built in is recommended"));
+    }
+    if let Some(bid) = &build_id {
+        for a in &list {
+            if &a.header.build_id != bid {
+                warnings.push(format!("patch {} was built for build id {}, the process runs {bid}", a.header.patch_id, a.header.build_id));
+            }
+        }
+    }
+    Ok(Status { pid, build_id, patches, stacked, restart_recommended, warnings })
+}
+
+/// Error for "nothing to revert".
+pub fn nothing_applied(pid: i32) -> Error {
+    Error::Other(format!("no patch is applied to process {pid}"))
+}

@@ -1,1 +1,257 @@
-//! TODO
+//! Stack unwinding with the `.eh_frame` call-frame information of every mapped object, so it
+//! works without frame pointers. Where the information runs out (no FDE, a CFA expression),
+//! the rest of the stack is scanned conservatively: every word is treated as a possible return
+//! address, so a function is never wrongly judged inactive.
+use crate::elf::ElfFile;
+use crate::error::{Error, Result};
+use crate::process::{Mapping, MemoryReader};
+use crate::ptrace::Regs;
+use gimli::{BaseAddresses, CfaRule, EhFrame, EhFrameHdr, LittleEndian, RegisterRule, UnwindContext, UnwindSection};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+const MAX_FRAMES: usize = 1024;
+/// How much stack a conservative scan reads at most.
+const MAX_SCAN: u64 = 8 << 20;
+
+// DWARF register numbers on x86-64.
+const RBX: usize = 3;
+const RBP: usize = 6;
+const RSP: usize = 7;
+const R12: usize = 12;
+const R15: usize = 15;
+const RA: usize = 16;
+
+/// Unwind tables of one mapped object.
+pub struct Module {
+    pub name: String,
+    /// Live range of the object's mappings.
+    pub start: u64,
+    pub end: u64,
+    pub bias: u64,
+    eh_frame: Vec<u8>,
+    eh_frame_svma: u64,
+    hdr: Option<(Vec<u8>, u64)>,
+    text_svma: u64,
+}
+
+impl Module {
+    /// Unwind tables from an ELF image (as the file holds it) loaded with `bias`.
+    pub fn from_elf(name: &str, elf: &ElfFile, start: u64, end: u64, bias: u64) -> Option<Module> {
+        let (sec, data) = elf.section_data(".eh_frame")?;
+        let hdr = elf.section_data(".eh_frame_hdr").map(|(s, d)| (d.to_vec(), s.addr));
+        let text_svma = elf.section(".text").map(|s| s.addr).unwrap_or(0);
+        Some(Module { name: name.to_string(), start, end, bias, eh_frame: data.to_vec(), eh_frame_svma: sec.addr, hdr, text_svma })
+    }
+
+    fn contains(&self, pc: u64) -> bool {
+        pc >= self.start && pc < self.end
+    }
+}
+
+/// The unwind tables of every object mapped in a process.
+#[derive(Default)]
+pub struct Modules {
+    pub modules: Vec<Module>,
+}
+
+impl Modules {
+    /// Load the tables of the objects mapped executable in process `pid`.
+    pub fn load(pid: i32, maps: &[Mapping], mem: &dyn MemoryReader) -> Modules {
+        let mut by_inode: HashMap<(u64, String), (u64, u64, u64)> = HashMap::new();
+        let mut vdso = None;
+        for m in maps {
+            if m.path == "[vdso]" {
+                vdso = Some((m.start, m.end));
+            }
+            if m.inode == 0 || m.path.is_empty() || m.path.starts_with("/memfd:") {
+                continue;
+            }
+            let e = by_inode.entry((m.inode, m.path.clone())).or_insert((u64::MAX, 0, u64::MAX));
+            e.0 = e.0.min(m.start);
+            e.1 = e.1.max(m.end);
+            if m.offset == 0 {
+                e.2 = e.2.min(m.start);
+            }
+        }
+        let mut modules = Vec::new();
+        for ((_, path), (start, end, base)) in by_inode {
+            if !maps.iter().any(|m| m.path == path && m.is_exec()) || base == u64::MAX {
+                continue;
+            }
+            // Read the file as the target sees it (its mount namespace).
+            let file = map_file(pid, maps, &path);
+            let Ok(elf) = ElfFile::open(&file) else { continue };
+            let first = elf.loads.iter().map(|l| l.vaddr).min().unwrap_or(0) & !0xfff;
+            let bias = base.wrapping_sub(first);
+            if let Some(m) = Module::from_elf(&path, &elf, start, end, bias) {
+                modules.push(m);
+            }
+        }
+        if let Some((start, end)) = vdso {
+            if let Ok(bytes) = mem.read_vec(start, (end - start) as usize) {
+                if let Ok(elf) = ElfFile::parse(std::path::Path::new("[vdso]"), bytes) {
+                    let first = elf.loads.iter().map(|l| l.vaddr).min().unwrap_or(0) & !0xfff;
+                    if let Some(m) = Module::from_elf("[vdso]", &elf, start, end, start.wrapping_sub(first)) {
+                        modules.push(m);
+                    }
+                }
+            }
+        }
+        Modules { modules }
+    }
+
+    fn find(&self, pc: u64) -> Option<&Module> {
+        self.modules.iter().find(|m| m.contains(pc))
+    }
+}
+
+/// The file behind a mapping, through `/proc/PID/map_files` (works across mount namespaces),
+/// else through the process's root.
+fn map_file(pid: i32, maps: &[Mapping], path: &str) -> PathBuf {
+    if let Some(m) = maps.iter().find(|m| m.path == path) {
+        let p = PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end));
+        if p.exists() {
+            return p;
+        }
+    }
+    PathBuf::from(format!("/proc/{pid}/root{path}"))
+}
+
+/// What unwinding one thread found.
+#[derive(Debug, Clone, Default)]
+pub struct Stack {
+    /// Program counters, innermost first (return addresses for callers).
+    pub pcs: Vec<u64>,
+    /// Words of the stack that may be return addresses (where unwinding gave up).
+    pub scanned: Vec<u64>,
+    /// Why unwinding stopped early, if it did.
+    pub incomplete: Option<String>,
+}
+
+impl Stack {
+    /// Whether any frame or possible return address lies in [start, end).
+    pub fn touches(&self, start: u64, end: u64) -> Option<u64> {
+        let hit = |pc: &u64| *pc >= start && *pc < end;
+        if let Some(first) = self.pcs.first().filter(|p| hit(p)) {
+            // Standing exactly on the entry is not an activation: the thread has not entered.
+            if *first != start {
+                return Some(*first);
+            }
+        }
+        // A return address points after its call, so a call at the very end of a function
+        // returns to `end`: look at pc-1 for callers.
+        self.pcs.iter().skip(1).find(|pc| **pc > start && **pc <= end).copied().or_else(|| self.scanned.iter().find(|w| **w > start && **w <= end).copied())
+    }
+}
+
+/// Unwind one thread given its registers.
+pub fn unwind(regs: &Regs, modules: &Modules, mem: &dyn MemoryReader, maps: &[Mapping]) -> Stack {
+    let mut r: [Option<u64>; 17] = [None; 17];
+    let vals = [regs.rax, regs.rdx, regs.rcx, regs.rbx, regs.rsi, regs.rdi, regs.rbp, regs.rsp, regs.r8, regs.r9, regs.r10, regs.r11, regs.r12, regs.r13, regs.r14, regs.r15, regs.rip];
+    for (i, v) in vals.iter().enumerate() {
+        r[i] = Some(*v);
+    }
+    let mut stack = Stack { pcs: vec![regs.rip], ..Default::default() };
+    let mut ctx = UnwindContext::new();
+    let mut prev_cfa = 0u64;
+    for depth in 0..MAX_FRAMES {
+        let pc = r[RA].unwrap_or(0);
+        match step(&mut r, depth == 0, modules, mem, &mut ctx) {
+            Ok(Some(cfa)) => {
+                if depth > 0 && cfa <= prev_cfa {
+                    stack.incomplete = Some(format!("stack does not grow at {pc:#x}"));
+                    break;
+                }
+                prev_cfa = cfa;
+                match r[RA] {
+                    Some(0) | None => return stack,
+                    Some(ra) => stack.pcs.push(ra),
+                }
+            }
+            Ok(None) => return stack, // outermost frame
+            Err(why) => {
+                stack.incomplete = Some(why);
+                break;
+            }
+        }
+    }
+    if stack.incomplete.is_none() {
+        stack.incomplete = Some("too many frames".into());
+    }
+    // Conservative scan of the rest of this thread's stack.
+    let sp = r[RSP].unwrap_or(regs.rsp);
+    if let Some(m) = maps.iter().find(|m| m.contains(sp)) {
+        let end = m.end.min(sp.saturating_add(MAX_SCAN));
+        if let Ok(bytes) = mem.read_vec(sp & !7, (end - (sp & !7)) as usize) {
+            stack.scanned = bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).filter(|w| *w > 0x1000).collect();
+        }
+    } else {
+        stack.incomplete = Some(format!("{} (stack pointer {sp:#x} is unmapped)", stack.incomplete.take().unwrap_or_default()));
+        // Nothing to scan: report the worst case so callers do not proceed blindly.
+        stack.scanned = vec![u64::MAX];
+    }
+    stack
+}
+
+/// Go one frame up. Returns the CFA, or None at the outermost frame.
+fn step(r: &mut [Option<u64>; 17], first: bool, modules: &Modules, mem: &dyn MemoryReader, ctx: &mut UnwindContext<usize>) -> Result<Option<u64>, String> {
+    let pc = r[RA].ok_or("no program counter")?;
+    let m = modules.find(pc).ok_or_else(|| format!("no unwind information for {pc:#x}"))?;
+    let lookup = if first { pc } else { pc - 1 };
+    let svma = lookup.wrapping_sub(m.bias);
+    let eh = EhFrame::new(&m.eh_frame, LittleEndian);
+    let mut bases = BaseAddresses::default().set_eh_frame(m.eh_frame_svma).set_text(m.text_svma);
+    let fde = match &m.hdr {
+        Some((hdr, hdr_svma)) => {
+            bases = bases.set_eh_frame_hdr(*hdr_svma);
+            let parsed = EhFrameHdr::new(hdr, LittleEndian).parse(&bases, 8).map_err(|e| format!("{}: bad .eh_frame_hdr: {e}", m.name))?;
+            match parsed.table() {
+                Some(t) => t.fde_for_address(&eh, &bases, svma, EhFrame::cie_from_offset),
+                None => eh.fde_for_address(&bases, svma, EhFrame::cie_from_offset),
+            }
+        }
+        None => eh.fde_for_address(&bases, svma, EhFrame::cie_from_offset),
+    }
+    .map_err(|e| format!("no FDE for {pc:#x} in {}: {e}", m.name))?;
+    let row = fde.unwind_info_for_address(&eh, &bases, ctx, svma).map_err(|e| format!("bad CFI at {pc:#x} in {}: {e}", m.name))?;
+    let cfa = match row.cfa() {
+        CfaRule::RegisterAndOffset { register, offset } => {
+            let base = r.get(register.0 as usize).copied().flatten().ok_or_else(|| format!("CFA register {} unknown at {pc:#x}", register.0))?;
+            (base as i64).wrapping_add(*offset) as u64
+        }
+        CfaRule::Expression(_) => return Err(format!("CFA expression at {pc:#x} in {}", m.name)),
+    };
+    let old = *r;
+    let read = |addr: u64| mem.read_u64(addr).map_err(|e| format!("cannot read stack at {addr:#x}: {e}"));
+    let mut regs_to_restore: Vec<usize> = vec![RBX, RBP, RA];
+    regs_to_restore.extend(R12..=R15);
+    for reg in regs_to_restore {
+        let rule = row.register(gimli::Register(reg as u16));
+        r[reg] = match rule {
+            RegisterRule::Undefined => {
+                if reg == RA {
+                    // CIEs name the return address rule; undefined means the outermost frame.
+                    if row.registers().any(|(rr, _)| rr.0 as usize == RA) {
+                        return Ok(None);
+                    }
+                    return Err(format!("no return address rule at {pc:#x}"));
+                }
+                old[reg]
+            }
+            RegisterRule::SameValue => old[reg],
+            RegisterRule::Offset(o) => Some(read((cfa as i64).wrapping_add(o) as u64)?),
+            RegisterRule::ValOffset(o) => Some((cfa as i64).wrapping_add(o) as u64),
+            RegisterRule::Register(x) => old.get(x.0 as usize).copied().flatten(),
+            _ if reg == RA => return Err(format!("return address expression at {pc:#x} in {}", m.name)),
+            _ => None,
+        };
+    }
+    r[RSP] = Some(cfa);
+    Ok(Some(cfa))
+}
+
+/// Error helper for callers that need an engine error.
+pub fn incomplete_error(tid: i32, why: &str) -> Error {
+    Error::Other(format!("thread {tid}: cannot unwind the stack: {why}"))
+}

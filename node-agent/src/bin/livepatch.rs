@@ -4,7 +4,9 @@ use clap::{Parser, Subcommand};
 use livepatch::bundle::Bundle;
 use livepatch::elf::ElfFile;
 use livepatch::extract;
+use livepatch::watchpoint::Strategy;
 use std::path::PathBuf;
+use std::time::Duration;
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -42,6 +44,44 @@ enum Cmd {
         bundle: PathBuf,
         #[arg(long)]
         json: bool,
+    },
+    /// Apply a bundle to a running process.
+    Apply {
+        #[arg(long)]
+        pid: i32,
+        bundle: PathBuf,
+        /// How to wait until the old code is not active: trap (breakpoints) or wait (poll stacks).
+        #[arg(long, default_value = "wait")]
+        strategy: Strategy,
+        /// Give up (exit 4, target unchanged) when the old code stays active this long.
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the patches applied to a process (read from the process itself).
+    Status {
+        #[arg(long)]
+        pid: i32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the newest patch (or all) from a process.
+    Revert {
+        #[arg(long)]
+        pid: i32,
+        #[arg(long)]
+        all: bool,
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compile a small program in two versions, run the old one and update it live.
+    Demo {
+        /// Keep the work directory.
+        #[arg(long)]
+        keep: bool,
     },
 }
 
@@ -104,8 +144,67 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print_bundle(&b);
             }
         }
+        Cmd::Apply { pid, bundle, strategy, timeout, json } => {
+            let b = Bundle::read(&bundle)?;
+            let opts = livepatch::apply::Options { strategy, timeout: secs(timeout)? };
+            let r = livepatch::apply::apply(pid, &b, &opts)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else if r.already_applied {
+                println!("patch {} is already applied to process {pid}; nothing to do", r.patch_id);
+            } else {
+                println!(
+                    "applied {} to process {pid}: {} (pause {} us, {} attempt(s), waited {} ms, total {} ms)",
+                    r.patch_id,
+                    r.functions.join(", "),
+                    r.pause_us,
+                    r.attempts,
+                    r.waited_ms,
+                    r.total_ms
+                );
+                if r.restart_recommended {
+                    println!("warning: {} patches are stacked; an offline restart is recommended", r.stacked);
+                }
+            }
+        }
+        Cmd::Status { pid, json } => {
+            let s = livepatch::status::status(pid)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!("process {pid} build id {}", s.build_id.as_deref().unwrap_or("none"));
+                if s.patches.is_empty() {
+                    println!("no patches applied");
+                }
+                for p in &s.patches {
+                    println!("#{} {} [{}] region {} applied at {} (unix)", p.seq, p.patch_id, p.state, p.region, p.applied_at);
+                    for e in &p.entries {
+                        println!("    {:<32} {} -> {} {}", e.name, e.entry, e.target, e.state);
+                    }
+                }
+                for w in &s.warnings {
+                    println!("warning: {w}");
+                }
+            }
+        }
+        Cmd::Revert { pid, all, timeout, json } => {
+            let r = livepatch::revert::revert(pid, all, Strategy::Wait, secs(timeout)?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!("reverted {} in process {pid}: {} (pause {} us); {} patch(es) remain", r.reverted.join(", "), r.functions.join(", "), r.pause_us, r.remaining);
+            }
+        }
+        Cmd::Demo { keep } => livepatch::demo::run(keep)?,
     }
     Ok(())
+}
+
+fn secs(s: f64) -> anyhow::Result<Duration> {
+    if !(s.is_finite() && s >= 0.0 && s < 86400.0 * 365.0) {
+        anyhow::bail!("--timeout must be a number of seconds");
+    }
+    Ok(Duration::from_secs_f64(s))
 }
 
 fn print_diff(d: &extract::Diff) {
