@@ -26,8 +26,8 @@ log() { echo "build-apiserver: $*" >&2; }
 regen() {
     local k8s="$1" etcd="$2" upstream minor
     [[ "$k8s" =~ ^v1\.([0-9]+)\.([0-9]+)$ ]] || { log "bad Kubernetes version '$k8s' (want v1.N.M)"; exit 2; }
-    [[ "$etcd" =~ ^v3\.[0-9]+\.[0-9]+$ ]] || { log "bad etcd version '$etcd' (want v3.N.M)"; exit 2; }
     minor="v0.${BASH_REMATCH[1]}.${BASH_REMATCH[2]}"
+    [[ "$etcd" =~ ^v3\.[0-9]+\.[0-9]+$ ]] || { log "bad etcd version '$etcd' (want v3.N.M)"; exit 2; }
     # The upstream go.mod lists every staging module in its replace block.
     upstream="$(cd "$MOD" && go mod download -json "k8s.io/kubernetes@$k8s" | sed -n 's/^\s*"GoMod": "\(.*\)",\?$/\1/p')"
     [ -f "$upstream" ] || { log "could not fetch go.mod of k8s.io/kubernetes@$k8s"; exit 1; }
