@@ -97,7 +97,8 @@ trap 'rm -rf "$TMP"' EXIT
 
 export CGO_ENABLED=0
 export GOMAXPROCS="${GOMAXPROCS:-2}"
-export GOFLAGS="${GOFLAGS:-} -mod=readonly"
+# -buildvcs=false: the binaries must not depend on the state of the clone (reproducible).
+export GOFLAGS="${GOFLAGS:-} -mod=readonly -buildvcs=false"
 NICE=(nice -n 15)
 
 minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
