@@ -43,8 +43,11 @@ cleanup() {
     [ -n "${CTR_PID:-}" ] && wait "$CTR_PID" 2>/dev/null
     rm -rf "$WORK"
     # runc removes the container's own cgroup but leaves the empty parents it created.
-    for d in /sys/fs/cgroup/*/kubepods/besteffort/pod"${POD_UID:-none}" /sys/fs/cgroup/unified/kubepods/besteffort/pod"${POD_UID:-none}"; do
-        [ -d "$d" ] && rmdir "$d" 2>/dev/null
+    # rmdir only removes empty directories, so a concurrent user of these paths is safe.
+    for c in /sys/fs/cgroup/*/ /sys/fs/cgroup/unified/; do
+        for d in "kubepods/besteffort/pod${POD_UID:-none}" kubepods/besteffort kubepods "$NS"; do
+            [ -d "$c$d" ] && rmdir "$c$d" 2>/dev/null
+        done
     done
     "${CTR[@]}" namespaces rm "$NS" >/dev/null 2>&1 || true
     [ "$started_here" = 1 ] && "$ROOT/scripts/containerd.sh" stop
