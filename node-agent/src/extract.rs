@@ -174,6 +174,60 @@ fn describe(elf: &ElfFile, f: &Symbol, r: &CodeRef) -> String {
 
 fn describe_addr(elf: &ElfFile, t: u64) -> String {
     if let Some(s) = elf.symbol_at(t) {
+        if s.kind == SymKind::Func {
+            return format!("fn:{}+{}", s.key(), t - s.addr);
+        }
+        // Read-only objects are compared by content (a lookup table of strings that changed
+        // is a change); writable ones are state and compared by name.
+        let ro = elf.sections.get(s.shndx).is_some_and(|x| !x.is_writable() && x.has_bits());
+        return if ro { format!("obj:{}+{}:{}", s.key(), t - s.addr, ro_fingerprint(elf, s)) } else { format!("obj:{}+{}", s.key(), t - s.addr) };
+    }
+    describe_leaf(elf, t)
+}
+
+/// Pointer words inside read-only data of a non-PIE file (PIE files keep such data in
+/// writable, relocated sections): 8-byte aligned values inside the image.
+fn pointer_words(elf: &ElfFile, lo: u64, hi: u64) -> Vec<(u64, u64)> {
+    if elf.pie || !elf.relocs.is_empty() {
+        return Vec::new();
+    }
+    let (ilo, ihi) = elf.image_range();
+    let mut out = Vec::new();
+    let mut a = lo.div_ceil(8) * 8;
+    while a + 8 <= hi {
+        if let Some(w) = elf.read(a, 8) {
+            let v = u64::from_le_bytes(w.try_into().unwrap());
+            if v >= ilo && v < ihi {
+                out.push((a, v));
+            }
+        }
+        a += 8;
+    }
+    out
+}
+
+/// Content of a read-only object with its pointer words replaced by what they point at.
+fn ro_fingerprint(elf: &ElfFile, s: &Symbol) -> String {
+    let bytes = elf.read(s.addr, s.size as usize).unwrap_or(&[]);
+    let mut h = Sha256::new();
+    let ptrs = pointer_words(elf, s.addr, s.end());
+    let mut i = 0usize;
+    while i < bytes.len() {
+        let a = s.addr + i as u64;
+        if let Some((_, v)) = ptrs.iter().find(|(p, _)| *p == a) {
+            h.update(describe_leaf(elf, *v).as_bytes());
+            i += 8;
+        } else {
+            h.update([bytes[i]]);
+            i += 1;
+        }
+    }
+    hex::encode(&h.finalize()[..8])
+}
+
+/// What an address is, without looking into objects (no recursion).
+fn describe_leaf(elf: &ElfFile, t: u64) -> String {
+    if let Some(s) = elf.symbol_at(t) {
         return format!("{}:{}+{}", if s.kind == SymKind::Func { "fn" } else { "obj" }, s.key(), t - s.addr);
     }
     match elf.section_at(t) {
@@ -562,11 +616,15 @@ impl<'a> Builder<'a> {
                     }
                     // Read-only: bind to OLD's copy when identical, else carry NEW's.
                     if let Some(os) = os {
-                        if os.size == s.size && self.old.read(os.addr, os.size as usize) == new.read(s.addr, s.size as usize) && !holds_addresses(new, s) {
+                        if os.size == s.size && ro_fingerprint(self.old, os) == ro_fingerprint(new, s) && !holds_addresses(new, s) {
                             return Ok(Target::Old { svma: os.addr + off, name: s.name.clone() });
                         }
                     }
                     self.carry(s.addr, s.end().max(s.addr + 1), who)?;
+                    for (at, v) in pointer_words(new, s.addr, s.end()) {
+                        let target = self.classify_addr(v, from, &format!("table `{}`", s.name))?;
+                        self.fixups.push(Fixup { at, kind: RefKind::Abs64, next_ip: 0, addend: 0, target });
+                    }
                     return Ok(Target::Mirror { svma: t });
                 }
             }
