@@ -306,6 +306,123 @@ impl Stopped {
         Ok(v)
     }
 
+    /// Every thread is stopped again from now on: the pause starts over.
+    pub fn restart_clock(&mut self) {
+        self.since = Instant::now();
+    }
+
+    pub fn is_stopped(&self, tid: i32) -> bool {
+        self.threads.get(&tid).is_some_and(|t| t.stopped)
+    }
+
+    /// Let one stopped thread run (delivering a signal that arrived meanwhile).
+    pub fn resume(&mut self, tid: i32) -> Result<()> {
+        let Some(t) = self.threads.get_mut(&tid) else { return Ok(()) };
+        let sig = t.pending.take();
+        match ptrace::cont(pid(tid), sig) {
+            Ok(()) => {
+                t.stopped = false;
+                Ok(())
+            }
+            Err(Errno::ESRCH) => {
+                self.threads.remove(&tid);
+                Ok(())
+            }
+            Err(e) => Err(Error::ptrace("cont", tid, e)),
+        }
+    }
+
+    /// Let a stopped thread run with a signal (one of the target's own).
+    pub fn resume_with(&mut self, tid: i32, sig: Signal) -> Result<()> {
+        if let Some(t) = self.threads.get_mut(&tid) {
+            t.pending = Some(sig);
+        }
+        self.resume(tid)
+    }
+
+    /// Execute exactly one instruction of a stopped thread.
+    pub fn single_step(&mut self, tid: i32) -> Result<()> {
+        for _ in 0..16 {
+            match self.run_until_stop(tid, true)? {
+                WaitStatus::Stopped(_, Signal::SIGTRAP) => return Ok(()),
+                WaitStatus::Stopped(_, sig) => {
+                    // A signal came first: keep it for later, and step again.
+                    self.threads.entry(tid).or_default().pending = Some(sig);
+                }
+                _ => {}
+            }
+        }
+        Err(Error::Process { pid: self.pid, msg: format!("thread {tid} would not single-step") })
+    }
+
+    /// Stop every running thread again (and any new ones).
+    pub fn stop_running(&mut self, timeout: Duration) -> Result<()> {
+        let running: Vec<i32> = self.threads.iter().filter(|(_, t)| !t.stopped).map(|(k, _)| *k).collect();
+        for tid in running {
+            match ptrace::interrupt(pid(tid)) {
+                Ok(()) | Err(Errno::ESRCH) => {}
+                Err(e) => return Err(Error::ptrace("interrupt", tid, e)),
+            }
+        }
+        let t0 = Instant::now();
+        self.wait_stopped(t0 + timeout)?;
+        self.since = t0;
+        Ok(())
+    }
+
+    /// The next stop of any of our threads, waiting at most until `deadline`. New threads
+    /// (clone events) are adopted; exits are recorded. Returns the thread and its status.
+    pub fn next_event(&mut self, deadline: Instant) -> Result<Option<(i32, WaitStatus)>> {
+        let mut spins = 0u32;
+        loop {
+            // __WNOTHREAD: only this thread's tracees (another session may run on another thread).
+            match waitpid(None, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG | WaitPidFlag::__WNOTHREAD)) {
+                Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => {}
+                Err(Errno::ECHILD) => {
+                    if self.threads.is_empty() {
+                        return Err(Error::Process { pid: self.pid, msg: "exited during the operation".into() });
+                    }
+                }
+                Err(e) => return Err(Error::ptrace("wait", self.pid, e)),
+                Ok(st) => {
+                    let Some(p) = st.pid() else { continue };
+                    let tid = p.as_raw();
+                    match st {
+                        WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
+                            self.threads.remove(&tid);
+                            if self.threads.is_empty() {
+                                return Err(Error::Process { pid: self.pid, msg: "exited during the operation".into() });
+                            }
+                        }
+                        WaitStatus::PtraceEvent(_, _, ev) if ev == libc::PTRACE_EVENT_CLONE => {
+                            if let Ok(child) = ptrace::getevent(pid(tid)) {
+                                self.threads.entry(child as i32).or_default();
+                            }
+                            self.threads.entry(tid).or_default().stopped = true;
+                        }
+                        WaitStatus::PtraceEvent(_, _, ev) if ev == libc::PTRACE_EVENT_EXEC => {
+                            self.threads.entry(tid).or_default().stopped = true;
+                            return Err(Error::Process { pid: self.pid, msg: "called exec during the operation; it runs another program now".into() });
+                        }
+                        _ => {
+                            self.threads.entry(tid).or_default().stopped = true;
+                        }
+                    }
+                    return Ok(Some((tid, st)));
+                }
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            spins += 1;
+            if spins < 100 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(if spins < 2000 { 20 } else { 200 }));
+            }
+        }
+    }
+
     /// Resume everything now (consumes the guard).
     pub fn detach(mut self) {
         self.detach_all();

@@ -74,12 +74,23 @@ pub fn revert(pid: i32, all: bool, strategy: Strategy, timeout: Duration) -> Res
         .collect();
     let modules = Modules::load(pid, &maps, &mem);
     let view = View { proc: &proc, mem: &mem, maps: &maps, modules: &modules };
-    let _ = strategy; // reverting waits on the region's code; see docs/architecture.md
-    let w = watchpoint::wait_inactive(&view, &guarded, timeout)?;
+    // A thread that reaches an entry now is held there and, once the old bytes are back, runs
+    // the code the entry had before this patch.
+    let entries: Vec<crate::region::Entry> = removing.iter().flat_map(|a| a.header.entries.iter().cloned()).collect();
+    let (stopped, attempts) = match strategy {
+        Strategy::Wait => {
+            let w = watchpoint::wait_inactive(&view, &guarded, timeout)?;
+            (w.stopped, w.attempts)
+        }
+        Strategy::Trap => {
+            let w = watchpoint::trap::trap_inactive(&view, &guarded, &entries, timeout)?;
+            (w.stopped, w.attempts)
+        }
+    };
     let jumps = Jumps::write(&mem, &sites)?;
     jumps.commit();
-    let since = w.stopped.since();
-    w.stopped.detach();
+    let since = stopped.since();
+    stopped.detach();
     let pause_us = since.elapsed().as_micros() as u64;
     let mut reverted = Vec::new();
     for a in &removing {
@@ -88,5 +99,5 @@ pub fn revert(pid: i32, all: bool, strategy: Strategy, timeout: Duration) -> Res
         }
         reverted.push(a.header.patch_id.clone());
     }
-    Ok(Report { pid, reverted, functions, pause_us, attempts: w.attempts, remaining: live.len() - removing.len(), total_ms: t0.elapsed().as_millis() as u64 })
+    Ok(Report { pid, reverted, functions, pause_us, attempts, remaining: live.len() - removing.len(), total_ms: t0.elapsed().as_millis() as u64 })
 }

@@ -123,6 +123,8 @@ fn map_file(pid: i32, maps: &[Mapping], path: &str) -> PathBuf {
 pub struct Stack {
     /// Program counters, innermost first (return addresses for callers).
     pub pcs: Vec<u64>,
+    /// `cfas[i]`: the stack pointer once frame `i` has returned to `pcs[i + 1]`.
+    pub cfas: Vec<u64>,
     /// Words of the stack that may be return addresses (where unwinding gave up).
     pub scanned: Vec<u64>,
     /// Why unwinding stopped early, if it did.
@@ -164,6 +166,7 @@ pub fn unwind(regs: &Regs, modules: &Modules, mem: &dyn MemoryReader, maps: &[Ma
                     break;
                 }
                 prev_cfa = cfa;
+                stack.cfas.push(cfa);
                 match r[RA] {
                     Some(0) | None => return stack,
                     Some(ra) => stack.pcs.push(ra),

@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 #[serde(rename_all = "lowercase")]
 pub enum Strategy {
     /// Stop, check the stacks, resume and retry with backoff.
-    #[default]
     Wait,
     /// Breakpoints on the entries and on active frames' return addresses.
+    #[default]
     Trap,
 }
 

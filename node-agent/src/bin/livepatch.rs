@@ -51,7 +51,7 @@ enum Cmd {
         pid: i32,
         bundle: PathBuf,
         /// How to wait until the old code is not active: trap (breakpoints) or wait (poll stacks).
-        #[arg(long, default_value = "wait")]
+        #[arg(long, default_value = "trap")]
         strategy: Strategy,
         /// Give up (exit 4, target unchanged) when the old code stays active this long.
         #[arg(long, default_value_t = 30.0)]
@@ -72,6 +72,9 @@ enum Cmd {
         pid: i32,
         #[arg(long)]
         all: bool,
+        /// How to wait until the patch's code is not active (as for apply).
+        #[arg(long, default_value = "trap")]
+        strategy: Strategy,
         #[arg(long, default_value_t = 30.0)]
         timeout: f64,
         #[arg(long)]
@@ -187,8 +190,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Cmd::Revert { pid, all, timeout, json } => {
-            let r = livepatch::revert::revert(pid, all, Strategy::Wait, secs(timeout)?)?;
+        Cmd::Revert { pid, all, strategy, timeout, json } => {
+            let r = livepatch::revert::revert(pid, all, strategy, secs(timeout)?)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {

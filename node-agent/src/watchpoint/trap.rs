@@ -1,9 +1,25 @@
-//! The `trap` strategy (breakpoints on entries and return addresses).
-use super::{Guarded, View};
+//! The `trap` strategy: a watched area on the old code.
+//!
+//! Instead of stopping the process again and again to poll its stacks, put execute
+//! breakpoints on the old entries (a thread that reaches one is held there: it has not entered
+//! the old code, so it is no activation) and on the return address of the outermost old frame
+//! of every thread that is inside old code (so we learn the moment it leaves). Hardware debug
+//! registers (DR0-DR3, per thread, set in new threads as they appear) when four are enough,
+//! else `int3` bytes with the original byte kept. When no activation is left, every thread is
+//! stopped, the stacks are checked once more with a full unwind, and the caller writes the
+//! jumps; held threads are moved straight to the new code. Every breakpoint is removed on
+//! every path.
+use super::{find_activation, Activation, Guarded, View};
+use crate::arch::x86_64::{debugreg_offset, dr7_execute, HW_BREAKPOINTS, INT3};
 use crate::error::{Error, Result};
+use crate::process::MemoryReader;
 use crate::ptrace::Stopped;
 use crate::region::Entry;
-use std::time::Duration;
+use crate::unwind;
+use nix::sys::signal::Signal;
+use nix::sys::wait::WaitStatus;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
 
 pub struct Trapped {
     pub stopped: Stopped,
@@ -11,10 +27,276 @@ pub struct Trapped {
     pub waited: Duration,
 }
 
-pub fn trap_inactive(_v: &View, _guarded: &[Guarded], _entries: &[Entry], _timeout: Duration) -> Result<Trapped> {
-    Err(Error::Other("the trap strategy is not available yet; use --strategy wait".into()))
+/// Where a thread inside old code will come back out.
+#[derive(Debug, Clone, Copy)]
+struct Exit {
+    /// Return address of the outermost old frame.
+    ret: u64,
+    /// Stack pointer once that frame has returned.
+    sp: u64,
 }
 
-pub fn move_held_threads(_stopped: &Stopped, _entries: &[Entry]) -> Result<()> {
+/// The breakpoints of one round.
+struct Breakpoints {
+    addrs: Vec<u64>,
+    hardware: bool,
+    /// int3 sites: address -> original byte.
+    saved: BTreeMap<u64, u8>,
+    /// Threads whose debug registers hold our breakpoints.
+    armed: BTreeSet<i32>,
+}
+
+impl Breakpoints {
+    fn new(addrs: Vec<u64>) -> Self {
+        let hardware = addrs.len() <= HW_BREAKPOINTS;
+        Breakpoints { addrs, hardware, saved: BTreeMap::new(), armed: BTreeSet::new() }
+    }
+
+    fn arm_all(&mut self, v: &View, s: &Stopped) -> Result<()> {
+        if self.hardware {
+            for tid in s.tids() {
+                self.arm_thread(s, tid)?;
+            }
+        } else {
+            for &a in &self.addrs {
+                if self.saved.contains_key(&a) {
+                    continue;
+                }
+                let orig = v.mem.read_vec(a, 1)?[0];
+                v.mem.write(a, &[INT3])?;
+                self.saved.insert(a, orig);
+            }
+        }
+        Ok(())
+    }
+
+    fn arm_thread(&mut self, s: &Stopped, tid: i32) -> Result<()> {
+        if !self.hardware {
+            return Ok(());
+        }
+        for (i, a) in self.addrs.iter().enumerate() {
+            s.poke_user(tid, debugreg_offset(i), *a)?;
+        }
+        let slots: Vec<usize> = (0..self.addrs.len()).collect();
+        s.poke_user(tid, debugreg_offset(7), dr7_execute(&slots))?;
+        self.armed.insert(tid);
+        Ok(())
+    }
+
+    fn disarm_thread(&mut self, s: &Stopped, tid: i32) {
+        if self.armed.remove(&tid) {
+            let _ = s.poke_user(tid, debugreg_offset(7), 0);
+            for i in 0..self.addrs.len() {
+                let _ = s.poke_user(tid, debugreg_offset(i), 0);
+            }
+            let _ = s.poke_user(tid, debugreg_offset(6), 0);
+        }
+    }
+
+    /// Remove everything (threads must be stopped).
+    fn disarm_all(&mut self, v: &View, s: &Stopped) -> Result<()> {
+        for tid in self.armed.clone() {
+            self.disarm_thread(s, tid);
+        }
+        let mut first_err = None;
+        for (a, orig) in std::mem::take(&mut self.saved) {
+            if let Err(e) = v.mem.write(a, &[orig]) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Which of our breakpoints a SIGTRAP stop of `tid` is; rewinds rip past an int3.
+    fn hit(&self, s: &Stopped, tid: i32) -> Result<Option<u64>> {
+        let mut regs = s.regs(tid)?;
+        if self.hardware {
+            let dr6 = s.peek_user(tid, debugreg_offset(6)).unwrap_or(0);
+            let _ = s.poke_user(tid, debugreg_offset(6), 0);
+            let idx = (0..self.addrs.len()).find(|i| dr6 & (1 << i) != 0);
+            return Ok(idx.map(|i| self.addrs[i]).filter(|a| *a == regs.rip));
+        }
+        let a = regs.rip.wrapping_sub(1);
+        if self.saved.contains_key(&a) {
+            regs.rip = a;
+            s.set_regs(tid, regs)?;
+            return Ok(Some(a));
+        }
+        Ok(None)
+    }
+
+    /// Run `tid` past the breakpoint it stands on, then let it go.
+    fn step_over(&mut self, v: &View, s: &mut Stopped, tid: i32, at: u64) -> Result<()> {
+        if self.hardware {
+            let _ = s.poke_user(tid, debugreg_offset(7), 0);
+            s.single_step(tid)?;
+            let slots: Vec<usize> = (0..self.addrs.len()).collect();
+            s.poke_user(tid, debugreg_offset(7), dr7_execute(&slots))?;
+        } else if let Some(orig) = self.saved.get(&at).copied() {
+            // Other threads run meanwhile and may pass the site untrapped; the final full
+            // stack check catches anything that slipped in.
+            v.mem.write(at, &[orig])?;
+            let r = s.single_step(tid);
+            v.mem.write(at, &[INT3])?;
+            r?;
+        }
+        s.resume(tid)
+    }
+}
+
+/// Threads inside guarded code and where each will come out (None: cannot tell).
+fn activations(v: &View, s: &Stopped, guarded: &[Guarded]) -> Result<(BTreeMap<i32, Option<Exit>>, Option<Activation>)> {
+    let mut out = BTreeMap::new();
+    let mut first = None;
+    for tid in s.tids() {
+        let regs = s.regs(tid)?;
+        let st = unwind::unwind(&regs, v.modules, v.mem, v.maps);
+        let in_guarded = |pc: u64, i: usize| {
+            guarded.iter().any(|g| if i == 0 { pc >= g.start && pc < g.end && pc != g.start } else { pc > g.start && pc <= g.end })
+        };
+        let deepest_out = st.pcs.iter().enumerate().filter(|(i, pc)| in_guarded(**pc, *i)).map(|(i, _)| i).max();
+        let scanned_hit = st.scanned.iter().any(|w| guarded.iter().any(|g| *w > g.start && *w <= g.end));
+        if deepest_out.is_none() && !scanned_hit {
+            continue;
+        }
+        let exit = match deepest_out {
+            Some(i) if !scanned_hit && i + 1 < st.pcs.len() && i < st.cfas.len() => Some(Exit { ret: st.pcs[i + 1], sp: st.cfas[i] }),
+            _ => None,
+        };
+        if first.is_none() {
+            first = find_activation_of(v, tid, &st, guarded);
+        }
+        out.insert(tid, exit);
+    }
+    Ok((out, first))
+}
+
+fn find_activation_of(v: &View, tid: i32, st: &unwind::Stack, guarded: &[Guarded]) -> Option<Activation> {
+    guarded.iter().find_map(|g| {
+        st.touches(g.start, g.end).map(|pc| Activation {
+            tid,
+            thread: v.proc.thread_name(tid),
+            function: g.name.clone(),
+            pc,
+            depth: st.pcs.iter().position(|p| *p == pc).unwrap_or(0),
+        })
+    })
+}
+
+/// Wait, with breakpoints, until no thread is inside guarded code. Returns with every thread
+/// stopped (threads that reached an entry are held there) and no breakpoint left.
+pub fn trap_inactive(v: &View, guarded: &[Guarded], entries: &[Entry], timeout: Duration) -> Result<Trapped> {
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let entry_addrs: BTreeSet<u64> = entries.iter().map(|e| e.entry).collect();
+    let mut s = Stopped::all(v.proc, Duration::from_secs(10))?;
+    let mut held: BTreeSet<i32> = BTreeSet::new();
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let (mut active, first) = activations(v, &s, guarded)?;
+        if active.is_empty() {
+            // Re-check with the exact rule used by the wait strategy.
+            match find_activation(v, &s, guarded)? {
+                None => return Ok(Trapped { stopped: s, attempts, waited: start.elapsed() }),
+                Some(a) => {
+                    active.insert(a.tid, None); // follow it by polling
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            let a = first.or_else(|| find_activation(v, &s, guarded).ok().flatten());
+            return Err(match a {
+                Some(a) => super::blocked(&a, timeout),
+                None => Error::Blocked(format!("old code stayed active for {:.1} s; the target is unchanged", timeout.as_secs_f64())),
+            });
+        }
+        // Held threads stay where they are; everyone else runs with the breakpoints armed.
+        let mut addrs: Vec<u64> = entry_addrs.iter().copied().collect();
+        for e in active.values().flatten() {
+            if !addrs.contains(&e.ret) {
+                addrs.push(e.ret);
+            }
+        }
+        let poll = active.values().any(|e| e.is_none());
+        let mut bps = Breakpoints::new(addrs);
+        let round = run_round(v, &mut s, &mut bps, &mut active, &mut held, &entry_addrs, deadline, poll);
+        // Whatever happened: every thread stopped, every breakpoint gone.
+        let stop = s.stop_running(Duration::from_secs(10));
+        let disarm = bps.disarm_all(v, &s);
+        round?;
+        stop?;
+        disarm?;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_round(
+    v: &View,
+    s: &mut Stopped,
+    bps: &mut Breakpoints,
+    active: &mut BTreeMap<i32, Option<Exit>>,
+    held: &mut BTreeSet<i32>,
+    entries: &BTreeSet<u64>,
+    deadline: Instant,
+    poll: bool,
+) -> Result<()> {
+    bps.arm_all(v, s)?;
+    for tid in s.tids() {
+        if !held.contains(&tid) {
+            s.resume(tid)?;
+        }
+    }
+    // Threads we cannot follow (no unwind information) are re-checked by polling.
+    let round_end = if poll { (Instant::now() + Duration::from_millis(20)).min(deadline) } else { deadline };
+    while !active.is_empty() {
+        let Some((tid, st)) = s.next_event(round_end)? else { break };
+        match st {
+            WaitStatus::Stopped(_, Signal::SIGTRAP) => {
+                let Some(at) = bps.hit(s, tid)? else {
+                    // Not ours: the target's own trap.
+                    s.resume_with(tid, Signal::SIGTRAP)?;
+                    continue;
+                };
+                if entries.contains(&at) && !active.contains_key(&tid) {
+                    held.insert(tid); // about to enter old code: keep it here
+                    continue;
+                }
+                if let Some(Some(exit)) = active.get(&tid) {
+                    let regs = s.regs(tid)?;
+                    if at == exit.ret && regs.rsp >= exit.sp {
+                        active.remove(&tid); // left the old code
+                    }
+                }
+                bps.step_over(v, s, tid, at)?;
+            }
+            WaitStatus::Stopped(_, sig) => s.resume_with(tid, sig)?,
+            WaitStatus::PtraceEvent(..) => {
+                // A new thread (or a clone event of its parent): give it the breakpoints.
+                if bps.hardware && !bps.armed.contains(&tid) {
+                    bps.arm_thread(s, tid)?;
+                }
+                s.resume(tid)?;
+            }
+            WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
+                active.remove(&tid);
+                held.remove(&tid);
+            }
+            _ => s.resume(tid)?,
+        }
+    }
+    Ok(())
+}
+
+/// Move threads held at an old entry straight to the new code (the jump is written, so this
+/// only saves them one instruction; it also keeps them off the old bytes entirely).
+pub fn move_held_threads(s: &Stopped, entries: &[Entry]) -> Result<()> {
+    for tid in s.tids() {
+        let mut r = s.regs(tid)?;
+        if let Some(e) = entries.iter().find(|e| e.entry == r.rip) {
+            r.rip = e.target;
+            s.set_regs(tid, r)?;
+        }
+    }
     Ok(())
 }
