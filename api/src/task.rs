@@ -8,6 +8,8 @@ use crate::common::{PatchBundle, Strategy, TargetExecutable};
 
 /// The work for one target pod. Written by the operator (owned by the LivePatch, labelled
 /// `livepatch.dev/node=<node>`); its status is written only by the node agent of that node.
+// clippy reads the repeated `type_ = "string"` of the printer columns as duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "livepatch.dev",

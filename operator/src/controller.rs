@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use futures::{Future, StreamExt};
 use k8s_openapi::{
-    api::core::v1::{Node, Pod},
+    api::core::v1::{Node, ObjectReference, Pod},
     jiff::Timestamp,
 };
 use kube::{
@@ -152,6 +152,11 @@ async fn apply(lp: &LivePatch, ctx: &Context) -> Result<Action, Error> {
     };
     execute(lp, ctx, &plan).await?;
     let c = &plan.status.counts;
+    let changed = !plan.apply.is_empty() || !plan.delete.is_empty() || lp.status.as_ref() != Some(&plan.status);
+    if !changed {
+        debug!(targets = c.targets, patched = c.patched, pending = c.pending, "reconciled: nothing to change");
+        return Ok(Action::requeue(ctx.resync));
+    }
     info!(targets = c.targets, patched = c.patched, pending = c.pending, failed = c.failed, blocked = c.blocked,
         restart_required = c.restart_required, applied = plan.apply.len(), deleted = plan.delete.len(), "reconciled");
     Ok(Action::requeue(ctx.resync))
@@ -257,7 +262,14 @@ async fn execute(lp: &LivePatch, ctx: &Context, plan: &Plan) -> Result<(), Error
             reason: note.reason.clone(),
             note: Some(truncate(&note.note, 1000)),
             action: note.action.clone(),
-            secondary: None,
+            secondary: note.pod.as_ref().map(|(pod, uid)| ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: Some(pod.clone()),
+                namespace: Some(ns.clone()),
+                uid: Some(uid.clone()),
+                ..ObjectReference::default()
+            }),
         };
         if let Err(e) = ctx.recorder.publish(&event, &reference).await {
             warn!(reason = %note.reason, error = %e, "could not record event");

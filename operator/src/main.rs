@@ -158,9 +158,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Err(e) = &result {
         error!(error = %e, "operator failed");
     }
-    match http.now_or_never() {
-        Some(Ok(Err(e))) => error!(error = %e, "metrics server failed"),
-        _ => {}
+    if let Some(Ok(Err(e))) = http.now_or_never() {
+        error!(error = %e, "metrics server failed");
     }
     result
 }

@@ -49,14 +49,19 @@ pub struct Note {
     /// What the operator did, e.g. `Dispatch`.
     pub action: String,
     pub note: String,
+    /// The pod the event is about (name, uid): recorded as the event's `related` object.
+    pub pod: Option<(String, String)>,
 }
 
 impl Note {
     fn normal(reason: &str, action: &str, note: impl Into<String>) -> Self {
-        Self { warning: false, reason: reason.into(), action: action.into(), note: note.into() }
+        Self { warning: false, reason: reason.into(), action: action.into(), note: note.into(), pod: None }
     }
     fn warning(reason: &str, action: &str, note: impl Into<String>) -> Self {
-        Self { warning: true, reason: reason.into(), action: action.into(), note: note.into() }
+        Self { warning: true, ..Self::normal(reason, action, note) }
+    }
+    fn about(self, spec: &LivePatchTaskSpec) -> Self {
+        Self { pod: Some((spec.pod_name.clone(), spec.pod_uid.clone())), ..self }
     }
 }
 
@@ -277,27 +282,23 @@ pub fn plan_apply(lp: &LivePatch, observed: &Observed, now: Timestamp) -> Plan {
     // The rollout limit: start as many as there are free slots.
     let max = usize::try_from(lp.spec.rollout.max_concurrent.max(1)).unwrap_or(1);
     let slots = max.saturating_sub(in_flight_count);
-    let mut dispatched = vec![];
     for (i, (task, existing)) in candidates.into_iter().enumerate() {
         if i >= slots {
             tally.waiting_for_slot += 1;
             continue;
         }
         match existing {
-            None => dispatched.push(task.spec.pod_name.clone()),
+            None => plan.notes.push(
+                Note::normal(
+                    "Dispatched",
+                    "Dispatch",
+                    format!("dispatched the patch to pod {} on node {}", task.spec.pod_name, task.spec.node_name),
+                )
+                .about(&task.spec),
+            ),
             Some(old) => plan.notes.extend(redispatch_note(old, &task.spec)),
         }
         plan.apply.push(task);
-    }
-    if !dispatched.is_empty() {
-        plan.notes.insert(
-            0,
-            Note::normal(
-                "Dispatched",
-                "Dispatch",
-                format!("dispatched the patch to {} pod(s): {}", dispatched.len(), list(&dispatched)),
-            ),
-        );
     }
 
     // Tasks no pod claims: their pod is gone (delete) or no longer a target (revert, then delete).
@@ -310,11 +311,14 @@ pub fn plan_apply(lp: &LivePatch, observed: &Observed, now: Timestamp) -> Plan {
         } else {
             tally.reverting += 1;
             if task.spec.action != TaskAction::Revert {
-                plan.notes.push(Note::normal(
-                    "RevertingTarget",
-                    "Revert",
-                    format!("pod {} is no longer a target: reverting the patch there", task.spec.pod_name),
-                ));
+                plan.notes.push(
+                    Note::normal(
+                        "RevertingTarget",
+                        "Revert",
+                        format!("pod {} is no longer a target: reverting the patch there", task.spec.pod_name),
+                    )
+                    .about(&task.spec),
+                );
                 plan.apply.push(revert_of(lp, task));
             }
         }
@@ -326,24 +330,25 @@ pub fn plan_apply(lp: &LivePatch, observed: &Observed, now: Timestamp) -> Plan {
 }
 
 fn redispatch_note(old: &LivePatchTask, new: &LivePatchTaskSpec) -> Option<Note> {
-    if old.spec.pod_uid == new.pod_uid && old.spec.container_id != new.container_id {
-        Some(Note::normal(
+    let note = if old.spec.pod_uid == new.pod_uid && old.spec.container_id != new.container_id {
+        Note::normal(
             "Redispatched",
             "Dispatch",
             format!(
                 "container {} of pod {} restarted (new container id): dispatching the patch again",
                 new.container_name, new.pod_name
             ),
-        ))
+        )
     } else if old.spec.pod_uid != new.pod_uid {
-        Some(Note::normal(
+        Note::normal(
             "Redispatched",
             "Dispatch",
             format!("pod {} was recreated: dispatching the patch again", new.pod_name),
-        ))
+        )
     } else {
-        None
-    }
+        return None;
+    };
+    Some(note.about(new))
 }
 
 fn apply_status(lp: &LivePatch, tally: Tally, now: &Timestamp) -> LivePatchStatus {
@@ -610,7 +615,7 @@ pub fn transition_notes(old: Option<&LivePatchStatus>, new: &LivePatchStatus) ->
     notes
 }
 
-/// "a, b, c, d, e and 3 more"
+/// "a; b; c; d; e; and 3 more"
 fn list(items: &[String]) -> String {
     if items.len() <= LISTED {
         items.join("; ")

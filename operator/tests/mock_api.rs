@@ -273,7 +273,8 @@ async fn apply_creates_tasks_with_server_side_apply_and_writes_the_status() {
         })
     );
     let event = expect_event(&mut handle, "Dispatched", "Normal").await;
-    assert_eq!(event["note"], "dispatched the patch to 1 pod(s): cart-a");
+    assert_eq!(event["note"], "dispatched the patch to pod cart-a on node node-1");
+    assert_eq!(event["related"], json!({"apiVersion": "v1", "kind": "Pod", "name": "cart-a", "namespace": "shop", "uid": "uid-cart-a"}));
     assert_eq!(event["action"], "Dispatch");
 
     let action = finish(run, &mut handle).await.expect("reconcile succeeds");

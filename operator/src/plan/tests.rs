@@ -166,8 +166,9 @@ fn create_dispatches_within_the_rollout_limit() {
     let mut w = World::new(2, three_pods());
     let plan = w.reconcile();
     assert_eq!(applied_pods(&plan), ["cart-a", "cart-b"]);
-    assert_eq!(reasons(&plan), ["Dispatched"]);
-    assert!(plan.notes[0].note.contains("cart-a") && plan.notes[0].note.contains("cart-b"));
+    assert_eq!(reasons(&plan), ["Dispatched", "Dispatched"]);
+    assert_eq!(plan.notes[0].note, "dispatched the patch to pod cart-a on node node-1");
+    assert_eq!(plan.notes[1].pod, Some(("cart-b".to_string(), "uid-cart-b".to_string())));
 
     let task = w.task("cart-a");
     assert_eq!(task.spec.container_name, "cart");
