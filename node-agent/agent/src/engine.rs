@@ -1,0 +1,192 @@
+//! The engine calls of one process, each run on one blocking thread from the first check to the
+//! last ptrace detach, and what came of them.
+//!
+//! The engine sits behind the [`Engine`] trait so the controller is tested against a fake one
+//! (the mock-API tests) and runs the real one ([`LiveEngine`]) everywhere else.
+
+use std::time::{Duration, Instant};
+
+use livepatch::{apply, bundle::Bundle, revert, status, watchpoint::Strategy};
+
+use crate::discovery::{Discovery, Query, Target};
+
+/// The engine operations the agent uses (synchronous: call them on a blocking thread).
+pub trait Engine: Send + Sync + 'static {
+    fn status(&self, pid: i32) -> livepatch::Result<status::Status>;
+    fn apply(&self, pid: i32, bundle: &Bundle, opts: &apply::Options) -> livepatch::Result<apply::Report>;
+    /// Remove the newest patch of the process.
+    fn revert_newest(&self, pid: i32, strategy: Strategy, timeout: Duration) -> livepatch::Result<revert::Report>;
+}
+
+/// The real engine: ptrace on the processes of this host.
+pub struct LiveEngine;
+
+impl Engine for LiveEngine {
+    fn status(&self, pid: i32) -> livepatch::Result<status::Status> {
+        status::status(pid)
+    }
+    fn apply(&self, pid: i32, bundle: &Bundle, opts: &apply::Options) -> livepatch::Result<apply::Report> {
+        apply::apply(pid, bundle, opts)
+    }
+    fn revert_newest(&self, pid: i32, strategy: Strategy, timeout: Duration) -> livepatch::Result<revert::Report> {
+        revert::revert(pid, false, strategy, timeout)
+    }
+}
+
+/// Classified engine failure.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// CamelCase reason for the task status.
+    pub reason: &'static str,
+    /// The `kind` label of `livepatch_agent_errors_total`.
+    pub kind: &'static str,
+    pub message: String,
+    /// An offline restart gets the fix (the engine's `restart_required`).
+    pub restart_required: bool,
+    /// Trying again later may succeed.
+    pub retryable: bool,
+}
+
+impl Failure {
+    pub fn of(e: &livepatch::Error) -> Self {
+        use livepatch::Error as E;
+        let message = e.to_string();
+        let (reason, kind, retryable) = match e {
+            E::BuildIdMismatch { .. } => ("BuildIDMismatch", "build_id_mismatch", false),
+            E::Blocked(_) => ("ProcedureActive", "engine_blocked", true),
+            E::Refused { restart_required: true, reason } if reason.contains("data layout") => ("DataLayoutChanged", "engine_refused", false),
+            E::Refused { restart_required: true, .. } => ("LiveUpdateRefused", "engine_refused", false),
+            E::Refused { restart_required: false, .. } => ("BundleDoesNotFit", "engine_refused", false),
+            E::Ptrace { errno: nix_errno, .. } if *nix_errno as i32 == libc::EPERM => ("PermissionDenied", "permission", false),
+            E::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => ("PermissionDenied", "permission", false),
+            E::Process { .. } => ("ProcessError", "engine_other", true),
+            E::Bundle(_) | E::Elf { .. } => ("BundleInvalid", "engine_other", false),
+            _ => ("EngineError", "engine_other", true),
+        };
+        let message = if kind == "permission" && !message.contains("securityContext") {
+            format!("{message} (the agent needs hostPID: true and securityContext.capabilities.add: [SYS_PTRACE])")
+        } else {
+            message
+        };
+        Failure { reason, kind, message, restart_required: e.restart_required(), retryable }
+    }
+}
+
+/// What happened to one process.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// The patch runs in the process (now, or already before).
+    Applied {
+        pid: i32,
+        already: bool,
+        pause_us: u64,
+        stacked: usize,
+        restart_recommended: bool,
+        /// Engine time for the apply call.
+        duration: Duration,
+    },
+    /// The patch was removed (or was not there).
+    Reverted { pid: i32, was_applied: bool, pause_us: u64 },
+    /// The engine refused or failed.
+    Failed { pid: i32, failure: Failure },
+    /// The patch is in the process but another patch was applied after it: the engine reverts
+    /// only the newest one.
+    NotNewest { pid: i32, newer: String },
+    /// The process is gone or no longer passes the discovery checks: it was not touched.
+    Gone { pid: i32, why: String },
+}
+
+impl Outcome {
+    pub fn pid(&self) -> i32 {
+        match self {
+            Outcome::Applied { pid, .. }
+            | Outcome::Reverted { pid, .. }
+            | Outcome::Failed { pid, .. }
+            | Outcome::NotNewest { pid, .. }
+            | Outcome::Gone { pid, .. } => *pid,
+        }
+    }
+}
+
+/// Whether the live patches of `st` include `patch_id`, and the newest live patch.
+fn live_patches(st: &status::Status) -> Vec<&status::PatchStatus> {
+    let mut live: Vec<&status::PatchStatus> = st.patches.iter().filter(|p| p.state == "applied").collect();
+    live.sort_by_key(|p| p.seq);
+    live
+}
+
+/// Apply to one process: re-check it, read what it already runs, apply only if the patch is not
+/// there. Blocking.
+pub fn apply_one(engine: &dyn Engine, discovery: &Discovery, query: &Query, target: &Target, bundle: &Bundle, opts: &apply::Options) -> Outcome {
+    let pid = target.pid;
+    if let Err(why) = discovery.recheck(target, query) {
+        return Outcome::Gone { pid, why };
+    }
+    let patch_id = bundle.patch_id();
+    match engine.status(pid) {
+        Ok(st) => {
+            let live = live_patches(&st);
+            if live.iter().any(|p| p.patch_id == patch_id) {
+                return Outcome::Applied {
+                    pid,
+                    already: true,
+                    pause_us: 0,
+                    stacked: st.stacked,
+                    restart_recommended: st.restart_recommended,
+                    duration: Duration::ZERO,
+                };
+            }
+        }
+        Err(e) => return Outcome::Failed { pid, failure: Failure::of(&e) },
+    }
+    // Right before the engine attaches: still the same process of the same container.
+    if let Err(why) = discovery.recheck(target, query) {
+        return Outcome::Gone { pid, why };
+    }
+    let started = Instant::now();
+    match engine.apply(pid, bundle, opts) {
+        Ok(r) => Outcome::Applied {
+            pid,
+            already: r.already_applied,
+            pause_us: r.pause_us,
+            stacked: r.stacked,
+            restart_recommended: r.restart_recommended,
+            duration: started.elapsed(),
+        },
+        Err(e) => Outcome::Failed { pid, failure: Failure::of(&e) },
+    }
+}
+
+/// Revert `patch_id` in one process if it is there and is the newest patch. Blocking.
+pub fn revert_one(engine: &dyn Engine, discovery: &Discovery, query: &Query, target: &Target, patch_id: &str, strategy: Strategy, timeout: Duration) -> Outcome {
+    let pid = target.pid;
+    if let Err(why) = discovery.recheck(target, query) {
+        return Outcome::Gone { pid, why };
+    }
+    let st = match engine.status(pid) {
+        Ok(st) => st,
+        Err(e) => return Outcome::Failed { pid, failure: Failure::of(&e) },
+    };
+    let live = live_patches(&st);
+    if !live.iter().any(|p| p.patch_id == patch_id) {
+        return Outcome::Reverted { pid, was_applied: false, pause_us: 0 };
+    }
+    if let Some(newest) = live.last().filter(|p| p.patch_id != patch_id) {
+        return Outcome::NotNewest { pid, newer: newest.patch_id.clone() };
+    }
+    if let Err(why) = discovery.recheck(target, query) {
+        return Outcome::Gone { pid, why };
+    }
+    match engine.revert_newest(pid, strategy, timeout) {
+        Ok(r) => Outcome::Reverted { pid, was_applied: true, pause_us: r.pause_us },
+        Err(e) => Outcome::Failed { pid, failure: Failure::of(&e) },
+    }
+}
+
+/// The engine's strategy for the API's.
+pub fn strategy(s: livepatch_api::Strategy) -> Strategy {
+    match s {
+        livepatch_api::Strategy::Trap => Strategy::Trap,
+        livepatch_api::Strategy::Wait => Strategy::Wait,
+    }
+}

@@ -1,0 +1,232 @@
+//! Fetch a patch bundle from where the task says (a ConfigMap or Secret key in the task's own
+//! namespace, or an https URL), refuse it unless its sha256 is the one in the spec, and parse it.
+//!
+//! Limits: at most `max_bytes` (default 16 MiB) are read from any source; an URL must be https
+//! (no redirects are followed, the answer must be `200`), and the whole download must finish
+//! within `url_timeout`. Parsed bundles are cached by (namespace, source, digest), so the tasks
+//! of one `LivePatch` on a node fetch once, and a namespace never gets a bundle it could not
+//! read itself.
+
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::{client::legacy::Client as HttpClient, rt::TokioExecutor};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::{Api, Client};
+use livepatch::bundle::Bundle;
+use livepatch_api::PatchBundle;
+use sha2::{Digest, Sha256};
+
+/// Default size limit of a bundle.
+pub const DEFAULT_MAX_BYTES: usize = 16 << 20;
+/// How many parsed bundles are kept.
+const CACHE_ENTRIES: usize = 16;
+
+type Https = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+
+/// Why a bundle was not obtained.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("{kind} {namespace}/{name} not found")]
+    NotFound { kind: &'static str, namespace: String, name: String },
+    #[error("{kind} {namespace}/{name} has no key {key:?}")]
+    MissingKey { kind: &'static str, namespace: String, name: String, key: String },
+    #[error("the bundle is {size} bytes or more, over the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    #[error("sha256 mismatch: the spec requires {expected}, the bundle fetched from {source_name} hashes to {actual}; refusing it")]
+    DigestMismatch { expected: String, actual: String, source_name: String },
+    #[error("the bundle URL must be https: {0}")]
+    NotHttps(String),
+    #[error("downloading {url}: {message}")]
+    Http { url: String, message: String },
+    #[error("the bundle spec names no source (configMapRef, secretRef or url)")]
+    NoSource,
+    #[error("reading the bundle source: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Bundle(#[from] livepatch::Error),
+}
+
+impl FetchError {
+    /// The CamelCase reason for the task status.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            FetchError::DigestMismatch { .. } => "BundleDigestMismatch",
+            FetchError::TooLarge { .. } => "BundleTooLarge",
+            FetchError::Bundle(_) => "BundleInvalid",
+            _ => "BundleUnavailable",
+        }
+    }
+}
+
+/// Where bundles come from.
+pub struct Fetcher {
+    client: Client,
+    https: HttpClient<Https, Empty<Bytes>>,
+    pub max_bytes: usize,
+    pub url_timeout: Duration,
+    cache: Mutex<Vec<(String, Arc<Bundle>)>>,
+}
+
+/// The TLS client configuration: the system's trust roots, plus the PEM certificates of
+/// `extra_ca` (for a private bundle server).
+pub fn tls_config(extra_ca: Option<&Path>) -> anyhow::Result<rustls::ClientConfig> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(native_roots());
+    if let Some(path) = extra_ca {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .map_err(|e| anyhow::anyhow!("reading CA file {}: {e}", path.display()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| anyhow::anyhow!("parsing CA file {}: {e}", path.display()))?;
+        if certs.is_empty() {
+            anyhow::bail!("CA file {} holds no certificate", path.display());
+        }
+        for cert in certs {
+            roots.add(cert)?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// The system trust roots (empty when the image has none).
+fn native_roots() -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    let found = rustls_native_certs::load_native_certs();
+    for e in &found.errors {
+        tracing::debug!(error = %e, "loading the system trust roots");
+    }
+    found.certs
+}
+
+impl Fetcher {
+    pub fn new(client: Client, tls: rustls::ClientConfig) -> Self {
+        let connector = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_only().enable_http1().build();
+        Self {
+            client,
+            https: HttpClient::builder(TokioExecutor::new()).build(connector),
+            max_bytes: DEFAULT_MAX_BYTES,
+            url_timeout: Duration::from_secs(60),
+            cache: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The bundle of `spec` for a task in `namespace`, verified and parsed.
+    pub async fn fetch(&self, namespace: &str, spec: &PatchBundle) -> Result<Arc<Bundle>, FetchError> {
+        let expected = spec.sha256.to_ascii_lowercase();
+        let source = source_name(namespace, spec)?;
+        let key = format!("{source}@{expected}");
+        if let Some(hit) = self.cache.lock().unwrap().iter().find(|(k, _)| *k == key) {
+            return Ok(hit.1.clone());
+        }
+        let bytes = match (&spec.config_map_ref, &spec.secret_ref, &spec.url) {
+            (Some(r), _, _) => {
+                let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), namespace);
+                let cm = api.get_opt(&r.name).await?.ok_or_else(|| FetchError::NotFound {
+                    kind: "ConfigMap",
+                    namespace: namespace.into(),
+                    name: r.name.clone(),
+                })?;
+                let binary = cm.binary_data.as_ref().and_then(|d| d.get(&r.key)).map(|b| b.0.clone());
+                let text = cm.data.as_ref().and_then(|d| d.get(&r.key)).map(|s| s.clone().into_bytes());
+                binary.or(text).ok_or_else(|| FetchError::MissingKey {
+                    kind: "ConfigMap",
+                    namespace: namespace.into(),
+                    name: r.name.clone(),
+                    key: r.key.clone(),
+                })?
+            }
+            (None, Some(r), _) => {
+                let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+                let secret = api.get_opt(&r.name).await?.ok_or_else(|| FetchError::NotFound {
+                    kind: "Secret",
+                    namespace: namespace.into(),
+                    name: r.name.clone(),
+                })?;
+                secret.data.as_ref().and_then(|d| d.get(&r.key)).map(|b| b.0.clone()).ok_or_else(|| FetchError::MissingKey {
+                    kind: "Secret",
+                    namespace: namespace.into(),
+                    name: r.name.clone(),
+                    key: r.key.clone(),
+                })?
+            }
+            (None, None, Some(url)) => self.download(url).await?,
+            (None, None, None) => return Err(FetchError::NoSource),
+        };
+        let bundle = Arc::new(verify(&bytes, &expected, &source, self.max_bytes)?);
+        let mut cache = self.cache.lock().unwrap();
+        if cache.len() >= CACHE_ENTRIES {
+            cache.remove(0);
+        }
+        cache.push((key, bundle.clone()));
+        Ok(bundle)
+    }
+
+    /// GET an https URL, at most `max_bytes`, within `url_timeout`.
+    async fn download(&self, url: &str) -> Result<Vec<u8>, FetchError> {
+        let uri: hyper::Uri = url.parse().map_err(|_| FetchError::NotHttps(url.into()))?;
+        if uri.scheme_str() != Some("https") || uri.host().is_none() {
+            return Err(FetchError::NotHttps(url.into()));
+        }
+        let http = |message: String| FetchError::Http { url: url.into(), message };
+        let limit = self.max_bytes;
+        let work = async {
+            let response = self.https.get(uri).await.map_err(|e| http(format!("{e} ({e:?})")))?;
+            if response.status() != hyper::StatusCode::OK {
+                return Err(http(format!("the server answered {}", response.status())));
+            }
+            if let Some(len) = response.headers().get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok()) {
+                if len > limit {
+                    return Err(FetchError::TooLarge { size: len, limit });
+                }
+            }
+            let mut body = response.into_body();
+            let mut out = Vec::new();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| http(e.to_string()))?;
+                if let Some(data) = frame.data_ref() {
+                    if out.len() + data.len() > limit {
+                        return Err(FetchError::TooLarge { size: out.len() + data.len(), limit });
+                    }
+                    out.extend_from_slice(data);
+                }
+            }
+            Ok(out)
+        };
+        tokio::time::timeout(self.url_timeout, work)
+            .await
+            .map_err(|_| http(format!("no complete answer within {} s", self.url_timeout.as_secs())))?
+    }
+}
+
+/// A human-readable name of the source, also the cache key's prefix.
+fn source_name(namespace: &str, spec: &PatchBundle) -> Result<String, FetchError> {
+    match (&spec.config_map_ref, &spec.secret_ref, &spec.url) {
+        (Some(r), _, _) => Ok(format!("configmap {namespace}/{} key {}", r.name, r.key)),
+        (None, Some(r), _) => Ok(format!("secret {namespace}/{} key {}", r.name, r.key)),
+        (None, None, Some(url)) => Ok(format!("{url} (for namespace {namespace})")),
+        (None, None, None) => Err(FetchError::NoSource),
+    }
+}
+
+/// Size limit, digest check, then parse.
+pub fn verify(bytes: &[u8], expected_sha256: &str, source: &str, max_bytes: usize) -> Result<Bundle, FetchError> {
+    if bytes.len() > max_bytes {
+        return Err(FetchError::TooLarge { size: bytes.len(), limit: max_bytes });
+    }
+    let actual = hex::encode(Sha256::digest(bytes));
+    if actual != expected_sha256.to_ascii_lowercase() {
+        return Err(FetchError::DigestMismatch { expected: expected_sha256.into(), actual, source_name: source.into() });
+    }
+    let bundle = Bundle::parse(bytes)?;
+    debug_assert_eq!(bundle.digest, actual);
+    Ok(bundle)
+}

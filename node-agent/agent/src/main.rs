@@ -1,0 +1,174 @@
+//! `node-agent`: the livepatch DaemonSet entry point.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use clap::Parser;
+use livepatch_agent::{
+    controller::{self, Context},
+    discovery::Discovery,
+    engine::LiveEngine,
+    fetch::{self, Fetcher},
+    metrics::Metrics,
+    preflight,
+    server::{self, Endpoints},
+};
+use tokio::sync::watch;
+use tracing::{error, info};
+use tracing_subscriber::{fmt, prelude::*, EnvFilter};
+
+#[derive(Parser, Debug)]
+#[command(name = "node-agent", version, about = "livepatch node agent: applies the LivePatchTasks of this node to the pods' processes")]
+struct Args {
+    /// Name of this node (from the downward API: fieldRef spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "LIVEPATCH_METRICS_ADDR", default_value = "0.0.0.0:8081")]
+    metrics_addr: SocketAddr,
+
+    /// Where the host's processes are listed. Must be the /proc of the host PID namespace
+    /// (hostPID: true): the engine itself always works through /proc.
+    #[arg(long, env = "LIVEPATCH_PROC_ROOT", default_value = "/proc")]
+    proc_root: PathBuf,
+
+    /// Tasks worked on at once.
+    #[arg(long, env = "LIVEPATCH_MAX_PARALLEL_TASKS", default_value_t = 8)]
+    max_parallel_tasks: u16,
+
+    /// Processes being patched or reverted at once (over all tasks).
+    #[arg(long, env = "LIVEPATCH_MAX_PARALLEL_PROCESSES", default_value_t = 4)]
+    max_parallel_processes: usize,
+
+    /// Attempts per task generation before a retryable failure is final.
+    #[arg(long, env = "LIVEPATCH_MAX_ATTEMPTS", default_value_t = 5)]
+    max_attempts: i32,
+
+    /// First retry delay in seconds (doubles per attempt, capped at --resync-seconds).
+    #[arg(long, env = "LIVEPATCH_RETRY_SECONDS", default_value_t = 5)]
+    retry_seconds: u64,
+
+    /// Re-check applied tasks this often (seconds): new processes of the container get the patch.
+    #[arg(long, env = "LIVEPATCH_RESYNC_SECONDS", default_value_t = 300)]
+    resync_seconds: u64,
+
+    /// Largest accepted bundle, in bytes.
+    #[arg(long, env = "LIVEPATCH_BUNDLE_MAX_BYTES", default_value_t = fetch::DEFAULT_MAX_BYTES)]
+    bundle_max_bytes: usize,
+
+    /// Timeout of an https bundle download, in seconds.
+    #[arg(long, env = "LIVEPATCH_BUNDLE_URL_TIMEOUT_SECONDS", default_value_t = 60)]
+    bundle_url_timeout_seconds: u64,
+
+    /// PEM file of extra CA certificates trusted for https bundle URLs (besides the system's).
+    #[arg(long, env = "LIVEPATCH_BUNDLE_CA_FILE")]
+    bundle_ca_file: Option<PathBuf>,
+
+    /// Log format: text or json.
+    #[arg(long, env = "LIVEPATCH_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+
+    /// Run even when a start-up check fails (the failures are logged).
+    #[arg(long, env = "LIVEPATCH_SKIP_PREFLIGHT", default_value_t = false)]
+    skip_preflight: bool,
+}
+
+fn init_logs(format: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let registry = tracing_subscriber::registry().with(filter);
+    if format == "json" {
+        registry.with(fmt::layer().json().flatten_event(true).with_current_span(true)).init();
+    } else {
+        registry.with(fmt::layer()).init();
+    }
+}
+
+async fn signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_logs(&args.log_format);
+    let problems = preflight::check(&args.proc_root, &[std::path::Path::new("/run/livepatch"), &std::env::temp_dir()]);
+    for p in &problems {
+        error!(problem = %p, "start-up check failed");
+    }
+    if !problems.is_empty() && !args.skip_preflight {
+        anyhow::bail!(
+            "{} start-up check(s) failed: {}",
+            problems.len(),
+            problems.iter().map(|p| p.0.as_str()).collect::<Vec<_>>().join("; ")
+        );
+    }
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let client = kube::Client::try_default().await?;
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        signal().await;
+        info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    let mut fetcher = Fetcher::new(client.clone(), fetch::tls_config(args.bundle_ca_file.as_deref())?);
+    fetcher.max_bytes = args.bundle_max_bytes;
+    fetcher.url_timeout = Duration::from_secs(args.bundle_url_timeout_seconds);
+    let task_controller = controller::task_controller(client.clone(), &args.node_name);
+    let store = task_controller.store();
+    let mut ctx = Context::new(
+        client,
+        args.node_name.clone(),
+        Arc::new(LiveEngine),
+        Discovery::new(&args.proc_root),
+        fetcher,
+        metrics.clone(),
+        store.clone(),
+    );
+    ctx.processes = Arc::new(tokio::sync::Semaphore::new(args.max_parallel_processes.max(1)));
+    ctx.max_attempts = args.max_attempts.max(1);
+    ctx.backoff = Duration::from_secs(args.retry_seconds.max(1));
+    ctx.resync = Duration::from_secs(args.resync_seconds.max(10));
+    let ctx = Arc::new(ctx);
+    let refresh_store = store.clone();
+    let refresh_metrics = metrics.clone();
+    let endpoints = Endpoints {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+        refresh: Arc::new(move || refresh_metrics.set_tasks(refresh_store.state().iter().map(|t| t.status.as_ref().map(|s| s.phase)))),
+    };
+    let http = tokio::spawn(server::serve(args.metrics_addr, endpoints, stopped()));
+    let on_ready = move || {
+        ready.store(true, Ordering::Relaxed);
+        info!("task watch synced: ready");
+    };
+    controller::run(task_controller, ctx, args.max_parallel_tasks.max(1), on_ready, stopped()).await;
+    match http.await {
+        Ok(Err(e)) => error!(error = %e, "metrics server failed"),
+        Err(e) => error!(error = %e, "metrics server task"),
+        Ok(Ok(())) => {}
+    }
+    Ok(())
+}
