@@ -212,7 +212,7 @@ impl Stopped {
     }
 
     /// Resume one thread and wait for its next stop; the stop status is returned.
-    fn run_until_stop(&mut self, tid: i32, step: bool) -> Result<WaitStatus> {
+    pub(crate) fn run_until_stop(&mut self, tid: i32, step: bool) -> Result<WaitStatus> {
         let r = if step { ptrace::step(pid(tid), None) } else { ptrace::cont(pid(tid), None) };
         r.map_err(|e| Error::ptrace(if step { "singlestep" } else { "cont" }, tid, e))?;
         loop {
@@ -304,6 +304,16 @@ impl Stopped {
         let v = result?;
         restore?;
         Ok(v)
+    }
+
+    /// Whether a SIGTRAP is queued for the thread (a breakpoint hit that has not been reported
+    /// yet). Detaching with one queued would kill the target.
+    pub fn sigtrap_pending(&self, tid: i32) -> bool {
+        let Ok(s) = std::fs::read_to_string(format!("/proc/{}/task/{tid}/status", self.pid)) else { return false };
+        s.lines()
+            .find_map(|l| l.strip_prefix("SigPnd:"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .is_some_and(|m| m & (1 << (libc::SIGTRAP - 1)) != 0)
     }
 
     /// Every thread is stopped again from now on: the pause starts over.

@@ -154,6 +154,7 @@ fn activations(v: &View, s: &Stopped, guarded: &[Guarded]) -> Result<(BTreeMap<i
         let in_guarded = |pc: u64, i: usize| {
             guarded.iter().any(|g| if i == 0 { pc >= g.start && pc < g.end && pc != g.start } else { pc > g.start && pc <= g.end })
         };
+        tracing::trace!(tid, pcs = ?st.pcs, cfas = ?st.cfas, incomplete = ?st.incomplete, scanned = st.scanned.len(), "stack");
         let deepest_out = st.pcs.iter().enumerate().filter(|(i, pc)| in_guarded(**pc, *i)).map(|(i, _)| i).max();
         let scanned_hit = st.scanned.iter().any(|w| guarded.iter().any(|g| *w > g.start && *w <= g.end));
         if deepest_out.is_none() && !scanned_hit {
@@ -219,15 +220,34 @@ pub fn trap_inactive(v: &View, guarded: &[Guarded], entries: &[Entry], timeout: 
             }
         }
         let poll = active.values().any(|e| e.is_none());
+        tracing::debug!(?active, ?held, "trap round {attempts}");
         let mut bps = Breakpoints::new(addrs);
         let round = run_round(v, &mut s, &mut bps, &mut active, &mut held, &entry_addrs, deadline, poll);
-        // Whatever happened: every thread stopped, every breakpoint gone.
-        let stop = s.stop_running(Duration::from_secs(10));
+        // Whatever happened: every thread stopped, no breakpoint trap left queued, every
+        // breakpoint gone.
+        let stop = s.stop_running(Duration::from_secs(10)).and_then(|_| consume_queued_traps(&mut s, &bps));
         let disarm = bps.disarm_all(v, &s);
         round?;
         stop?;
         disarm?;
     }
+}
+
+/// A thread can be interrupted after hitting a breakpoint but before its SIGTRAP was reported;
+/// the signal stays queued, and delivered after we detach it would kill the target. Let each
+/// such thread report it (and rewind it off an int3) while it is still ours.
+fn consume_queued_traps(s: &mut Stopped, bps: &Breakpoints) -> Result<()> {
+    for tid in s.tids() {
+        for _ in 0..4 {
+            if !s.sigtrap_pending(tid) {
+                break;
+            }
+            if let WaitStatus::Stopped(_, Signal::SIGTRAP) = s.run_until_stop(tid, false)? {
+                bps.hit(s, tid)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -249,11 +269,12 @@ fn run_round(
     }
     // Threads we cannot follow (no unwind information) are re-checked by polling.
     let round_end = if poll { (Instant::now() + Duration::from_millis(20)).min(deadline) } else { deadline };
-    while !active.is_empty() {
+    while !active.is_empty() && Instant::now() < round_end {
         let Some((tid, st)) = s.next_event(round_end)? else { break };
         match st {
             WaitStatus::Stopped(_, Signal::SIGTRAP) => {
                 let Some(at) = bps.hit(s, tid)? else {
+                    tracing::debug!(tid, rip = s.regs(tid).map(|r| r.rip).unwrap_or(0), "SIGTRAP that is not ours");
                     // Not ours: the target's own trap.
                     s.resume_with(tid, Signal::SIGTRAP)?;
                     continue;

@@ -1,0 +1,284 @@
+//! Figures of an update, measured by the targets themselves (`cargo bench -p node-agent`).
+//!
+//! * pause: the longest gap each target observes in its own loop during apply/revert cycles,
+//!   against the pause the tool reports (1, 8, 64 threads), next to the gap seen with no update;
+//! * time to patched: from the command's start to the target's first new output;
+//! * call overhead: calls per second of a tiny function before and after patching, one run;
+//! * many processes: 50 and 200 copies patched by concurrent invocations, total time and the
+//!   peak memory of one tool process.
+//!
+//! Set LIVEPATCH_BENCH_QUICK=1 for fewer repetitions.
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+const TARGET: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <pthread.h>
+#include <time.h>
+#include <unistd.h>
+static double now_us(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec * 1e6 + t.tv_nsec / 1e3; }
+volatile long sink;
+static volatile double maxgap[256];
+static volatile int reset_flag[256];
+__attribute__((noinline)) long tiny(long x) { return x + VERSION; }
+__attribute__((noinline)) long idle(long x) { long s = x; for (int i = 0; i < 10; i++) s = s * 3 + VERSION; return s; }
+__attribute__((noinline)) long hot(long x) { long s = 0; for (int i = 0; i < 100; i++) s += x ^ i; return s + VERSION; }
+__attribute__((noinline)) long rec(long d) { if (d == 0) { usleep(50000); return VERSION; } return rec(d - 1); }
+static void *gap_worker(void *a) {
+    long i = (long)a; double last = now_us();
+    for (;;) {
+        for (int k = 0; k < 200; k++) sink += tiny(k);
+        double t = now_us();
+        if (reset_flag[i]) { reset_flag[i] = 0; maxgap[i] = 0; last = t; continue; }
+        if (t - last > maxgap[i]) maxgap[i] = t - last;
+        last = t;
+        usleep(50);
+    }
+    return 0;
+}
+static void *hot_worker(void *a) { for (;;) sink += hot((long)a); return 0; }
+static void *rec_worker(void *a) { (void)a; for (;;) { long v = rec(30); printf("rec v%ld\n", v); fflush(stdout); } return 0; }
+int main(int argc, char **argv) {
+    const char *mode = argc > 1 ? argv[1] : "gap";
+    int n = argc > 2 ? atoi(argv[2]) : 1;
+    pthread_t t;
+    if (!strcmp(mode, "gap")) for (long i = 0; i < n; i++) pthread_create(&t, 0, gap_worker, (void *)i);
+    if (!strcmp(mode, "hot")) for (long i = 0; i < n; i++) pthread_create(&t, 0, hot_worker, (void *)i);
+    if (!strcmp(mode, "rec")) pthread_create(&t, 0, rec_worker, 0);
+    printf("ready\n"); fflush(stdout);
+    char line[64];
+    if (!strcmp(mode, "calls")) {
+        for (;;) {
+            double t0 = now_us(); long c = 0;
+            while (now_us() - t0 < 200000) { for (int k = 0; k < 1000; k++) sink += tiny(k); c += 1000; }
+            printf("calls %.0f v%ld\n", c / 0.2, tiny(0)); fflush(stdout);
+        }
+    }
+    if (!strcmp(mode, "idle") || !strcmp(mode, "hot")) {
+        for (;;) { usleep(1000); printf("v%ld\n", idle(0) == idle(0) ? tiny(0) : 0); fflush(stdout); }
+    }
+    while (fgets(line, sizeof line, stdin)) {
+        if (!strncmp(line, "reset", 5)) { for (int i = 0; i < n; i++) reset_flag[i] = 1; usleep(2000); printf("ok\n"); }
+        else if (!strncmp(line, "gap", 3)) { double m = 0; for (int i = 0; i < n; i++) if (maxgap[i] > m) m = maxgap[i]; printf("%.0f\n", m); }
+        fflush(stdout);
+    }
+    return 0;
+}
+"#;
+
+struct Target {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+}
+
+impl Target {
+    fn spawn(exe: &Path, args: &[&str]) -> Target {
+        let mut child = Command::new(exe).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("spawn target");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(|l| l.ok()) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let stdin = child.stdin.take();
+        let t = Target { child, stdin, lines: rx };
+        assert_eq!(t.line(), "ready");
+        t
+    }
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+    fn line(&self) -> String {
+        self.lines.recv_timeout(Duration::from_secs(20)).expect("target output")
+    }
+    fn ask(&mut self, cmd: &str) -> String {
+        writeln!(self.stdin.as_mut().unwrap(), "{cmd}").unwrap();
+        self.line()
+    }
+    fn drain(&self) {
+        while self.lines.try_recv().is_ok() {}
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tool() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_livepatch"))
+}
+
+fn run_tool(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(tool()).args(args).output().expect("run livepatch");
+    assert!(out.status.success(), "livepatch {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+fn compile(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let src = dir.join("t.c");
+    std::fs::write(&src, TARGET).unwrap();
+    let mut outs = Vec::new();
+    for v in [1, 2] {
+        let exe = dir.join(format!("t{v}"));
+        let st = Command::new("cc")
+            .args(["-O2", "-flive-patching=inline-clone", "-pthread", "-Wl,--build-id", &format!("-DVERSION={v}"), "-o"])
+            .arg(&exe)
+            .arg(&src)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        outs.push(exe);
+    }
+    let b = dir.join("all.lpatch");
+    run_tool(&["build", "--old", outs[0].to_str().unwrap(), "--new", outs[1].to_str().unwrap(), "-o", b.to_str().unwrap(), "--json"]);
+    (outs.remove(0), outs.remove(0), b)
+}
+
+fn stats(v: &mut [f64]) -> (f64, f64) {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (v[v.len() / 2], *v.last().unwrap())
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let quick = std::env::var("LIVEPATCH_BENCH_QUICK").is_ok();
+    let cycles = if quick { 5 } else { 20 };
+    let dir = tempdir();
+    let (v1, _v2, bundle) = compile(&dir);
+    let b = bundle.to_str().unwrap();
+    println!("machine: {} cores; {cycles} apply/revert cycles per row\n", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+
+    println!("| threads | target gap, no update (median / worst) | target gap during update (median / worst) | tool-reported pause (median / worst) |");
+    println!("|---|---|---|---|");
+    for n in [1usize, 8, 64] {
+        let mut t = Target::spawn(&v1, &["gap", &n.to_string()]);
+        let (mut base, mut gaps, mut pauses) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..cycles {
+            t.ask("reset");
+            std::thread::sleep(Duration::from_millis(20));
+            base.push(t.ask("gap").parse::<f64>().unwrap());
+            for op in ["apply", "revert"] {
+                t.ask("reset");
+                let r = if op == "apply" { run_tool(&["apply", "--pid", &t.pid(), b, "--json"]) } else { run_tool(&["revert", "--pid", &t.pid(), "--json"]) };
+                pauses.push(r["pause_us"].as_f64().unwrap_or(f64::NAN));
+                gaps.push(t.ask("gap").parse::<f64>().unwrap());
+            }
+        }
+        let (bm, bw) = stats(&mut base);
+        let (gm, gw) = stats(&mut gaps);
+        let (pm, pw) = stats(&mut pauses);
+        println!("| {n} | {bm:.0} / {bw:.0} us | {gm:.0} / {gw:.0} us | {pm:.0} / {pw:.0} us |");
+    }
+
+    println!("\n| time to patched (command start to first new output) | wait | trap |");
+    println!("|---|---|---|");
+    for (name, mode, arg) in [("idle function", "idle", "1"), ("hot function, 8 threads", "hot", "8"), ("recursive, sleeping inside itself", "rec", "1")] {
+        let mut cells = Vec::new();
+        for strategy in ["wait", "trap"] {
+            let t = Target::spawn(&v1, &[mode, arg]);
+            t.line();
+            let start = Instant::now();
+            let out = Command::new(tool()).args(["apply", "--pid", &t.pid(), b, "--strategy", strategy, "--timeout", "5"]).output().unwrap();
+            if !out.status.success() {
+                cells.push(format!("blocked (exit {}) after {:.0} ms", out.status.code().unwrap_or(-1), start.elapsed().as_secs_f64() * 1e3));
+                continue;
+            }
+            t.drain();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let l = t.line();
+                if l.contains("v2") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "no new output");
+            }
+            cells.push(format!("{:.1} ms", start.elapsed().as_secs_f64() * 1e3));
+        }
+        println!("| {name} | {} | {} |", cells[0], cells[1]);
+    }
+
+    let t = Target::spawn(&v1, &["calls"]);
+    let mut before = Vec::new();
+    for _ in 0..5 {
+        before.push(t.line());
+    }
+    run_tool(&["apply", "--pid", &t.pid(), b, "--json"]);
+    t.drain();
+    let mut after = Vec::new();
+    while after.len() < 5 {
+        let l = t.line();
+        if l.contains("v2") {
+            after.push(l);
+        }
+    }
+    let rate = |v: &[String]| -> f64 {
+        let mut r: Vec<f64> = v.iter().map(|l| l.split_whitespace().nth(1).unwrap().parse().unwrap()).collect();
+        stats(&mut r).0
+    };
+    let (rb, ra) = (rate(&before[1..]), rate(&after[1..]));
+    println!("\ncall overhead: {rb:.3e} calls/s before, {ra:.3e} after patching: ratio {:.3} (one extra `jmp` per call)", ra / rb);
+
+    println!("\n| processes | total time (concurrent invocations, 4 at a time) | peak RSS of one livepatch process |");
+    println!("|---|---|---|");
+    for n in [50usize, if quick { 50 } else { 200 }] {
+        let targets: Vec<Target> = (0..n).map(|_| Target::spawn(&v1, &["idle", "1"])).collect();
+        let start = Instant::now();
+        let mut peak_kb = 0i64;
+        for chunk in targets.chunks(4) {
+            let kids: Vec<Child> = chunk
+                .iter()
+                .map(|t| Command::new(tool()).args(["apply", "--pid", &t.pid(), b, "--json"]).stdout(Stdio::null()).spawn().unwrap())
+                .collect();
+            for k in kids {
+                let (st, kb) = wait_rusage(k);
+                assert!(st == 0, "apply failed");
+                peak_kb = peak_kb.max(kb);
+            }
+        }
+        let total = start.elapsed();
+        for t in &targets {
+            t.drain();
+        }
+        for t in &targets {
+            loop {
+                if t.line().contains("v2") {
+                    break;
+                }
+            }
+        }
+        println!("| {n} | {:.2} s ({:.1} ms per process) | {:.1} MiB |", total.as_secs_f64(), total.as_secs_f64() * 1e3 / n as f64, peak_kb as f64 / 1024.0);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Wait for a child and return its exit code and peak RSS (KiB).
+fn wait_rusage(child: Child) -> (i32, i64) {
+    let pid = child.id() as i32;
+    let mut status = 0;
+    // SAFETY: wait4 on our own child with valid out-pointers; zeroed rusage is a valid value.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    assert_eq!(r, pid);
+    std::mem::forget(child);
+    (libc::WEXITSTATUS(status), ru.ru_maxrss)
+}
+
+fn tempdir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("livepatch-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
