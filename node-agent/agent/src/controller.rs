@@ -298,7 +298,13 @@ impl<'a> Work<'a> {
             ctx,
             api: Api::namespaced(ctx.client.clone(), ns),
             generation: task.metadata.generation.unwrap_or(0),
-            patch_id: livepatch::bundle::patch_id_of(&task.spec.bundle.sha256),
+            // What the agent recorded when it applied (exact), else the id the spec's digest
+            // gives (the bundle's own digest, as `livepatch build` prints it).
+            patch_id: task
+                .status
+                .as_ref()
+                .and_then(|s| s.patch_id.clone())
+                .unwrap_or_else(|| livepatch::bundle::patch_id_of(&task.spec.bundle.sha256.to_ascii_lowercase())),
             attempts: current_status(task).map(|s| s.attempts).unwrap_or(0),
         }
     }
@@ -396,7 +402,7 @@ impl<'a> Work<'a> {
         Ok(())
     }
 
-    async fn apply(self, pod: Pod) -> Result<Action, Error> {
+    async fn apply(mut self, pod: Pod) -> Result<Action, Error> {
         let spec = &self.task.spec;
         let ns = self.task.namespace().unwrap_or_default();
         let bundle = match self.ctx.fetcher.fetch(&ns, &spec.bundle).await {
@@ -409,6 +415,7 @@ impl<'a> Work<'a> {
                 return self.finish(v, true, Some(&pod)).await;
             }
         };
+        self.patch_id = bundle.patch_id();
         let bundle_build_id = bundle.manifest.target.build_id.clone();
         if bundle_build_id != spec.target.build_id {
             let v = Verdict::early(
@@ -501,11 +508,13 @@ impl<'a> Work<'a> {
             let permit = self.ctx.processes.clone().acquire_owned().await.expect("the semaphore is never closed");
             let (engine, discovery, query, bundle, opts) = (self.ctx.engine.clone(), self.ctx.discovery.clone(), query.clone(), bundle.clone(), opts.clone());
             let patch_id = self.patch_id.clone();
+            let sha = self.task.spec.bundle.sha256.to_ascii_lowercase();
+            let sha_id = livepatch::bundle::patch_id_of(&sha);
             set.spawn_blocking(move || {
                 let _permit = permit;
                 match &bundle {
                     Some(bundle) => engine::apply_one(engine.as_ref(), &discovery, &query, &target, bundle, &opts),
-                    None => engine::revert_one(engine.as_ref(), &discovery, &query, &target, &patch_id, opts.strategy, opts.timeout),
+                    None => engine::revert_one(engine.as_ref(), &discovery, &query, &target, &[&patch_id, &sha_id], &sha, opts.strategy, opts.timeout),
                 }
             });
         }

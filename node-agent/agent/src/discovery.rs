@@ -370,4 +370,4 @@ impl fmt::Display for Target {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -157,8 +157,11 @@ pub fn apply_one(engine: &dyn Engine, discovery: &Discovery, query: &Query, targ
     }
 }
 
-/// Revert `patch_id` in one process if it is there and is the newest patch. Blocking.
-pub fn revert_one(engine: &dyn Engine, discovery: &Discovery, query: &Query, target: &Target, patch_id: &str, strategy: Strategy, timeout: Duration) -> Outcome {
+/// Revert the task's patch in one process if it is there and is the newest patch. The patch is
+/// recognised by its id (`ids`: the one recorded at apply time, the one the spec's digest gives)
+/// or by the bundle digest in its region header (`sha256`). Blocking.
+#[allow(clippy::too_many_arguments)]
+pub fn revert_one(engine: &dyn Engine, discovery: &Discovery, query: &Query, target: &Target, ids: &[&str], sha256: &str, strategy: Strategy, timeout: Duration) -> Outcome {
     let pid = target.pid;
     if let Err(why) = discovery.recheck(target, query) {
         return Outcome::Gone { pid, why };
@@ -168,10 +171,11 @@ pub fn revert_one(engine: &dyn Engine, discovery: &Discovery, query: &Query, tar
         Err(e) => return Outcome::Failed { pid, failure: Failure::of(&e) },
     };
     let live = live_patches(&st);
-    if !live.iter().any(|p| p.patch_id == patch_id) {
+    let ours = |p: &status::PatchStatus| ids.contains(&p.patch_id.as_str()) || p.bundle_sha256.eq_ignore_ascii_case(sha256);
+    if !live.iter().any(|p| ours(p)) {
         return Outcome::Reverted { pid, was_applied: false, pause_us: 0 };
     }
-    if let Some(newest) = live.last().filter(|p| p.patch_id != patch_id) {
+    if let Some(newest) = live.last().filter(|p| !ours(p)) {
         return Outcome::NotNewest { pid, newer: newest.patch_id.clone() };
     }
     if let Err(why) = discovery.recheck(target, query) {

@@ -217,16 +217,37 @@ fn source_name(namespace: &str, spec: &PatchBundle) -> Result<String, FetchError
     }
 }
 
+/// Whether `bytes` are what `expected` (64 hex digits) names: the sha256 of the whole file (what
+/// `sha256sum` prints), or the bundle's own digest (what `livepatch build` and `inspect` print:
+/// the sha256 of everything but the 32-byte trailer, which holds that same digest). Either binds
+/// every byte of the file. Checked before the bundle reader sees the bytes.
+pub fn digest_matches(bytes: &[u8], expected: &str) -> Result<(), String> {
+    let expected = expected.to_ascii_lowercase();
+    let file = hex::encode(Sha256::digest(bytes));
+    if file == expected {
+        return Ok(());
+    }
+    if bytes.len() >= 32 {
+        let (body, trailer) = bytes.split_at(bytes.len() - 32);
+        if hex::encode(trailer) == expected && hex::encode(Sha256::digest(body)) == expected {
+            return Ok(());
+        }
+    }
+    Err(file)
+}
+
 /// Size limit, digest check, then parse.
 pub fn verify(bytes: &[u8], expected_sha256: &str, source: &str, max_bytes: usize) -> Result<Bundle, FetchError> {
     if bytes.len() > max_bytes {
         return Err(FetchError::TooLarge { size: bytes.len(), limit: max_bytes });
     }
-    let actual = hex::encode(Sha256::digest(bytes));
-    if actual != expected_sha256.to_ascii_lowercase() {
-        return Err(FetchError::DigestMismatch { expected: expected_sha256.into(), actual, source_name: source.into() });
-    }
-    let bundle = Bundle::parse(bytes)?;
-    debug_assert_eq!(bundle.digest, actual);
-    Ok(bundle)
+    digest_matches(bytes, expected_sha256).map_err(|actual| FetchError::DigestMismatch {
+        expected: expected_sha256.into(),
+        actual,
+        source_name: source.into(),
+    })?;
+    Ok(Bundle::parse(bytes)?)
 }
+
+#[cfg(test)]
+mod tests;

@@ -104,14 +104,15 @@ fn main() -> anyhow::Result<()> {
     init_logs(&args.log_format);
     let problems = preflight::check(&args.proc_root, &[std::path::Path::new("/run/livepatch"), &std::env::temp_dir()]);
     for p in &problems {
-        error!(problem = %p, "start-up check failed");
+        if p.fatal {
+            error!(problem = %p, "start-up check failed");
+        } else {
+            tracing::warn!(problem = %p, "start-up check");
+        }
     }
-    if !problems.is_empty() && !args.skip_preflight {
-        anyhow::bail!(
-            "{} start-up check(s) failed: {}",
-            problems.len(),
-            problems.iter().map(|p| p.0.as_str()).collect::<Vec<_>>().join("; ")
-        );
+    let fatal: Vec<&str> = problems.iter().filter(|p| p.fatal).map(|p| p.text.as_str()).collect();
+    if !fatal.is_empty() && !args.skip_preflight {
+        anyhow::bail!("{} start-up check(s) failed: {}", fatal.len(), fatal.join("; "));
     }
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args))
 }

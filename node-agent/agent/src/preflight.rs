@@ -5,7 +5,8 @@
 //!   the initial PID namespace;
 //! * `CAP_SYS_PTRACE` in the effective set (`CapEff:` bit 19);
 //! * `/proc/1/root` readable (a ptrace access check: fails without `SYS_PTRACE`, or under an
-//!   LSM profile that forbids it);
+//!   LSM profile that forbids it). Only a warning: some hosts protect their PID 1 (not dumpable,
+//!   or more capabilities than the agent) while the pods' processes are still reachable;
 //! * a writable lock directory for the engine (`/run/livepatch`, else the temporary directory):
 //!   with `readOnlyRootFilesystem: true` mount a volume there.
 
@@ -15,8 +16,16 @@ const CAP_SYS_PTRACE: u32 = 19;
 
 /// One failed check, with what to change.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct Problem(pub String);
+#[error("{text}")]
+pub struct Problem {
+    pub text: String,
+    /// The agent cannot work at all (else: a warning; some targets may still work).
+    pub fatal: bool,
+}
+
+fn fatal(text: impl Into<String>) -> Problem {
+    Problem { text: text.into(), fatal: true }
+}
 
 /// The PIDs of `NSpid:` in a `/proc/PID/status` text.
 fn nspid(status: &str) -> Option<Vec<&str>> {
@@ -34,17 +43,17 @@ pub fn check(proc_root: &Path, lock_dirs: &[&Path]) -> Vec<Problem> {
     match std::fs::read_to_string(proc_root.join("self/status")) {
         Ok(status) => {
             if nspid(&status).is_some_and(|p| p.len() > 1) {
-                problems.push(Problem(
-                    "the agent runs in its own PID namespace, so it cannot see or trace the pods' processes: set hostPID: true in the DaemonSet's pod spec".into(),
+                problems.push(fatal(
+                    "the agent runs in its own PID namespace, so it cannot see or trace the pods' processes: set hostPID: true in the DaemonSet's pod spec",
                 ));
             }
             if cap_eff(&status).is_some_and(|caps| caps & (1 << CAP_SYS_PTRACE) == 0) {
-                problems.push(Problem(
-                    "the agent lacks CAP_SYS_PTRACE: add it to the container's securityContext (capabilities: {add: [SYS_PTRACE]})".into(),
+                problems.push(fatal(
+                    "the agent lacks CAP_SYS_PTRACE: add it to the container's securityContext (capabilities: {add: [SYS_PTRACE]})",
                 ));
             }
         }
-        Err(e) => problems.push(Problem(format!("cannot read {}/self/status: {e}", proc_root.display()))),
+        Err(e) => problems.push(fatal(format!("cannot read {}/self/status: {e}", proc_root.display()))),
     }
     if let Err(e) = std::fs::read_link(proc_root.join("1/root")) {
         let advice = match e.raw_os_error() {
@@ -53,10 +62,10 @@ pub fn check(proc_root: &Path, lock_dirs: &[&Path]) -> Vec<Problem> {
             }
             _ => "",
         };
-        problems.push(Problem(format!("cannot read {}/1/root ({e}){advice}", proc_root.display())));
+        problems.push(Problem { text: format!("cannot read {}/1/root ({e}){advice}", proc_root.display()), fatal: false });
     }
     if !lock_dirs.iter().any(|d| writable(d)) {
-        problems.push(Problem(format!(
+        problems.push(fatal(format!(
             "none of {} is writable for the engine's per-process locks: with readOnlyRootFilesystem: true, mount a volume at /run/livepatch (hostPath /run/livepatch, type DirectoryOrCreate, so the host's livepatch CLI shares the locks)",
             lock_dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(" and ")
         )));
@@ -101,8 +110,9 @@ mod tests {
         // In a pod without hostPID (two PID namespaces), default capabilities (no SYS_PTRACE).
         let proc = fake_proc("NSpid:\t4242\t1\nCapEff:\t00000000a80425fb\n", false);
         let problems = check(proc.path(), &[Path::new("/proc/no-such-dir/locks")]);
-        let text: Vec<&str> = problems.iter().map(|p| p.0.as_str()).collect();
+        let text: Vec<&str> = problems.iter().map(|p| p.text.as_str()).collect();
         assert_eq!(text.len(), 4, "{text:?}");
+        assert_eq!(problems.iter().map(|p| p.fatal).collect::<Vec<_>>(), vec![true, true, false, true]);
         assert!(text[0].contains("set hostPID: true"));
         assert!(text[1].contains("capabilities: {add: [SYS_PTRACE]}"));
         assert!(text[2].contains("1/root"));
@@ -114,13 +124,10 @@ mod tests {
         // The test runs as root on the host: nothing but possibly the lock directory may fail.
         let locks = tempfile::tempdir().unwrap();
         let problems = check(Path::new("/proc"), &[locks.path()]);
-        if nix_is_root() {
-            assert_eq!(problems, vec![]);
-        }
-    }
-
-    fn nix_is_root() -> bool {
         // SAFETY: geteuid has no preconditions.
-        unsafe { libc::geteuid() == 0 }
+        if unsafe { libc::geteuid() } == 0 {
+            // Root in the host PID namespace: nothing fatal (this machine's PID 1 may be protected).
+            assert!(problems.iter().all(|p| !p.fatal), "{problems:?}");
+        }
     }
 }

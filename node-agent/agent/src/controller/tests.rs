@@ -1,1 +1,570 @@
+//! The task -> status path against a mock API server (tower-test): the exact requests (method,
+//! path and query, content type, body) for each outcome, with a fake engine over a captured
+//! `/proc` tree (discovery runs for real on it).
+
 use super::*;
+use crate::discovery::tests::{build_id, layouts, v1, Tree, ID, OTHER_UID, UID};
+use http::{Request, Response, StatusCode};
+use kube::client::Body;
+use livepatch::{apply, bundle::Bundle, revert, status, watchpoint::Strategy};
+use serde_json::Value;
+use sha2::Digest;
+use std::collections::HashMap;
+use tower_test::mock::{self, Handle, SendResponse};
+
+type ApiHandle = Handle<Request<Body>, Response<Body>>;
+
+const NODE: &str = "node-1";
+const TASK: &str = "cart-fix-cart-a";
+const TASK_STATUS: &str = "/apis/livepatch.dev/v1alpha1/namespaces/shop/livepatchtasks/cart-fix-cart-a/status?&force=true&fieldManager=livepatch-agent";
+const POD: &str = "/api/v1/namespaces/shop/pods/cart-a";
+const CONFIGMAP: &str = "/api/v1/namespaces/shop/configmaps/cart-fix";
+
+/// A valid bundle for `build_id` (one replaced function; the fake engine never runs it).
+fn bundle_bytes(build_id: &str) -> Vec<u8> {
+    let manifest: livepatch::bundle::Manifest = serde_json::from_value(json!({
+        "format_version": 1, "arch": "x86_64",
+        "target": {"build_id": build_id, "path": null, "pie": true},
+        "new_build_id": null, "created_at": 0, "reference_source": "decoded",
+        "span": {"lo": 4096, "len": 4096},
+        "pieces": [{"name": "price", "kind": "code", "svma": 4096, "len": 16, "blob": 0}],
+        "functions": [{"name": "price", "kind": "changed", "old_svma": 8192, "old_size": 16, "old_digest": "00", "new_svma": 4096, "new_size": 16}],
+        "fixups": [], "changed_data": []
+    }))
+    .unwrap();
+    Bundle::to_bytes(&manifest, &[0x90; 16])
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Engine double: patches are a list of ids per PID; every call is recorded.
+#[derive(Default)]
+struct FakeEngine {
+    live: Mutex<HashMap<i32, Vec<String>>>,
+    calls: Mutex<Vec<String>>,
+    fail_apply: Mutex<Option<fn() -> livepatch::Error>>,
+}
+
+impl FakeEngine {
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+impl Engine for FakeEngine {
+    fn status(&self, pid: i32) -> livepatch::Result<status::Status> {
+        self.calls.lock().unwrap().push(format!("status {pid}"));
+        let live = self.live.lock().unwrap().get(&pid).cloned().unwrap_or_default();
+        let patches = live
+            .iter()
+            .enumerate()
+            .map(|(i, id)| status::PatchStatus {
+                patch_id: id.clone(),
+                seq: i as u32 + 1,
+                applied_at: 0,
+                bundle_sha256: String::new(),
+                region: String::new(),
+                functions: vec!["price".into()],
+                entries: vec![],
+                state: "applied".into(),
+            })
+            .collect();
+        Ok(status::Status { pid, build_id: None, patches, stacked: live.len(), restart_recommended: live.len() > 4, warnings: vec![] })
+    }
+
+    fn apply(&self, pid: i32, bundle: &Bundle, opts: &apply::Options) -> livepatch::Result<apply::Report> {
+        self.calls.lock().unwrap().push(format!("apply {pid} {:?} {}s", opts.strategy, opts.timeout.as_secs()));
+        if let Some(fail) = *self.fail_apply.lock().unwrap() {
+            return Err(fail());
+        }
+        let mut live = self.live.lock().unwrap();
+        let list = live.entry(pid).or_default();
+        list.push(bundle.patch_id());
+        Ok(apply::Report {
+            pid,
+            patch_id: bundle.patch_id(),
+            functions: vec!["price".into()],
+            pause_us: 85,
+            strategy: opts.strategy,
+            attempts: 1,
+            waited_ms: 0,
+            map_us: 10,
+            total_ms: 3,
+            region: String::new(),
+            already_applied: false,
+            stacked: list.len(),
+            restart_recommended: list.len() > 4,
+        })
+    }
+
+    fn revert_newest(&self, pid: i32, _strategy: Strategy, _timeout: Duration) -> livepatch::Result<revert::Report> {
+        self.calls.lock().unwrap().push(format!("revert {pid}"));
+        let removed = self.live.lock().unwrap().get_mut(&pid).and_then(|l| l.pop()).into_iter().collect();
+        Ok(revert::Report { pid, reverted: removed, functions: vec![], pause_us: 40, attempts: 1, remaining: 0, total_ms: 1 })
+    }
+}
+
+/// A proc tree with one process (PID 4242, running a copy of /bin/true) in the task's container,
+/// a host process running the same file, and the same container id under another pod's UID.
+struct Setup {
+    tree: Tree,
+    engine: Arc<FakeEngine>,
+    bundle: Vec<u8>,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let tree = Tree::new();
+        let root = tree.rootfs("rootfs", "/bin/true");
+        let exe = root.join("usr/local/bin/app");
+        tree.process(1, &v1("/"), &exe, std::path::Path::new("/"));
+        tree.process(4242, &layouts(ID, UID)[3].1, &exe, &root);
+        tree.process(5555, &layouts(ID, OTHER_UID)[0].1, &exe, &root);
+        Setup { tree, engine: Arc::new(FakeEngine::default()), bundle: bundle_bytes(&build_id("/bin/true")) }
+    }
+
+    fn context(&self, client: Client) -> Arc<Context> {
+        let fetcher = Fetcher::new(client.clone(), crate::fetch::tls_config(None).unwrap());
+        let (store, _writer) = kube::runtime::reflector::store();
+        let mut ctx = Context::new(client, NODE.into(), self.engine.clone(), self.tree.discovery(), fetcher, Arc::new(Metrics::default()), store);
+        ctx.max_attempts = 3;
+        Arc::new(ctx)
+    }
+
+    fn task(&self, action: &str, generation: i64, status: Option<Value>) -> Arc<LivePatchTask> {
+        let mut t = json!({
+            "apiVersion": "livepatch.dev/v1alpha1", "kind": "LivePatchTask",
+            "metadata": {
+                "name": TASK, "namespace": "shop", "uid": "task-uid", "generation": generation, "resourceVersion": "7",
+                "labels": {"livepatch.dev/node": NODE, "livepatch.dev/livepatch": "cart-fix"}
+            },
+            "spec": {
+                "podName": "cart-a", "podUid": UID, "nodeName": NODE, "containerName": "cart",
+                "containerId": format!("containerd://{ID}"),
+                "bundle": {"configMapRef": {"name": "cart-fix", "key": "patch.lpatch"}, "sha256": self.digest()},
+                "target": {"buildID": build_id("/bin/true"), "path": "/usr/local/bin/app"},
+                "strategy": "Trap", "timeoutSeconds": 30, "action": action, "livePatchGeneration": 1
+            }
+        });
+        if let Some(s) = status {
+            t["status"] = s;
+        }
+        Arc::new(serde_json::from_value(t).unwrap())
+    }
+
+    /// The digest `livepatch build` prints (the bundle's own).
+    fn digest(&self) -> String {
+        Bundle::parse(&self.bundle).unwrap().digest
+    }
+
+    fn patch_id(&self) -> String {
+        Bundle::parse(&self.bundle).unwrap().patch_id()
+    }
+}
+
+fn pod_json(container_id: &str, labels: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "cart-a", "namespace": "shop", "uid": UID, "labels": labels},
+        "spec": {"nodeName": NODE, "containers": [{"name": "cart", "image": "cart:1"}]},
+        "status": {"phase": "Running", "containerStatuses": [{
+            "name": "cart", "containerID": container_id, "ready": true, "restartCount": 0,
+            "image": "cart:1", "imageID": "sha256:1", "state": {"running": {"startedAt": "2027-01-15T07:00:00Z"}}
+        }]}
+    })
+}
+
+fn configmap_json(bytes: &[u8]) -> Value {
+    use base64_engine::encode;
+    json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cart-fix", "namespace": "shop"}, "binaryData": {"patch.lpatch": encode(bytes)}})
+}
+
+/// Minimal standard base64 (the test needs only the encoder).
+mod base64_engine {
+    pub fn encode(data: &[u8]) -> String {
+        const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = String::new();
+        for chunk in data.chunks(3) {
+            let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+}
+
+async fn next(handle: &mut ApiHandle) -> (String, String, Option<String>, Value, SendResponse<Response<Body>>) {
+    let (request, send) = tokio::time::timeout(Duration::from_secs(10), handle.next_request())
+        .await
+        .expect("the agent sends another request")
+        .expect("the client is alive");
+    let (parts, body) = request.into_parts();
+    let bytes = body.collect_bytes().await.unwrap();
+    let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
+    let content_type = parts.headers.get("content-type").map(|v| v.to_str().unwrap().to_string());
+    (parts.method.to_string(), parts.uri.to_string(), content_type, body, send)
+}
+
+fn respond(send: SendResponse<Response<Body>>, status: StatusCode, body: &Value) {
+    send.send_response(Response::builder().status(status).body(Body::from(serde_json::to_vec(body).unwrap())).unwrap());
+}
+
+async fn expect_get(handle: &mut ApiHandle, uri: &str, answer: Value) {
+    let (method, got, _, _, send) = next(handle).await;
+    assert_eq!((method.as_str(), got.as_str()), ("GET", uri));
+    respond(send, StatusCode::OK, &answer);
+}
+
+/// Expect a server-side apply of the task status; answer it; return the status sent.
+async fn expect_status(handle: &mut ApiHandle, task: &LivePatchTask) -> Value {
+    let (method, uri, content_type, body, send) = next(handle).await;
+    assert_eq!((method.as_str(), uri.as_str()), ("PATCH", TASK_STATUS));
+    assert_eq!(content_type.as_deref(), Some("application/apply-patch+yaml"));
+    assert_eq!(body["apiVersion"], "livepatch.dev/v1alpha1");
+    assert_eq!(body["kind"], "LivePatchTask");
+    assert_eq!(body.as_object().unwrap().len(), 3, "only apiVersion, kind and status: {body}");
+    let mut answer = serde_json::to_value(task).unwrap();
+    answer["status"] = body["status"].clone();
+    respond(send, StatusCode::OK, &answer);
+    body["status"].clone()
+}
+
+/// Expect the merge patch of the pod's restart-required label; answer it; return the label value.
+async fn expect_pod_label(handle: &mut ApiHandle, pod: Value) -> Value {
+    let (method, uri, content_type, body, send) = next(handle).await;
+    assert_eq!((method.as_str(), uri.as_str()), ("PATCH", format!("{POD}?").as_str()));
+    assert_eq!(content_type.as_deref(), Some("application/merge-patch+json"));
+    assert_eq!(body["metadata"]["uid"], UID, "the patch is conditional on the pod's UID: {body}");
+    assert_eq!(body["metadata"].as_object().unwrap().len(), 2, "{body}");
+    respond(send, StatusCode::OK, &pod);
+    body["metadata"]["labels"][RESTART_REQUIRED_LABEL].clone()
+}
+
+/// Run one reconcile against the mock; `script` plays the API server.
+async fn reconcile_with<F, Fut>(setup: &Setup, task: Arc<LivePatchTask>, script: F) -> (Result<Action, Error>, Arc<Context>)
+where
+    F: FnOnce(ApiHandle) -> Fut,
+    Fut: std::future::Future<Output = ApiHandle>,
+{
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = setup.context(Client::new(service, "default"));
+    let running = tokio::spawn(reconcile(task, ctx.clone()));
+    let mut handle = script(handle).await;
+    let result = tokio::time::timeout(Duration::from_secs(10), running).await.expect("reconcile finishes").unwrap();
+    assert!(tokio::time::timeout(Duration::from_millis(50), handle.next_request()).await.is_err(), "no further request");
+    (result, ctx)
+}
+
+#[tokio::test]
+async fn apply_patches_the_container_process_and_reports() {
+    let setup = Setup::new();
+    let task = setup.task("Apply", 1, None);
+    let t = task.clone();
+    let (bundle, patch_id) = (setup.bundle.clone(), setup.patch_id());
+    let (result, ctx) = reconcile_with(&setup, task, |mut h| async move {
+        expect_get(&mut h, POD, pod_json(&format!("containerd://{ID}"), json!({"app": "cart"}))).await;
+        expect_get(&mut h, CONFIGMAP, configmap_json(&bundle)).await;
+        let pending = expect_status(&mut h, &t).await;
+        assert_eq!(
+            pending,
+            json!({
+                "observedGeneration": 1, "phase": "Pending", "containerId": format!("containerd://{ID}"), "pids": [4242],
+                "attempts": 1, "reason": "Applying", "message": format!("applying {patch_id} to 1 process(es)"), "patchId": patch_id
+            })
+        );
+        let done = expect_status(&mut h, &t).await;
+        assert_eq!(
+            done,
+            json!({
+                "observedGeneration": 1, "phase": "Applied", "containerId": format!("containerd://{ID}"), "pids": [4242],
+                "attempts": 1, "message": format!("{patch_id} applied in 1 process (pid 4242); stopped at most 85 us"),
+                "pauseMicros": 85, "patchId": patch_id
+            })
+        );
+        h
+    })
+    .await;
+    // Applied: looked at again after the re-check period.
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(300)));
+    // Only the container's process, status first, then the apply; never 1 (host) nor 5555
+    // (same container id under another pod).
+    assert_eq!(setup.engine.calls(), vec!["status 4242", "apply 4242 Trap 30s"]);
+    let text = ctx.metrics.encode();
+    assert!(text.contains("livepatch_agent_errors_total{kind=\"isolation\"} 1"), "{text}");
+    assert!(text.contains("livepatch_agent_engine_duration_seconds_count{action=\"apply\"} 1"), "{text}");
+
+    // The agent's own status write comes back as a task event: it does not work again before
+    // the re-check time.
+    let again = setup.task("Apply", 1, Some(json!({"observedGeneration": 1, "phase": "Applied", "containerId": format!("containerd://{ID}"), "attempts": 1})));
+    let left = ctx.not_yet(&again).expect("scheduled");
+    assert!(left > Duration::from_secs(290));
+}
+
+#[tokio::test]
+async fn after_an_agent_restart_nothing_is_applied_twice() {
+    let setup = Setup::new();
+    // A killed predecessor applied the patch but never wrote the status.
+    setup.engine.live.lock().unwrap().insert(4242, vec![setup.patch_id()]);
+    // (This LivePatch names the bundle by `sha256sum` of the file: accepted too.)
+    let mut task = (*setup.task("Apply", 1, None)).clone();
+    task.spec.bundle.sha256 = sha256(&setup.bundle);
+    let task = Arc::new(task);
+    let t = task.clone();
+    let (bundle, patch_id) = (setup.bundle.clone(), setup.patch_id());
+    let (result, _) = reconcile_with(&setup, task, |mut h| async move {
+        expect_get(&mut h, POD, pod_json(&format!("containerd://{ID}"), json!({}))).await;
+        expect_get(&mut h, CONFIGMAP, configmap_json(&bundle)).await;
+        assert_eq!(expect_status(&mut h, &t).await["phase"], "Pending");
+        let done = expect_status(&mut h, &t).await;
+        assert_eq!(done["phase"], "Applied");
+        assert_eq!(done["message"], format!("{patch_id} already applied in 1 process (pid 4242)"));
+        assert_eq!(done.get("pauseMicros"), None);
+        h
+    })
+    .await;
+    assert!(result.is_ok());
+    assert_eq!(setup.engine.calls(), vec!["status 4242"], "status read, no apply");
+}
+
+#[tokio::test]
+async fn data_layout_refusal_is_restart_required_and_labels_the_pod() {
+    let setup = Setup::new();
+    *setup.engine.fail_apply.lock().unwrap() = Some(|| livepatch::Error::refused("data layout changed: variable `orders` grew from 8 to 16 bytes"));
+    let task = setup.task("Apply", 2, None);
+    let t = task.clone();
+    let bundle = setup.bundle.clone();
+    let (result, ctx) = reconcile_with(&setup, task, |mut h| async move {
+        expect_get(&mut h, POD, pod_json(&format!("containerd://{ID}"), json!({"app": "cart"}))).await;
+        expect_get(&mut h, CONFIGMAP, configmap_json(&bundle)).await;
+        expect_status(&mut h, &t).await;
+        let done = expect_status(&mut h, &t).await;
+        assert_eq!(done["phase"], "RestartRequired");
+        assert_eq!(done["reason"], "DataLayoutChanged");
+        assert!(done["message"].as_str().unwrap().starts_with("pid 4242: refused: data layout changed"), "{done}");
+        assert_eq!(expect_pod_label(&mut h, pod_json("x", json!({}))).await, json!("true"));
+        h
+    })
+    .await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    assert!(ctx.metrics.encode().contains("livepatch_agent_errors_total{kind=\"engine_refused\"} 1"));
+}
+
+#[tokio::test]
+async fn a_new_container_that_is_patched_clears_the_label() {
+    let setup = Setup::new();
+    let task = setup.task("Apply", 3, None);
+    let t = task.clone();
+    let bundle = setup.bundle.clone();
+    let (result, _) = reconcile_with(&setup, task, |mut h| async move {
+        let labelled = pod_json(&format!("containerd://{ID}"), json!({"app": "cart", RESTART_REQUIRED_LABEL: "true"}));
+        expect_get(&mut h, POD, labelled.clone()).await;
+        expect_get(&mut h, CONFIGMAP, configmap_json(&bundle)).await;
+        expect_status(&mut h, &t).await;
+        assert_eq!(expect_status(&mut h, &t).await["phase"], "Applied");
+        assert_eq!(expect_pod_label(&mut h, labelled).await, Value::Null, "label removed");
+        h
+    })
+    .await;
+    assert!(result.is_ok());
+}
+
+#[tokio::test]
+async fn blocked_is_retried_then_restart_required() {
+    let setup = Setup::new();
+    *setup.engine.fail_apply.lock().unwrap() = Some(|| livepatch::Error::Blocked("old code stayed active for 30.0 s; the target is unchanged".into()));
+    let cid = format!("containerd://{ID}");
+    // Second attempt of three: Blocked, retried after the backoff (5 s doubled).
+    let task = setup.task("Apply", 1, Some(json!({"observedGeneration": 1, "phase": "Blocked", "containerId": cid, "attempts": 1})));
+    let t = task.clone();
+    let bundle = setup.bundle.clone();
+    let (result, _) = reconcile_with(&setup, task, |mut h| async move {
+        expect_get(&mut h, POD, pod_json(&format!("containerd://{ID}"), json!({}))).await;
+        expect_get(&mut h, CONFIGMAP, configmap_json(&bundle)).await;
+        let s = expect_status(&mut h, &t).await;
+        assert_eq!((s["phase"].as_str(), s["reason"].as_str(), s["attempts"].as_i64()), (Some("Blocked"), Some("ProcedureActive"), Some(2)));
+        h
+    })
+    .await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(10)));
+
+    // Last attempt: RestartRequired, and the pod is labelled.
+    let task = setup.task("Apply", 1, Some(json!({"observedGeneration": 1, "phase": "Blocked", "containerId": cid, "attempts": 2})));
+    let t = task.clone();
+    let bundle = setup.bundle.clone();
+    let (result, _) = reconcile_with(&setup, task, |mut h| async move {
+        expect_get(&mut h, POD, pod_json(&format!("containerd://{ID}"), json!({}))).await;
+        expect_get(&mut h, CONFIGMAP, configmap_json(&bundle)).await;
+        let s = expect_status(&mut h, &t).await;
+        assert_eq!((s["phase"].as_str(), s["attempts"].as_i64()), (Some("RestartRequired"), Some(3)));
+        assert_eq!(expect_pod_label(&mut h, pod_json("x", json!({}))).await, json!("true"));
+        h
+    })
+    .await;
+    assert_eq!(result.unwrap(), Action::await_change());
+}
+
+#[tokio::test]
+async fn revert_removes_the_patch_from_the_running_process() {
+    let setup = Setup::new();
+    setup.engine.live.lock().unwrap().insert(4242, vec![setup.patch_id()]);
+    let cid = format!("containerd://{ID}");
+    let task = setup.task("Revert", 2, Some(json!({"observedGeneration": 1, "phase": "Applied", "containerId": cid, "attempts": 1, "pids": [4242]})));
+    let t = task.clone();
+    let patch_id = setup.patch_id();
+    let (result, _) = reconcile_with(&setup, task, |mut h| async move {
+        expect_get(&mut h, POD, pod_json(&cid, json!({}))).await;
+        // No bundle fetch for a revert: the patch id comes from the digest in the spec.
+        let s = expect_status(&mut h, &t).await;
+        assert_eq!(
+            s,
+            json!({
+                "observedGeneration": 2, "phase": "Reverted", "containerId": cid, "pids": [4242], "attempts": 1,
+                "message": format!("{patch_id} reverted in 1 process (pid 4242); stopped at most 40 us"),
+                "pauseMicros": 40, "patchId": patch_id
+            })
+        );
+        h
+    })
+    .await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    assert_eq!(setup.engine.calls(), vec!["status 4242", "revert 4242"]);
+    assert!(setup.engine.live.lock().unwrap()[&4242].is_empty());
+}
+
+#[tokio::test]
+async fn revert_leaves_a_newer_patch_alone() {
+    let setup = Setup::new();
+    setup.engine.live.lock().unwrap().insert(4242, vec![setup.patch_id(), "lp-0123456789ab".into()]);
+    let task = setup.task("Revert", 2, None);
+    let t = task.clone();
+    let (result, _) = reconcile_with(&setup, task, |mut h| async move {
+        expect_get(&mut h, POD, pod_json(&format!("containerd://{ID}"), json!({}))).await;
+        let s = expect_status(&mut h, &t).await;
+        assert_eq!((s["phase"].as_str(), s["reason"].as_str()), (Some("Failed"), Some("PatchNotNewest")));
+        assert!(s["message"].as_str().unwrap().contains("revert lp-0123456789ab first"));
+        h
+    })
+    .await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(5)));
+    assert_eq!(setup.engine.calls(), vec!["status 4242"]);
+}
+
+#[tokio::test]
+async fn revert_of_a_deleted_pod_is_done() {
+    let setup = Setup::new();
+    let task = setup.task("Revert", 2, None);
+    let t = task.clone();
+    let (result, _) = reconcile_with(&setup, task, |mut h| async move {
+        let (method, uri, _, _, send) = next(&mut h).await;
+        assert_eq!((method.as_str(), uri.as_str()), ("GET", POD));
+        let gone = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "pods \"cart-a\" not found"});
+        respond(send, StatusCode::NOT_FOUND, &gone);
+        let s = expect_status(&mut h, &t).await;
+        assert_eq!((s["phase"].as_str(), s["reason"].as_str()), (Some("Reverted"), Some("PodGone")));
+        h
+    })
+    .await;
+    assert!(result.is_ok());
+    assert!(setup.engine.calls().is_empty());
+}
+
+#[tokio::test]
+async fn a_restarted_container_waits_for_the_operator() {
+    let setup = Setup::new();
+    let task = setup.task("Apply", 1, None);
+    let t = task.clone();
+    let (result, _) = reconcile_with(&setup, task, |mut h| async move {
+        expect_get(&mut h, POD, pod_json("containerd://ffff", json!({}))).await;
+        let s = expect_status(&mut h, &t).await;
+        assert_eq!((s["phase"].as_str(), s["reason"].as_str()), (Some("Pending"), Some("ContainerNotCurrent")));
+        assert!(s["message"].as_str().unwrap().contains("is now containerd://ffff"));
+        h
+    })
+    .await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    assert!(setup.engine.calls().is_empty());
+}
+
+#[tokio::test]
+async fn only_other_pods_processes_means_nothing_is_touched() {
+    let setup = Setup::new();
+    // Our container's process is gone; what remains are the host process and the same container
+    // id under another pod's UID.
+    std::fs::remove_dir_all(setup.tree.proc_root().join("4242")).unwrap();
+    let task = setup.task("Apply", 1, None);
+    let t = task.clone();
+    let bundle = setup.bundle.clone();
+    let (result, ctx) = reconcile_with(&setup, task, |mut h| async move {
+        expect_get(&mut h, POD, pod_json(&format!("containerd://{ID}"), json!({}))).await;
+        expect_get(&mut h, CONFIGMAP, configmap_json(&bundle)).await;
+        let s = expect_status(&mut h, &t).await;
+        assert_eq!((s["phase"].as_str(), s["reason"].as_str()), (Some("Pending"), Some("ContainerNotRunning")));
+        h
+    })
+    .await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(5)));
+    assert!(setup.engine.calls().is_empty(), "no engine call at all");
+    assert!(ctx.metrics.encode().contains("livepatch_agent_errors_total{kind=\"isolation\"} 1"));
+}
+
+#[tokio::test]
+async fn a_bundle_with_the_wrong_digest_is_refused() {
+    let setup = Setup::new();
+    let task = setup.task("Apply", 1, None);
+    let t = task.clone();
+    let mut tampered = setup.bundle.clone();
+    tampered[20] ^= 1;
+    let (result, _) = reconcile_with(&setup, task, |mut h| async move {
+        expect_get(&mut h, POD, pod_json(&format!("containerd://{ID}"), json!({}))).await;
+        expect_get(&mut h, CONFIGMAP, configmap_json(&tampered)).await;
+        let s = expect_status(&mut h, &t).await;
+        assert_eq!((s["phase"].as_str(), s["reason"].as_str()), (Some("Pending"), Some("BundleDigestMismatch")));
+        assert!(s["message"].as_str().unwrap().contains("sha256 mismatch"), "{s}");
+        h
+    })
+    .await;
+    assert!(matches!(result.unwrap(), a if a == Action::requeue(Duration::from_secs(5))));
+    assert!(setup.engine.calls().is_empty());
+}
+
+#[tokio::test]
+async fn tasks_of_other_nodes_and_settled_tasks_send_nothing() {
+    let setup = Setup::new();
+    let mut other = (*setup.task("Apply", 1, None)).clone();
+    other.spec.node_name = "node-2".into();
+    let (result, _) = reconcile_with(&setup, Arc::new(other), |h| async move { h }).await;
+    assert_eq!(result.unwrap(), Action::await_change());
+
+    let cid = format!("containerd://{ID}");
+    for status in [
+        json!({"observedGeneration": 1, "phase": "RestartRequired", "reason": "DataLayoutChanged", "containerId": cid, "attempts": 1}),
+        json!({"observedGeneration": 1, "phase": "Failed", "reason": "BuildIDMismatch", "containerId": cid, "attempts": 1}),
+        json!({"observedGeneration": 1, "phase": "Failed", "reason": "EngineError", "containerId": cid, "attempts": 3}),
+    ] {
+        let (result, _) = reconcile_with(&setup, setup.task("Apply", 1, Some(status)), |h| async move { h }).await;
+        assert_eq!(result.unwrap(), Action::await_change());
+    }
+    let reverted = json!({"observedGeneration": 1, "phase": "Reverted", "containerId": cid, "attempts": 1});
+    let (result, _) = reconcile_with(&setup, setup.task("Revert", 1, Some(reverted)), |h| async move { h }).await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    assert!(setup.engine.calls().is_empty());
+}
+
+#[test]
+fn pods_map_to_their_tasks() {
+    let setup = Setup::new();
+    let task = setup.task("Apply", 1, None);
+    let mut other_ns = (*task).clone();
+    other_ns.metadata.namespace = Some("other".into());
+    let pod: Pod = serde_json::from_value(pod_json("x", json!({}))).unwrap();
+    let refs = tasks_for_pod(&[task.clone(), Arc::new(other_ns)], &pod);
+    assert_eq!(refs, vec![ObjectRef::from_obj(task.as_ref())]);
+}

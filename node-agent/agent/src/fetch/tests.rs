@@ -1,0 +1,163 @@
+//! Digest and size checks, and the https download against a local TLS server (a certificate made
+//! with openssl for 127.0.0.1, trusted through the extra CA file).
+
+use super::*;
+use std::{path::PathBuf, process::Command};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn sample() -> Vec<u8> {
+    // Any bytes with a bundle-style trailer (sha256 of the body) for the digest rules.
+    let body = b"LPBUNDLE-ish body".to_vec();
+    let mut out = body.clone();
+    out.extend_from_slice(&Sha256::digest(&body));
+    out
+}
+
+#[test]
+fn both_digest_forms_bind_the_content() {
+    let bytes = sample();
+    let file = hex::encode(Sha256::digest(&bytes));
+    let own = hex::encode(&bytes[bytes.len() - 32..]);
+    assert_eq!(digest_matches(&bytes, &file), Ok(()));
+    assert_eq!(digest_matches(&bytes, &own.to_uppercase()), Ok(()));
+    assert_eq!(digest_matches(&bytes, &"0".repeat(64)), Err(file.clone()));
+    // A trailer that names the spec's digest but does not hash the body is refused.
+    let mut forged = bytes.clone();
+    forged[0] ^= 1;
+    assert!(digest_matches(&forged, &own).is_err());
+    assert!(digest_matches(&[], &file).is_err());
+}
+
+#[test]
+fn verify_refuses_before_parsing() {
+    let bytes = sample();
+    let file = hex::encode(Sha256::digest(&bytes));
+    match verify(&bytes, &"a".repeat(64), "configmap shop/x key y", 1 << 20) {
+        Err(e @ FetchError::DigestMismatch { .. }) => {
+            assert_eq!(e.reason(), "BundleDigestMismatch");
+            assert!(e.to_string().contains(&file) && e.to_string().contains("configmap shop/x key y"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(verify(&bytes, &file, "s", 8), Err(FetchError::TooLarge { limit: 8, .. })));
+    // The digest matches, the content is no bundle: the bundle reader refuses it.
+    assert!(matches!(verify(&bytes, &file, "s", 1 << 20), Err(FetchError::Bundle(_))));
+}
+
+/// A self-signed certificate for 127.0.0.1 (openssl), and a TLS server answering every
+/// connection with `response`.
+struct Server {
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Server {
+    async fn start(response: Vec<u8>) -> Server {
+        use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+        let dir = tempfile::tempdir().unwrap();
+        // A CA, and a server certificate for 127.0.0.1 signed by it (webpki refuses a
+        // self-signed certificate used as the server's own).
+        let script = r#"set -e
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=livepatch-test-ca \
+  -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign -keyout ca.key -out ca.pem
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=127.0.0.1 -keyout key.pem -out leaf.csr
+printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > leaf.ext
+openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile leaf.ext -out cert.pem
+"#;
+        let st = Command::new("bash").arg("-c").arg(script).current_dir(dir.path()).output().expect("bash and openssl (scripts/setup.sh installs openssl)");
+        assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.path().join("cert.pem")).unwrap().map(|c| c.unwrap()).collect();
+        let key = PrivateKeyDer::from_pem_file(dir.path().join("key.pem")).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                let response = response.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                    let mut buf = vec![0u8; 4096];
+                    let _ = tls.read(&mut buf).await;
+                    let _ = tls.write_all(&response).await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        Server { dir, port }
+    }
+
+    fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    fn url(&self) -> String {
+        format!("https://127.0.0.1:{}/fix.lpatch", self.port)
+    }
+}
+
+fn http_response(status: &str, body: &[u8]) -> Vec<u8> {
+    let mut r = format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len()).into_bytes();
+    r.extend_from_slice(body);
+    r
+}
+
+fn fetcher(ca: Option<&std::path::Path>) -> Fetcher {
+    // The kube client is never used for URL sources.
+    let (service, _handle) = tower_test::mock::pair::<http::Request<kube::client::Body>, http::Response<kube::client::Body>>();
+    let mut f = Fetcher::new(Client::new(service, "default"), tls_config(ca).unwrap());
+    f.url_timeout = Duration::from_secs(10);
+    f
+}
+
+fn url_spec(url: &str, sha256: &str) -> PatchBundle {
+    PatchBundle { config_map_ref: None, secret_ref: None, url: Some(url.into()), sha256: sha256.into() }
+}
+
+#[tokio::test]
+async fn https_download_is_verified() {
+    let bytes = sample();
+    let sha = hex::encode(Sha256::digest(&bytes));
+    let server = Server::start(http_response("200 OK", &bytes)).await;
+    let f = fetcher(Some(&server.ca()));
+    // The content arrives and passes the digest check; it is no real bundle, so the reader
+    // refuses it: proof that the bytes were downloaded in full.
+    match f.download(&server.url()).await {
+        Ok(got) => assert_eq!(got, bytes),
+        Err(e) => panic!("{e}"),
+    }
+    assert!(matches!(f.fetch("shop", &url_spec(&server.url(), &sha)).await, Err(FetchError::Bundle(_))));
+    assert!(matches!(f.fetch("shop", &url_spec(&server.url(), &"b".repeat(64))).await, Err(FetchError::DigestMismatch { .. })));
+
+    // Over the size limit (announced length, and streamed).
+    let mut small = fetcher(Some(&server.ca()));
+    small.max_bytes = 10;
+    assert!(matches!(small.download(&server.url()).await, Err(FetchError::TooLarge { .. })));
+
+    // Without the CA the server is not trusted.
+    let untrusted = fetcher(None);
+    match untrusted.download(&server.url()).await {
+        Err(FetchError::Http { message, .. }) => assert!(message.to_lowercase().contains("certificate") || message.contains("invalid peer"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn only_https_and_only_200() {
+    let f = fetcher(None);
+    for url in ["http://127.0.0.1:1/x", "ftp://h/x", "https:///x", "not a url"] {
+        assert!(matches!(f.download(url).await, Err(FetchError::NotHttps(_))), "{url}");
+    }
+    let server = Server::start(http_response("302 Found", b"")).await;
+    let f = fetcher(Some(&server.ca()));
+    match f.download(&server.url()).await {
+        Err(FetchError::Http { message, .. }) => assert!(message.contains("302"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+}
