@@ -41,7 +41,7 @@ struct Args {
     proc_root: PathBuf,
 
     /// Tasks worked on at once.
-    #[arg(long, env = "LIVEPATCH_MAX_PARALLEL_TASKS", default_value_t = 8)]
+    #[arg(long, alias = "concurrency", env = "LIVEPATCH_MAX_PARALLEL_TASKS", default_value_t = 8)]
     max_parallel_tasks: u16,
 
     /// Processes being patched or reverted at once (over all tasks).
@@ -61,7 +61,7 @@ struct Args {
     resync_seconds: u64,
 
     /// Largest accepted bundle, in bytes.
-    #[arg(long, env = "LIVEPATCH_BUNDLE_MAX_BYTES", default_value_t = fetch::DEFAULT_MAX_BYTES)]
+    #[arg(long, alias = "max-bundle-bytes", env = "LIVEPATCH_BUNDLE_MAX_BYTES", default_value_t = fetch::DEFAULT_MAX_BYTES)]
     bundle_max_bytes: usize,
 
     /// Timeout of an https bundle download, in seconds.
@@ -69,7 +69,7 @@ struct Args {
     bundle_url_timeout_seconds: u64,
 
     /// PEM file of extra CA certificates trusted for https bundle URLs (besides the system's).
-    #[arg(long, env = "LIVEPATCH_BUNDLE_CA_FILE")]
+    #[arg(long, alias = "bundle-ca", env = "LIVEPATCH_BUNDLE_CA_FILE")]
     bundle_ca_file: Option<PathBuf>,
 
     /// Log format: text or json.

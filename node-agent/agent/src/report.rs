@@ -285,7 +285,7 @@ mod tests {
     #[test]
     fn no_process() {
         let gone = Outcome::Gone { pid: 9, why: "exited".into() };
-        let v = apply_verdict("lp-1", &[gone.clone()], false);
+        let v = apply_verdict("lp-1", std::slice::from_ref(&gone), false);
         assert_eq!((v.phase, v.next, v.pids.len()), (TargetPhase::Pending, Next::Retry, 0));
         assert!(v.message.contains("pid 9 skipped: exited"));
         let v = apply_verdict("lp-1", &[], true);

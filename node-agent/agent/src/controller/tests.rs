@@ -223,6 +223,17 @@ async fn expect_get(handle: &mut ApiHandle, uri: &str, answer: Value) {
     respond(send, StatusCode::OK, &answer);
 }
 
+/// The pod, then the bundle's ConfigMap: the first two requests of every apply.
+async fn expect_pod_and_bundle(handle: &mut ApiHandle, pod: Value, bundle: &[u8]) {
+    expect_get(handle, POD, pod).await;
+    expect_get(handle, CONFIGMAP, configmap_json(bundle)).await;
+}
+
+/// The pod running the task's container.
+fn running_pod(labels: Value) -> Value {
+    pod_json(&format!("containerd://{ID}"), labels)
+}
+
 /// Expect a server-side apply of the task status; answer it; return the status sent.
 async fn expect_status(handle: &mut ApiHandle, task: &LivePatchTask) -> Value {
     let (method, uri, content_type, body, send) = next(handle).await;
@@ -270,8 +281,7 @@ async fn apply_patches_the_container_process_and_reports() {
     let t = task.clone();
     let (bundle, patch_id) = (setup.bundle.clone(), setup.patch_id());
     let (result, ctx) = reconcile_with(&setup, task, |mut h| async move {
-        expect_get(&mut h, POD, pod_json(&format!("containerd://{ID}"), json!({"app": "cart"}))).await;
-        expect_get(&mut h, CONFIGMAP, configmap_json(&bundle)).await;
+        expect_pod_and_bundle(&mut h, running_pod(json!({"app": "cart"})), &bundle).await;
         let pending = expect_status(&mut h, &t).await;
         assert_eq!(
             pending,
@@ -320,8 +330,7 @@ async fn after_an_agent_restart_nothing_is_applied_twice() {
     let t = task.clone();
     let (bundle, patch_id) = (setup.bundle.clone(), setup.patch_id());
     let (result, _) = reconcile_with(&setup, task, |mut h| async move {
-        expect_get(&mut h, POD, pod_json(&format!("containerd://{ID}"), json!({}))).await;
-        expect_get(&mut h, CONFIGMAP, configmap_json(&bundle)).await;
+        expect_pod_and_bundle(&mut h, running_pod(json!({})), &bundle).await;
         assert_eq!(expect_status(&mut h, &t).await["phase"], "Pending");
         let done = expect_status(&mut h, &t).await;
         assert_eq!(done["phase"], "Applied");
@@ -342,8 +351,7 @@ async fn data_layout_refusal_is_restart_required_and_labels_the_pod() {
     let t = task.clone();
     let bundle = setup.bundle.clone();
     let (result, ctx) = reconcile_with(&setup, task, |mut h| async move {
-        expect_get(&mut h, POD, pod_json(&format!("containerd://{ID}"), json!({"app": "cart"}))).await;
-        expect_get(&mut h, CONFIGMAP, configmap_json(&bundle)).await;
+        expect_pod_and_bundle(&mut h, running_pod(json!({"app": "cart"})), &bundle).await;
         expect_status(&mut h, &t).await;
         let done = expect_status(&mut h, &t).await;
         assert_eq!(done["phase"], "RestartRequired");
@@ -364,9 +372,8 @@ async fn a_new_container_that_is_patched_clears_the_label() {
     let t = task.clone();
     let bundle = setup.bundle.clone();
     let (result, _) = reconcile_with(&setup, task, |mut h| async move {
-        let labelled = pod_json(&format!("containerd://{ID}"), json!({"app": "cart", RESTART_REQUIRED_LABEL: "true"}));
-        expect_get(&mut h, POD, labelled.clone()).await;
-        expect_get(&mut h, CONFIGMAP, configmap_json(&bundle)).await;
+        let labelled = running_pod(json!({"app": "cart", RESTART_REQUIRED_LABEL: "true"}));
+        expect_pod_and_bundle(&mut h, labelled.clone(), &bundle).await;
         expect_status(&mut h, &t).await;
         assert_eq!(expect_status(&mut h, &t).await["phase"], "Applied");
         assert_eq!(expect_pod_label(&mut h, labelled).await, Value::Null, "label removed");
@@ -386,8 +393,7 @@ async fn blocked_is_retried_then_restart_required() {
     let t = task.clone();
     let bundle = setup.bundle.clone();
     let (result, _) = reconcile_with(&setup, task, |mut h| async move {
-        expect_get(&mut h, POD, pod_json(&format!("containerd://{ID}"), json!({}))).await;
-        expect_get(&mut h, CONFIGMAP, configmap_json(&bundle)).await;
+        expect_pod_and_bundle(&mut h, running_pod(json!({})), &bundle).await;
         let s = expect_status(&mut h, &t).await;
         assert_eq!((s["phase"].as_str(), s["reason"].as_str(), s["attempts"].as_i64()), (Some("Blocked"), Some("ProcedureActive"), Some(2)));
         h
@@ -400,8 +406,7 @@ async fn blocked_is_retried_then_restart_required() {
     let t = task.clone();
     let bundle = setup.bundle.clone();
     let (result, _) = reconcile_with(&setup, task, |mut h| async move {
-        expect_get(&mut h, POD, pod_json(&format!("containerd://{ID}"), json!({}))).await;
-        expect_get(&mut h, CONFIGMAP, configmap_json(&bundle)).await;
+        expect_pod_and_bundle(&mut h, running_pod(json!({})), &bundle).await;
         let s = expect_status(&mut h, &t).await;
         assert_eq!((s["phase"].as_str(), s["attempts"].as_i64()), (Some("RestartRequired"), Some(3)));
         assert_eq!(expect_pod_label(&mut h, pod_json("x", json!({}))).await, json!("true"));
@@ -446,7 +451,7 @@ async fn revert_leaves_a_newer_patch_alone() {
     let task = setup.task("Revert", 2, None);
     let t = task.clone();
     let (result, _) = reconcile_with(&setup, task, |mut h| async move {
-        expect_get(&mut h, POD, pod_json(&format!("containerd://{ID}"), json!({}))).await;
+        expect_get(&mut h, POD, running_pod(json!({}))).await;
         let s = expect_status(&mut h, &t).await;
         assert_eq!((s["phase"].as_str(), s["reason"].as_str()), (Some("Failed"), Some("PatchNotNewest")));
         assert!(s["message"].as_str().unwrap().contains("revert lp-0123456789ab first"));
@@ -503,8 +508,7 @@ async fn only_other_pods_processes_means_nothing_is_touched() {
     let t = task.clone();
     let bundle = setup.bundle.clone();
     let (result, ctx) = reconcile_with(&setup, task, |mut h| async move {
-        expect_get(&mut h, POD, pod_json(&format!("containerd://{ID}"), json!({}))).await;
-        expect_get(&mut h, CONFIGMAP, configmap_json(&bundle)).await;
+        expect_pod_and_bundle(&mut h, running_pod(json!({})), &bundle).await;
         let s = expect_status(&mut h, &t).await;
         assert_eq!((s["phase"].as_str(), s["reason"].as_str()), (Some("Pending"), Some("ContainerNotRunning")));
         h
@@ -523,8 +527,7 @@ async fn a_bundle_with_the_wrong_digest_is_refused() {
     let mut tampered = setup.bundle.clone();
     tampered[20] ^= 1;
     let (result, _) = reconcile_with(&setup, task, |mut h| async move {
-        expect_get(&mut h, POD, pod_json(&format!("containerd://{ID}"), json!({}))).await;
-        expect_get(&mut h, CONFIGMAP, configmap_json(&tampered)).await;
+        expect_pod_and_bundle(&mut h, running_pod(json!({})), &tampered).await;
         let s = expect_status(&mut h, &t).await;
         assert_eq!((s["phase"].as_str(), s["reason"].as_str()), (Some("Pending"), Some("BundleDigestMismatch")));
         assert!(s["message"].as_str().unwrap().contains("sha256 mismatch"), "{s}");
