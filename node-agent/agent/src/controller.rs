@@ -581,8 +581,14 @@ pub async fn run(
     let store = controller.store();
     let waiting = store.clone();
     tokio::spawn(async move {
-        if waiting.wait_until_ready().await.is_ok() {
-            ready();
+        // The store's readiness signal wakes only its latest waiter (the controller's runner):
+        // poll again now and then instead of waiting once.
+        loop {
+            match tokio::time::timeout(Duration::from_millis(500), waiting.wait_until_ready()).await {
+                Ok(Ok(())) => return ready(),
+                Ok(Err(_)) => return,
+                Err(_) => {}
+            }
         }
     });
     info!(%node, "starting the task controller");
