@@ -1,0 +1,237 @@
+//! The core updates, in all twelve builds (-O0 / -O2 / -O3 -fomit-frame-pointer, PIE and
+//! non-PIE, with and without --emit-relocs): a plain body change, a global counter whose state
+//! survives, new string literals and libc calls, a jump table, thread-local data, a changed
+//! callee called by a changed caller, and an unchanged callee.
+//!
+//! Every test checks what the target itself prints before the update, after it, and after the
+//! revert; that the program text changed only at the jump sites of the reported functions; and
+//! that the revert put every byte back.
+
+#[macro_use]
+mod support;
+
+use support::*;
+
+/// The common shape of every core test.
+fn update_and_revert(
+    v: Variant,
+    scenario: &str,
+    functions: &[&str],
+    never: &[&str],
+    before: &dyn Fn(&mut Target),
+    after: &dyn Fn(&mut Target),
+    reverted: &dyn Fn(&mut Target),
+) {
+    let old = compile(scenario, "v1", v);
+    let new = compile(scenario, "v2", v);
+    let bundle = build_bundle(&old, &new, &[]);
+    let mut t = Target::start(&old);
+    before(&mut t);
+
+    let text_before = text_snapshot(t.pid);
+    let applied = apply(t.pid, &bundle, IDLE).assert_ok().applied();
+    assert_functions(&applied.functions, functions);
+    for f in never {
+        assert!(
+            !applied.functions.iter().any(|g| g == f),
+            "{f} did not change but was patched: {:?}",
+            applied.functions
+        );
+    }
+    eprintln!("{scenario} {}: pause {} us", v.name(), applied.pause_us);
+    after(&mut t);
+    assert_not_traced(t.pid);
+    assert_no_wx(t.pid);
+    let entries = live_entries(t.pid, &old, &applied.functions);
+    assert_text_changed_only_at(&text_before, t.pid, &entries);
+
+    revert(t.pid, IDLE).assert_ok();
+    reverted(&mut t);
+    assert_not_traced(t.pid);
+    assert_text_unchanged(&text_before, t.pid);
+    t.expect("quit", "bye");
+}
+
+fn plain_body_change(v: Variant) {
+    update_and_revert(
+        v,
+        "plain",
+        &["compute"],
+        &[],
+        &|t| {
+            t.expect("call 5", "result v1 10");
+        },
+        &|t| {
+            t.expect("call 5", "result v2 15");
+            t.expect("call 7", "result v2 21");
+        },
+        &|t| {
+            t.expect("call 5", "result v1 10");
+        },
+    );
+}
+matrix_tests!(plain_body_change => plain_body_change);
+
+fn global_counter_survives(v: Variant) {
+    update_and_revert(
+        v,
+        "counter",
+        &["bump"],
+        &[],
+        &|t| {
+            t.expect("call", "v1 count=1 total=1");
+            t.expect("call", "v1 count=2 total=2");
+        },
+        &|t| {
+            // The state of v1 goes on: count was 2, v2 adds 100; total goes on by one.
+            t.expect("call", "v2 count=102 total=3");
+            t.expect("get", "count=102 total=3");
+            t.expect("call", "v2 count=202 total=4");
+        },
+        &|t| {
+            t.expect("call", "v1 count=203 total=5");
+            t.expect("get", "count=203 total=5");
+        },
+    );
+}
+matrix_tests!(global_counter_survives => global_counter_survives);
+
+fn new_literals_and_libc_calls(v: Variant) {
+    update_and_revert(
+        v,
+        "literals",
+        &["greet"],
+        &[],
+        &|t| {
+            t.expect("call world", "v1 hello world");
+        },
+        &|t| {
+            // New format string, and snprintf/strlen/getpid that v1 never imported.
+            let pid = t.pid;
+            t.expect(
+                "call world",
+                &format!("v2 greetings world (len 5, pid {pid})"),
+            );
+            t.expect(
+                "call live patching",
+                &format!("v2 greetings live patching (len 13, pid {pid})"),
+            );
+        },
+        &|t| {
+            t.expect("call world", "v1 hello world");
+        },
+    );
+}
+matrix_tests!(new_literals_and_libc_calls => new_literals_and_libc_calls);
+
+/// The commands of the jump-table checks: every case, the default, a negative argument.
+fn jumptable_commands() -> Vec<String> {
+    let mut cmds: Vec<String> = (0..=12).map(|op| format!("call {op} 7")).collect();
+    cmds.extend((0..=12).map(|op| format!("call {op} -3")));
+    cmds
+}
+
+fn answers(t: &mut Target, cmds: &[String]) -> Vec<String> {
+    cmds.iter().map(|c| t.ask(c)).collect()
+}
+
+fn jump_table(v: Variant) {
+    // What v1 and v2 answer, each from its own fresh process.
+    let cmds = jumptable_commands();
+    let want_v1 = answers(&mut Target::start(&compile("jumptable", "v1", v)), &cmds);
+    let want_v2 = answers(&mut Target::start(&compile("jumptable", "v2", v)), &cmds);
+    for (a, b) in want_v1.iter().zip(&want_v2) {
+        assert_ne!(a, b, "test premise: v1 and v2 must answer differently");
+    }
+    let check = |want: Vec<String>| {
+        let cmds = cmds.clone();
+        move |t: &mut Target| {
+            let got = answers(t, &cmds);
+            assert_eq!(got, want, "{}", t.context());
+        }
+    };
+    update_and_revert(
+        v,
+        "jumptable",
+        &["dispatch"],
+        &[],
+        &check(want_v1.clone()),
+        &check(want_v2),
+        &check(want_v1),
+    );
+}
+matrix_tests!(jump_table => jump_table);
+
+fn thread_local_data(v: Variant) {
+    update_and_revert(
+        v,
+        "tls",
+        &["tick"],
+        &["worker"],
+        &|t| {
+            t.expect("call", "v1 tls=1");
+            t.expect("tcall 1", "v1 tls=1");
+            t.expect("tcall 1", "v1 tls=2");
+        },
+        &|t| {
+            // Each thread's own counter goes on, and v2 reads tls_name, which v1's tick never did.
+            t.expect("call", "v2 main tls=11");
+            t.expect("tcall 1", "v2 w1 tls=12");
+            t.expect("tcall 2", "v2 w2 tls=10");
+            t.expect("get", "tls=11");
+        },
+        &|t| {
+            t.expect("call", "v1 tls=12");
+            t.expect("tcall 2", "v1 tls=11");
+        },
+    );
+}
+matrix_tests!(thread_local_data => thread_local_data);
+
+fn changed_callee_of_changed_caller(v: Variant) {
+    update_and_revert(
+        v,
+        "callee_changed",
+        &["leaf", "caller"],
+        &[],
+        &|t| {
+            t.expect("call 5", "v1 caller leaf=6");
+            t.expect("leaf 5", "leaf=6");
+        },
+        &|t| {
+            t.expect("call 5", "v2 caller leaf=500");
+            // main (unchanged) calls leaf through the jump at its old entry.
+            t.expect("leaf 5", "leaf=500");
+        },
+        &|t| {
+            t.expect("call 5", "v1 caller leaf=6");
+            t.expect("leaf 5", "leaf=6");
+        },
+    );
+}
+matrix_tests!(changed_callee_of_changed_caller => changed_callee_of_changed_caller);
+
+fn unchanged_callee(v: Variant) {
+    update_and_revert(
+        v,
+        "callee_unchanged",
+        &["caller", "banner"],
+        &["helper"],
+        &|t| {
+            t.expect("call 3", "v1 helper=10");
+            t.expect("stats", "calls=1");
+            t.expect("banner", "v1 banner");
+        },
+        &|t| {
+            // The new caller calls the live helper (at its v1 address), which keeps counting.
+            t.expect("call 3", "v2 helper=10 next=17 calls=3");
+            t.expect("stats", "calls=3");
+            t.expect("banner", "v2 banner calls=3 twice=6 thrice=9 sign=1");
+        },
+        &|t| {
+            t.expect("call 3", "v1 helper=10");
+            t.expect("stats", "calls=4");
+        },
+    );
+}
+matrix_tests!(unchanged_callee => unchanged_callee);
