@@ -142,6 +142,8 @@ pub struct ElfFile {
     /// Relocations kept by `--emit-relocs` against allocated sections, sorted by `at`.
     pub relocs: Vec<Reloc>,
     pub interp: Option<String>,
+    /// Addresses of unnamed data that code refers to (computed on first use).
+    anon_refs: std::sync::OnceLock<Vec<u64>>,
 }
 
 impl std::fmt::Debug for ElfFile {
@@ -298,6 +300,7 @@ impl ElfFile {
             relocs,
             interp,
             data: Vec::new(),
+            anon_refs: std::sync::OnceLock::new(),
         };
         drop(elf);
         f.data = data;
@@ -330,6 +333,39 @@ impl ElfFile {
                 off += ent;
             }
         }
+    }
+
+    /// A name for `s` comparable across builds: the bare name when it is unique in this file,
+    /// else qualified by its source file.
+    pub fn stable_key(&self, s: &Symbol) -> String {
+        let dup = self.symbols.iter().filter(|o| o.name == s.name && o.kind == s.kind).take(2).count() > 1;
+        if dup {
+            s.key()
+        } else {
+            s.name.clone()
+        }
+    }
+
+    /// Every address of unnamed, non-code data that some function refers to, sorted. Such
+    /// items (string literals, constants, jump tables) are delimited by the next one.
+    pub fn anon_refs(&self) -> &[u64] {
+        self.anon_refs.get_or_init(|| {
+            let mut v = Vec::new();
+            for f in self.functions() {
+                let Some(code) = self.read(f.addr, f.size as usize) else { continue };
+                for r in crate::arch::x86_64::decode_refs(code, f.addr).unwrap_or_default() {
+                    if r.kind == crate::arch::x86_64::RefKind::TpOff32 || f.contains(r.target) {
+                        continue;
+                    }
+                    if self.symbol_at(r.target).is_none() && self.section_at(r.target).is_some_and(|s| !s.is_exec()) {
+                        v.push(r.target);
+                    }
+                }
+            }
+            v.sort_unstable();
+            v.dedup();
+            v
+        })
     }
 
     pub fn build_id_hex(&self) -> Option<String> {

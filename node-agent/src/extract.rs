@@ -120,9 +120,40 @@ fn function_refs(elf: &ElfFile, f: &Symbol) -> Result<Vec<CodeRef>> {
         // With relocations, an absolute field is an address exactly when a relocation says so.
         let at: BTreeSet<u64> = relocs.iter().map(|r| r.at).collect();
         refs.retain(|r| !is_absolute(r.kind) || at.contains(&(f.addr + r.field_off as u64)));
+        // A thread-pointer offset carried by an immediate or displacement (`lea off(%rax)`).
+        for r in refs.iter_mut() {
+            let tls = relocs.iter().any(|x| x.at == f.addr + r.field_off as u64 && matches!(x.kind, R_X86_64_TPOFF32 | R_X86_64_GOTTPOFF));
+            if tls && r.field_size == 4 {
+                r.kind = RefKind::TpOff32;
+                r.target = r.target as u32 as i32 as i64 as u64;
+            }
+        }
         // A relocated field the decoder did not see would be a bug in our decoding: refuse.
         for r in relocs {
             let covered = refs.iter().any(|c| f.addr + c.field_off as u64 == r.at);
+            if !covered && matches!(r.kind, R_X86_64_TPOFF32 | R_X86_64_GOTTPOFF) {
+                // An offset from the thread pointer in an immediate or a displacement
+                // (`mov %fs:0,%rax; lea off(%rax)`): only the relocation shows it.
+                let off = (r.at - f.addr) as usize;
+                if let Some(b) = code.get(off..off + 4) {
+                    let v = i32::from_le_bytes(b.try_into().unwrap()) as i64 as u64;
+                    refs.push(CodeRef {
+                        ip: r.at,
+                        next_ip: r.at + 4,
+                        field_off: off,
+                        field_size: 4,
+                        kind: RefKind::TpOff32,
+                        target: v,
+                        is_mem: false,
+                        is_lea: false,
+                        is_branch: false,
+                        is_call: false,
+                        maybe_number: false,
+                        jump_table: false,
+                    });
+                    continue;
+                }
+            }
             if !covered && !matches!(r.kind, R_X86_64_NONE) {
                 return Err(Error::refused(format!(
                     "function {}: relocation of type {} at {:#x} does not match any decoded operand",
@@ -152,8 +183,11 @@ fn is_absolute(k: RefKind) -> bool {
 fn describe(elf: &ElfFile, f: &Symbol, r: &CodeRef) -> String {
     let t = r.target;
     if r.kind == RefKind::TpOff32 {
+        if t == 0 {
+            return "tp".into(); // reads the thread pointer itself
+        }
         return match tls_symbol(elf, t as i64) {
-            Some((s, off)) => format!("tls:{}+{off}", s.key()),
+            Some((s, off)) => format!("tls:{}+{off}", elf.stable_key(s)),
             None => format!("tls?{}", t as i64),
         };
     }
@@ -175,12 +209,13 @@ fn describe(elf: &ElfFile, f: &Symbol, r: &CodeRef) -> String {
 fn describe_addr(elf: &ElfFile, t: u64) -> String {
     if let Some(s) = elf.symbol_at(t) {
         if s.kind == SymKind::Func {
-            return format!("fn:{}+{}", s.key(), t - s.addr);
+            return format!("fn:{}+{}", elf.stable_key(s), t - s.addr);
         }
         // Read-only objects are compared by content (a lookup table of strings that changed
         // is a change); writable ones are state and compared by name.
         let ro = elf.sections.get(s.shndx).is_some_and(|x| !x.is_writable() && x.has_bits());
-        return if ro { format!("obj:{}+{}:{}", s.key(), t - s.addr, ro_fingerprint(elf, s)) } else { format!("obj:{}+{}", s.key(), t - s.addr) };
+        let k = elf.stable_key(s);
+        return if ro { format!("obj:{k}+{}:{}", t - s.addr, ro_fingerprint(elf, s)) } else { format!("obj:{k}+{}", t - s.addr) };
     }
     describe_leaf(elf, t)
 }
@@ -228,18 +263,21 @@ fn ro_fingerprint(elf: &ElfFile, s: &Symbol) -> String {
 /// What an address is, without looking into objects (no recursion).
 fn describe_leaf(elf: &ElfFile, t: u64) -> String {
     if let Some(s) = elf.symbol_at(t) {
-        return format!("{}:{}+{}", if s.kind == SymKind::Func { "fn" } else { "obj" }, s.key(), t - s.addr);
+        return format!("{}:{}+{}", if s.kind == SymKind::Func { "fn" } else { "obj" }, elf.stable_key(s), t - s.addr);
     }
     match elf.section_at(t) {
         Some(sec) if !sec.is_writable() && sec.has_bits() => {
-            // Anonymous read-only data (string literals, constants): compare the content.
-            let end = anon_end(elf, t, sec);
+            // Anonymous read-only data (string literals, constants): compare the content, up
+            // to the next item some code refers to.
+            let refs = elf.anon_refs();
+            let next = refs[refs.partition_point(|a| *a <= t)..].first().copied().unwrap_or(u64::MAX);
+            let end = anon_end(elf, t, sec).min(next).min(t + 256);
             let bytes = elf.read(t, (end - t) as usize).unwrap_or(&[]);
             let text = match bytes.iter().position(|&b| b == 0) {
                 Some(n) => &bytes[..=n],
-                None => &bytes[..bytes.len().min(64)],
+                None => bytes,
             };
-            format!("anon:{}:{}", sec.name, hex::encode(&text[..text.len().min(256)]))
+            format!("anon:{}:{}", sec.name, hex::encode(text))
         }
         Some(sec) => format!("anon-data:{}+{}", sec.name, t - sec.addr),
         None => format!("abs:{t:#x}"),
@@ -263,6 +301,22 @@ fn tls_symbol(elf: &ElfFile, tpoff: i64) -> Option<(&Symbol, i64)> {
         let start = tls.tpoff(tls_offset(tls, s.addr));
         (tpoff >= start && tpoff < start + s.size.max(1) as i64).then(|| (s, tpoff - start))
     })
+}
+
+/// Whether every thread-local variable of NEW that OLD has sits at the same offset, and the
+/// blocks have the same size (so thread-pointer offsets mean the same in both).
+fn same_tls_layout(old: &ElfFile, new: &ElfFile) -> bool {
+    match (&old.tls, &new.tls) {
+        (None, None) => true,
+        (Some(ot), Some(nt)) => {
+            let o = Side::new(old);
+            ot.tpoff(0) == nt.tpoff(0)
+                && new.symbols.iter().filter(|s| s.kind == SymKind::Tls).all(|ns| {
+                    o.matching(ns).is_some_and(|os| os.size == ns.size && ot.tpoff(tls_offset(ot, os.addr)) == nt.tpoff(tls_offset(nt, ns.addr)))
+                })
+        }
+        _ => false,
+    }
 }
 
 /// TLS symbol values are offsets in the TLS template in linked files; tolerate absolute ones.
@@ -308,7 +362,16 @@ pub fn diff(old: &ElfFile, new: &ElfFile) -> Result<Diff> {
         match o.matching(nf) {
             Some(of) => {
                 seen_old.insert(of.addr);
-                if of.size != nf.size || normalise(old, of)? != normalise(new, nf)? {
+                let (on, nn) = (normalise(old, of)?, normalise(new, nf)?);
+                if of.size != nf.size || on != nn {
+                    if std::env::var_os("LIVEPATCH_DEBUG_DIFF").is_some() {
+                        for (a, b) in on.1.iter().zip(nn.1.iter()).filter(|(a, b)| a != b).take(3) {
+                            eprintln!("{}: {a} != {b}", nf.name);
+                        }
+                        if on.0 != nn.0 {
+                            eprintln!("{}: masked code differs", nf.name);
+                        }
+                    }
                     d.changed_functions.push(FunctionChange {
                         name: nf.name.clone(),
                         old_addr: of.addr,
@@ -439,12 +502,14 @@ struct Builder<'a> {
     queue: Vec<u64>,
     /// Read-only chunks carried: start -> end (NEW SVMAs).
     rodata: BTreeMap<u64, u64>,
+    /// Anonymous items whose pointer words were already bound.
+    anon_scanned: BTreeSet<u64>,
     fixups: Vec<Fixup>,
 }
 
 impl<'a> Builder<'a> {
     fn new(old: &'a ElfFile, new: &'a ElfFile, diff: &'a Diff) -> Self {
-        Builder { old, new, o: Side::new(old), diff, funcs: BTreeMap::new(), queue: Vec::new(), rodata: BTreeMap::new(), fixups: Vec::new() }
+        Builder { old, new, o: Side::new(old), diff, funcs: BTreeMap::new(), queue: Vec::new(), rodata: BTreeMap::new(), anon_scanned: BTreeSet::new(), fixups: Vec::new() }
     }
 
     fn include(&mut self, f: &'a Symbol, kind: FunctionKind) {
@@ -487,6 +552,17 @@ impl<'a> Builder<'a> {
     fn bind(&mut self, f: &'a Symbol, r: &CodeRef) -> Result<()> {
         let at = f.addr + r.field_off as u64;
         let fix = |target: Target| Fixup { at, kind: r.kind, next_ip: r.next_ip, addend: 0, target };
+        if r.kind == RefKind::TpOff32 && r.target == 0 {
+            // The thread pointer itself: the code adds offsets to it that only relocations
+            // show. They are right as long as every thread-local variable keeps its offset.
+            if self.new.relocs.is_empty() && !same_tls_layout(self.old, self.new) {
+                return Err(Error::refused(format!(
+                    "function {} computes thread-local addresses and the thread-local layout changed; an offline restart is needed (or build with -Wl,--emit-relocs)",
+                    f.name
+                )));
+            }
+            return Ok(());
+        }
         if r.kind == RefKind::TpOff32 {
             let (ns, off) = tls_symbol(self.new, r.target as i64).ok_or_else(|| {
                 Error::refused(format!("function {}: thread-local access at {:#x} matches no TLS variable", f.name, r.ip))
@@ -633,6 +709,17 @@ impl<'a> Builder<'a> {
             Some(sec) if !sec.is_writable() && sec.has_bits() && !sec.is_exec() => {
                 let end = anon_end(new, t, sec);
                 self.carry(t, end, who)?;
+                // Absolute pointers in the item (a non-PIE jump table at -O0 is read with a
+                // plain `mov`): they must follow the code they point at.
+                let refs = new.anon_refs();
+                let item_end = refs[refs.partition_point(|a| *a <= t)..].first().copied().unwrap_or(end).min(end);
+                if self.anon_scanned.insert(t) {
+                    for (at, v) in pointer_words(new, t, item_end) {
+                        if let Ok(target) = self.classify_addr(v, from, who) {
+                            self.fixups.push(Fixup { at, kind: RefKind::Abs64, next_ip: 0, addend: 0, target });
+                        }
+                    }
+                }
                 Ok(Target::Mirror { svma: t })
             }
             Some(sec) if sec.is_exec() => {

@@ -42,18 +42,28 @@ impl Stopped {
     pub fn all(proc: &Process, timeout: Duration) -> Result<Stopped> {
         let mut s = Stopped { pid: proc.pid, threads: BTreeMap::new(), since: Instant::now() };
         let deadline = Instant::now() + timeout;
+        let mut first = true;
         loop {
-            let mut grew = false;
+            // Attach first (the threads keep running), then interrupt them all in one sweep:
+            // the pause starts with the first interrupt, not with the first attach.
+            let mut fresh = Vec::new();
             for tid in proc.threads()? {
-                if s.threads.contains_key(&tid) {
-                    continue;
+                if !s.threads.contains_key(&tid) && s.attach(tid)? {
+                    fresh.push(tid);
                 }
-                if s.seize(tid)? {
-                    grew = true;
+            }
+            if first {
+                s.since = Instant::now();
+                first = false;
+            }
+            for &tid in &fresh {
+                match ptrace::interrupt(pid(tid)) {
+                    Ok(()) | Err(Errno::ESRCH) => {}
+                    Err(e) => return Err(Error::ptrace("interrupt", tid, e)),
                 }
             }
             s.wait_stopped(deadline)?;
-            if !grew {
+            if fresh.is_empty() {
                 break;
             }
         }
@@ -86,8 +96,8 @@ impl Stopped {
         self.threads.keys().copied().collect()
     }
 
-    /// Attach and interrupt; false when the thread is already gone.
-    fn seize(&mut self, tid: i32) -> Result<bool> {
+    /// Attach without stopping; false when the thread is already gone.
+    fn attach(&mut self, tid: i32) -> Result<bool> {
         match ptrace::seize(pid(tid), OPTIONS) {
             Ok(()) => {}
             Err(Errno::ESRCH) => return Ok(false),
@@ -109,6 +119,14 @@ impl Stopped {
             }
         }
         self.threads.insert(tid, Thread::default());
+        Ok(true)
+    }
+
+    /// Attach and interrupt; false when the thread is already gone.
+    fn seize(&mut self, tid: i32) -> Result<bool> {
+        if !self.attach(tid)? {
+            return Ok(false);
+        }
         match ptrace::interrupt(pid(tid)) {
             Ok(()) | Err(Errno::ESRCH) => Ok(true),
             Err(e) => Err(Error::ptrace("interrupt", tid, e)),
@@ -118,40 +136,38 @@ impl Stopped {
     fn wait_stopped(&mut self, deadline: Instant) -> Result<()> {
         let mut spins = 0u32;
         loop {
-            let pending: Vec<i32> = self.threads.iter().filter(|(_, t)| !t.stopped).map(|(k, _)| *k).collect();
-            if pending.is_empty() {
+            if self.threads.values().all(|t| t.stopped) {
                 return Ok(());
             }
-            let mut progressed = false;
-            for tid in pending {
-                match waitpid(pid(tid), Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
-                    Ok(WaitStatus::StillAlive) => {}
-                    Ok(st) => {
-                        progressed = true;
-                        self.on_status(tid, st)?;
+            // Any of this thread's tracees (__WNOTHREAD: not another session's), one event per call.
+            match waitpid(None, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG | WaitPidFlag::__WNOTHREAD)) {
+                Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => {}
+                Ok(st) => {
+                    if let Some(p) = st.pid() {
+                        self.on_status(p.as_raw(), st)?;
+                        spins = 0;
+                        continue;
                     }
-                    Err(Errno::ECHILD) => {
-                        progressed = true;
-                        self.threads.remove(&tid);
-                    }
-                    Err(Errno::EINTR) => {}
-                    Err(e) => return Err(Error::ptrace("wait", tid, e)),
                 }
+                Err(Errno::ECHILD) => {
+                    // Nothing left to report: the threads we wait for are gone.
+                    self.threads.retain(|_, t| t.stopped);
+                    continue;
+                }
+                Err(e) => return Err(Error::ptrace("wait", self.pid, e)),
             }
-            if !progressed {
-                if Instant::now() > deadline {
-                    let tid = self.threads.iter().find(|(_, t)| !t.stopped).map(|(k, _)| *k).unwrap_or(0);
-                    return Err(Error::Process {
-                        pid: self.pid,
-                        msg: format!("thread {tid} did not stop in time (uninterruptible sleep?); retry later"),
-                    });
-                }
-                spins += 1;
-                if spins < 200 {
-                    std::thread::yield_now();
-                } else {
-                    std::thread::sleep(Duration::from_micros(50));
-                }
+            if Instant::now() > deadline {
+                let tid = self.threads.iter().find(|(_, t)| !t.stopped).map(|(k, _)| *k).unwrap_or(0);
+                return Err(Error::Process {
+                    pid: self.pid,
+                    msg: format!("thread {tid} did not stop in time (uninterruptible sleep?); retry later"),
+                });
+            }
+            spins += 1;
+            if spins < 200 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
             }
         }
     }

@@ -147,8 +147,44 @@ impl Stack {
     }
 }
 
+/// Stack reads come in small, nearby pieces: serve them from one larger read (fewer system
+/// calls while the target is stopped).
+struct Cached<'a> {
+    inner: &'a dyn MemoryReader,
+    window: std::cell::RefCell<(u64, Vec<u8>)>,
+}
+
+const WINDOW: usize = 2048;
+
+impl MemoryReader for Cached<'_> {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
+        {
+            let w = self.window.borrow();
+            if addr >= w.0 && addr.saturating_add(buf.len() as u64) <= w.0 + w.1.len() as u64 {
+                let off = (addr - w.0) as usize;
+                buf.copy_from_slice(&w.1[off..off + buf.len()]);
+                return Ok(());
+            }
+        }
+        if buf.len() <= WINDOW {
+            let base = addr & !7;
+            if let Ok(v) = self.inner.read_vec(base, WINDOW) {
+                let off = (addr - base) as usize;
+                if off + buf.len() <= v.len() {
+                    buf.copy_from_slice(&v[off..off + buf.len()]);
+                    *self.window.borrow_mut() = (base, v);
+                    return Ok(());
+                }
+            }
+        }
+        self.inner.read(addr, buf)
+    }
+}
+
 /// Unwind one thread given its registers.
 pub fn unwind(regs: &Regs, modules: &Modules, mem: &dyn MemoryReader, maps: &[Mapping]) -> Stack {
+    let cached = Cached { inner: mem, window: std::cell::RefCell::new((0, Vec::new())) };
+    let mem: &dyn MemoryReader = &cached;
     let mut r: [Option<u64>; 17] = [None; 17];
     let vals = [regs.rax, regs.rdx, regs.rcx, regs.rbx, regs.rsi, regs.rdi, regs.rbp, regs.rsp, regs.r8, regs.r9, regs.r10, regs.r11, regs.r12, regs.r13, regs.r14, regs.r15, regs.rip];
     for (i, v) in vals.iter().enumerate() {

@@ -131,7 +131,7 @@ pub fn decode_refs(code: &[u8], ip: u64) -> Result<Vec<CodeRef>, DecodeError> {
                     is_mem: true,
                     ..base.clone()
                 });
-            } else if insn.memory_base() == Register::None && dsize == 4 && !matches!(insn.memory_segment(), Register::FS | Register::GS) {
+            } else if dsize == 4 && !matches!(insn.memory_segment(), Register::FS | Register::GS) {
                 // Absolute disp32 (non-PIE): `mov eax, [addr]` or a jump table `jmp [tbl + rax*8]`.
                 out.push(CodeRef {
                     field_off,
@@ -140,8 +140,10 @@ pub fn decode_refs(code: &[u8], ip: u64) -> Result<Vec<CodeRef>, DecodeError> {
                     target: insn.memory_displacement64(),
                     is_mem: true,
                     is_branch: flow == FlowControl::IndirectBranch,
-                    jump_table: flow == FlowControl::IndirectBranch && insn.memory_index() != Register::None && insn.memory_index_scale() == 8,
-                    maybe_number: insn.memory_index() != Register::None && flow != FlowControl::IndirectBranch,
+                    jump_table: flow == FlowControl::IndirectBranch && insn.memory_base() == Register::None && insn.memory_index() != Register::None && insn.memory_index_scale() == 8,
+                    // With a base or index register the displacement may be an offset, or the
+                    // absolute base of an array (non-PIE): decided by the caller.
+                    maybe_number: (insn.memory_base() != Register::None || insn.memory_index() != Register::None) && flow != FlowControl::IndirectBranch,
                     ..base.clone()
                 });
             }
