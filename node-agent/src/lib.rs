@@ -16,6 +16,7 @@
 //! Architecture specifics live in [`arch`], one module per ISA, always compiled.
 pub mod arch;
 pub mod bundle;
+pub mod cancel;
 pub mod elf;
 pub mod error;
 pub mod extract;

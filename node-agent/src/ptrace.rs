@@ -20,6 +20,8 @@ pub type Regs = libc::user_regs_struct;
 #[derive(Debug, Default, Clone)]
 struct Thread {
     stopped: bool,
+    /// Its last stop was a SIGTRAP signal stop (a breakpoint or single-step).
+    trapped: bool,
     /// A signal that arrived while we held the thread; delivered again on detach.
     pending: Option<Signal>,
 }
@@ -200,6 +202,7 @@ impl Stopped {
     fn mark_stopped(&mut self, tid: i32, sig: Option<Signal>) {
         let t = self.threads.entry(tid).or_default();
         t.stopped = true;
+        t.trapped = sig == Some(Signal::SIGTRAP);
         if sig.is_some() && sig != Some(Signal::SIGSTOP) && sig != Some(Signal::SIGTRAP) {
             t.pending = sig;
         }
@@ -322,6 +325,11 @@ impl Stopped {
         Ok(v)
     }
 
+    /// Whether the thread's last stop was a SIGTRAP (clears the mark).
+    pub fn take_trapped(&mut self, tid: i32) -> bool {
+        self.threads.get_mut(&tid).map(|t| std::mem::take(&mut t.trapped)).unwrap_or(false)
+    }
+
     /// Whether a SIGTRAP is queued for the thread (a breakpoint hit that has not been reported
     /// yet). Detaching with one queued would kill the target.
     pub fn sigtrap_pending(&self, tid: i32) -> bool {
@@ -348,6 +356,7 @@ impl Stopped {
         match ptrace::cont(pid(tid), sig) {
             Ok(()) => {
                 t.stopped = false;
+                t.trapped = false;
                 Ok(())
             }
             Err(Errno::ESRCH) => {
@@ -437,7 +446,7 @@ impl Stopped {
                     return Ok(Some((tid, st)));
                 }
             }
-            if Instant::now() >= deadline {
+            if Instant::now() >= deadline || crate::cancel::cancelled() {
                 return Ok(None);
             }
             spins += 1;

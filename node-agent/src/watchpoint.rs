@@ -98,6 +98,7 @@ pub fn wait_inactive<'a>(v: &View, guarded: &[Guarded], timeout: Duration) -> Re
     let mut attempts = 0;
     loop {
         attempts += 1;
+        crate::cancel::check()?;
         v.proc.check_same()?;
         let stopped = Stopped::all(v.proc, Duration::from_secs(10))?;
         match find_activation(v, &stopped, guarded)? {

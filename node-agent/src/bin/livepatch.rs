@@ -101,6 +101,7 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LIVEPATCH_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
+    livepatch::cancel::install_handlers();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

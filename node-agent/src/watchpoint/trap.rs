@@ -195,6 +195,7 @@ pub fn trap_inactive(v: &View, guarded: &[Guarded], entries: &[Entry], timeout: 
     let mut attempts = 0;
     loop {
         attempts += 1;
+        crate::cancel::check()?;
         let (mut active, first) = activations(v, &s, guarded)?;
         if active.is_empty() {
             // Re-check with the exact rule used by the wait strategy.
@@ -238,6 +239,10 @@ pub fn trap_inactive(v: &View, guarded: &[Guarded], entries: &[Entry], timeout: 
 /// such thread report it (and rewind it off an int3) while it is still ours.
 fn consume_queued_traps(s: &mut Stopped, bps: &Breakpoints) -> Result<()> {
     for tid in s.tids() {
+        // Stopped on a breakpoint while we were stopping everyone: rewind it off an int3.
+        if s.take_trapped(tid) {
+            bps.hit(s, tid)?;
+        }
         for _ in 0..4 {
             if !s.sigtrap_pending(tid) {
                 break;
@@ -270,6 +275,7 @@ fn run_round(
     // Threads we cannot follow (no unwind information) are re-checked by polling.
     let round_end = if poll { (Instant::now() + Duration::from_millis(20)).min(deadline) } else { deadline };
     while !active.is_empty() && Instant::now() < round_end {
+        crate::cancel::check()?;
         let Some((tid, st)) = s.next_event(round_end)? else { break };
         match st {
             WaitStatus::Stopped(_, Signal::SIGTRAP) => {
