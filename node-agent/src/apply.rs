@@ -174,6 +174,7 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &Options) -> Result<Report> {
     let tm = Instant::now();
     let region = map::map_region(&proc, &mem, &maps, gadget, &format!("{}{patch_id}", crate::region::NAME_PREFIX), addr, &image)?;
     let map_us = tm.elapsed().as_micros() as u64;
+    crate::fault::point("mapped");
 
     // What must not be active: the old functions (the jump's bytes included) and any copies
     // of them that earlier patches carry.
@@ -201,6 +202,7 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &Options) -> Result<Report> {
             (w.stopped, w.attempts, w.waited)
         }
     };
+    crate::fault::point("stopped");
     let jumps = Jumps::write(&mem, &sites)?;
     if opts.strategy == Strategy::Trap {
         watchpoint::trap::move_held_threads(&stopped, &header.entries)?;

@@ -142,7 +142,7 @@ pub struct Manifest {
 pub struct Bundle {
     pub manifest: Manifest,
     pub blob: Vec<u8>,
-    /// sha256 of the file (hex).
+    /// sha256 of the whole file (hex), as `sha256sum` prints it.
     pub digest: String,
 }
 
@@ -218,7 +218,9 @@ impl Bundle {
             return Err(bad("blob length does not match the file size"));
         }
         let blob = body[mend + 8..].to_vec();
-        let b = Bundle { manifest, blob, digest: hex::encode(digest) };
+        // The identity is the sha256 of the whole file: what `sha256sum` prints and what a
+        // LivePatch pins. The trailer only guards the body against corruption.
+        let b = Bundle { manifest, blob, digest: hex::encode(Sha256::digest(bytes)) };
         b.validate()?;
         Ok(b)
     }

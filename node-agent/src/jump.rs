@@ -37,6 +37,9 @@ impl<'a> Jumps<'a> {
             }
             mem.write(s.at, &s.write)?;
             j.written.push((s.at, s.expect.clone()));
+            if j.written.len() == 1 && sites.len() > 1 {
+                crate::fault::point("jump");
+            }
         }
         Ok(j)
     }

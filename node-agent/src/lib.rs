@@ -20,6 +20,7 @@ pub mod cancel;
 pub mod elf;
 pub mod error;
 pub mod extract;
+pub mod fault;
 pub mod fixup;
 pub mod jump;
 pub mod map;

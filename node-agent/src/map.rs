@@ -160,6 +160,7 @@ pub fn map_region(proc: &Process, mem: &ProcMem, maps: &[Mapping], gadget: u64, 
     let len = image.len() as u64;
     let tid = injection_thread(proc)?;
     let mut t = Stopped::one(proc, tid, INJECT_TIMEOUT)?;
+    crate::fault::point("attached");
     let pid = proc.pid;
     let regs = t.regs(tid)?;
     // The name goes below the red zone of the stopped thread's stack.
@@ -195,6 +196,7 @@ pub fn map_region(proc: &Process, mem: &ProcMem, maps: &[Mapping], gadget: u64, 
         close(&mut t);
         return Err(e);
     }
+    crate::fault::point("injected");
     let r = t.syscall(tid, gadget, SYS_MMAP, [addr, len, PROT_READ | PROT_EXEC, MAP_SHARED | MAP_FIXED_NOREPLACE, fd as u64, 0]);
     close(&mut t);
     let r = r?;

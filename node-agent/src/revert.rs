@@ -87,6 +87,7 @@ pub fn revert(pid: i32, all: bool, strategy: Strategy, timeout: Duration) -> Res
             (w.stopped, w.attempts)
         }
     };
+    crate::fault::point("revert-stopped");
     let jumps = Jumps::write(&mem, &sites)?;
     jumps.commit();
     let since = stopped.since();

@@ -64,8 +64,8 @@ fn mutate(rng: &mut Rng, data: &mut Vec<u8>) {
     }
 }
 
-fn work() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("livepatch-fuzz-{}", std::process::id()));
+fn work(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("livepatch-fuzz-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     d
 }
@@ -93,7 +93,7 @@ fn seed_bundle(dir: &Path) -> Vec<u8> {
 
 #[test]
 fn bundle_reader_survives_mutations() {
-    let dir = work();
+    let dir = work("bundle");
     let seed = seed_bundle(&dir);
     assert!(Bundle::parse(&seed).is_ok());
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
@@ -121,7 +121,7 @@ fn bundle_reader_survives_mutations() {
 
 #[test]
 fn elf_reader_and_diff_survive_mutations() {
-    let dir = work();
+    let dir = work("elf");
     let a = cc(&dir, "a", SRC, &["-DVERSION=1"]);
     let b = cc(&dir, "b", SRC, &["-DVERSION=2"]);
     let old = ElfFile::open(&a).unwrap();

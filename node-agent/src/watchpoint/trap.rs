@@ -267,6 +267,7 @@ fn run_round(
     poll: bool,
 ) -> Result<()> {
     bps.arm_all(v, s)?;
+    crate::fault::point("trap-armed");
     for tid in s.tids() {
         if !held.contains(&tid) {
             s.resume(tid)?;
