@@ -5,7 +5,7 @@
 
 Checks what the issues require of the chart and what a schema validator cannot see:
 the agent DaemonSet has hostPID, exactly CAP_SYS_PTRACE, a read-only root filesystem and no
-host mounts; the operator has no host access at all and runs non-root; RBAC is exactly the
+host mount but the engine's lock directory; the operator has no host access at all and runs non-root; RBAC is exactly the
 least-privilege lists of docs/operator.md (operator) and of the agent's contract, with no
 wildcard anywhere. Prints one line per check; exits 1 on the first failed group with the
 reason.
@@ -42,18 +42,17 @@ OPERATOR_CLUSTER_RULES = {
 }
 OPERATOR_LEASE_RULES = {("coordination.k8s.io", "leases", v) for v in ("get", "create", "patch")}
 
-# The agent: docs/operator.md ("decided with the node agent") and the agent's code.
+# The agent, from docs/agent.md and its code (node-agent/agent/src): the task watch of its node, status by
+# server-side apply, bundles from ConfigMaps/Secrets, the pod watch of its node and the
+# restart-required label (merge patch). It writes no events.
 AGENT_RULES = {
-    ("livepatch.dev", "livepatchtasks", v) for v in ("get", "list", "watch")
+    ("livepatch.dev", "livepatchtasks", v) for v in ("list", "watch")
 } | {
-    ("livepatch.dev", "livepatchtasks/status", v) for v in ("get", "patch", "update")
-} | {
+    ("livepatch.dev", "livepatchtasks/status", "patch"),
     ("", "configmaps", "get"),
     ("", "secrets", "get"),
-    ("", "pods", "get"),
-    ("", "pods", "patch"),
 } | {
-    (g, "events", v) for g in ("", "events.k8s.io") for v in ("create", "patch")
+    ("", "pods", v) for v in ("get", "list", "watch", "patch")
 }
 
 HOST_FIELDS = ("hostPID", "hostNetwork", "hostIPC", "hostUsers")
@@ -144,7 +143,14 @@ def main():
     check(sc.get("runAsUser") == 0, "runAsUser: 0 (added capabilities are effective only for uid 0)")
     check((sc.get("seccompProfile") or {}).get("type") == "RuntimeDefault", "seccomp RuntimeDefault")
     check(not sc.get("procMount") or sc.get("procMount") == "Default", "default procMount")
-    check(host_paths(pod) == [], f"no hostPath volumes (got {host_paths(pod)})")
+    hp = [v for v in pod.get("volumes") or [] if "hostPath" in v]
+    if a.values == "default":
+        check([(v["hostPath"]["path"], v["hostPath"].get("type")) for v in hp] == [("/run/livepatch", "DirectoryOrCreate")],
+              f"one hostPath only: the engine's lock directory /run/livepatch (got {hp})")
+        mounts = [m for m in c.get("volumeMounts") or [] if m["name"] == hp[0]["name"]] if hp else []
+        check([m["mountPath"] for m in mounts] == ["/run/livepatch"], "lock directory mounted at /run/livepatch")
+    else:
+        check(hp == [], f"lockDir emptyDir: no hostPath at all (got {hp})")
     check(no_host_ports(pod), "no hostPort")
     e = env_of(c)
     check(e.get("NODE_NAME", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "spec.nodeName",
@@ -156,7 +162,8 @@ def main():
     check((c.get("resources") or {}).get("limits", {}).get("memory"), "memory limit")
     check(c.get("command") == ["/usr/local/bin/node-agent"], "runs /usr/local/bin/node-agent (the Dockerfile's path)")
     for m in c.get("volumeMounts") or []:
-        check(m.get("readOnly") is True, f"mount {m['name']} read-only")
+        if m["mountPath"] != "/run/livepatch":
+            check(m.get("readOnly") is True, f"mount {m['name']} read-only")
 
     # --- the operator Deployment
     (dep,) = by_kind["Deployment"]

@@ -110,25 +110,37 @@ component may override. */}}
 {{- end -}}
 {{- end -}}
 
-{{/* The agent's command-line flags (see docs/agent.md). */}}
+{{/* The agent's command-line flags (node-agent --help; docs/agent.md). */}}
 {{- define "livepatch.agent.args" -}}
 {{- $ag := .Values.agent -}}
 - --metrics-addr=0.0.0.0:{{ $ag.metrics.port }}
 - --log-format={{ .Values.logFormat }}
-{{- if $ag.concurrency }}
-- --concurrency={{ $ag.concurrency }}
+- --resync-seconds={{ $ag.resyncSeconds }}
+{{- with $ag.maxParallelTasks }}
+- --max-parallel-tasks={{ . }}
 {{- end }}
-{{- if $ag.maxBundleBytes }}
-- --max-bundle-bytes={{ $ag.maxBundleBytes | int64 }}
+{{- with $ag.maxParallelProcesses }}
+- --max-parallel-processes={{ . }}
 {{- end }}
+{{- with $ag.maxAttempts }}
+- --max-attempts={{ . }}
+{{- end }}
+{{- with $ag.retrySeconds }}
+- --retry-seconds={{ . }}
+{{- end }}
+{{- with $ag.bundleMaxBytes }}
+- --bundle-max-bytes={{ . | int64 }}
+{{- end }}
+{{- if $ag.bundleCA.configMapName }}
+- --bundle-ca-file=/etc/livepatch/bundle-ca/ca.crt
+{{- end }}
+{{- /* Bundle signatures: flags, not environment variables, so that an agent without
+signature support refuses to start instead of silently accepting unsigned bundles. */}}
 {{- if $ag.signatures.trustedKeys }}
 - --trusted-keys-dir=/etc/livepatch/trusted-keys
 {{- end }}
 {{- if $ag.signatures.enforce }}
 - --require-signature
-{{- end }}
-{{- if $ag.bundleCA.configMapName }}
-- --bundle-ca=/etc/livepatch/bundle-ca/ca.crt
 {{- end }}
 {{- end -}}
 
