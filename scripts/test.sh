@@ -30,6 +30,7 @@ step cargo-test cargo test --workspace --release
 if [ $QUICK = 0 ]; then
     step cluster-smoke bash tests/cluster/smoke.sh
     step containerd-smoke bash tests/cluster/containerd-smoke.sh
+    step chart bash tests/e2e/chart.sh
 fi
 
 echo
