@@ -49,10 +49,31 @@ impl Module {
     }
 }
 
-/// The unwind tables of every object mapped in a process.
+/// The unwind tables of every object mapped in a process, and the rows already evaluated:
+/// threads of one process mostly stand at the same few places, so each row is computed once
+/// (this is work done while the target is stopped).
 #[derive(Default)]
 pub struct Modules {
     pub modules: Vec<Module>,
+    rows: std::cell::RefCell<HashMap<u64, Result<Row, String>>>,
+}
+
+/// The part of a CFI row the unwinder uses.
+#[derive(Debug, Clone)]
+struct Row {
+    cfa_reg: u16,
+    cfa_off: i64,
+    rules: Vec<(usize, Rule)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Rule {
+    Undefined,
+    Same,
+    Offset(i64),
+    ValOffset(i64),
+    Register(u16),
+    Unsupported,
 }
 
 impl Modules {
@@ -98,7 +119,7 @@ impl Modules {
                 }
             }
         }
-        Modules { modules }
+        Modules { modules, rows: Default::default() }
     }
 
     fn find(&self, pc: u64) -> Option<&Module> {
@@ -233,11 +254,18 @@ pub fn unwind(regs: &Regs, modules: &Modules, mem: &dyn MemoryReader, maps: &[Ma
     stack
 }
 
-/// Go one frame up. Returns the CFA, or None at the outermost frame.
-fn step(r: &mut [Option<u64>; 17], first: bool, modules: &Modules, mem: &dyn MemoryReader, ctx: &mut UnwindContext<usize>) -> Result<Option<u64>, String> {
-    let pc = r[RA].ok_or("no program counter")?;
-    let m = modules.find(pc).ok_or_else(|| format!("no unwind information for {pc:#x}"))?;
-    let lookup = if first { pc } else { pc - 1 };
+/// The CFI row for a (lookup) address, evaluated once.
+fn row_for(modules: &Modules, lookup: u64, ctx: &mut UnwindContext<usize>) -> Result<Row, String> {
+    if let Some(r) = modules.rows.borrow().get(&lookup) {
+        return r.clone();
+    }
+    let r = compute_row(modules, lookup, ctx);
+    modules.rows.borrow_mut().insert(lookup, r.clone());
+    r
+}
+
+fn compute_row(modules: &Modules, lookup: u64, ctx: &mut UnwindContext<usize>) -> Result<Row, String> {
+    let m = modules.find(lookup).ok_or_else(|| format!("no unwind information for {lookup:#x}"))?;
     let svma = lookup.wrapping_sub(m.bias);
     let eh = EhFrame::new(&m.eh_frame, LittleEndian);
     let mut bases = BaseAddresses::default().set_eh_frame(m.eh_frame_svma).set_text(m.text_svma);
@@ -252,36 +280,48 @@ fn step(r: &mut [Option<u64>; 17], first: bool, modules: &Modules, mem: &dyn Mem
         }
         None => eh.fde_for_address(&bases, svma, EhFrame::cie_from_offset),
     }
-    .map_err(|e| format!("no FDE for {pc:#x} in {}: {e}", m.name))?;
-    let row = fde.unwind_info_for_address(&eh, &bases, ctx, svma).map_err(|e| format!("bad CFI at {pc:#x} in {}: {e}", m.name))?;
-    let cfa = match row.cfa() {
-        CfaRule::RegisterAndOffset { register, offset } => {
-            let base = r.get(register.0 as usize).copied().flatten().ok_or_else(|| format!("CFA register {} unknown at {pc:#x}", register.0))?;
-            (base as i64).wrapping_add(*offset) as u64
-        }
-        CfaRule::Expression(_) => return Err(format!("CFA expression at {pc:#x} in {}", m.name)),
+    .map_err(|e| format!("no FDE for {lookup:#x} in {}: {e}", m.name))?;
+    let row = fde.unwind_info_for_address(&eh, &bases, ctx, svma).map_err(|e| format!("bad CFI at {lookup:#x} in {}: {e}", m.name))?;
+    let (cfa_reg, cfa_off) = match row.cfa() {
+        CfaRule::RegisterAndOffset { register, offset } => (register.0, *offset),
+        CfaRule::Expression(_) => return Err(format!("CFA expression at {lookup:#x} in {}", m.name)),
     };
+    let mut rules = Vec::new();
+    for reg in [RBX, RBP, RA].into_iter().chain(R12..=R15) {
+        let rule = match row.register(gimli::Register(reg as u16)) {
+            RegisterRule::Undefined => Rule::Undefined,
+            RegisterRule::SameValue => Rule::Same,
+            RegisterRule::Offset(o) => Rule::Offset(o),
+            RegisterRule::ValOffset(o) => Rule::ValOffset(o),
+            RegisterRule::Register(x) => Rule::Register(x.0),
+            _ => Rule::Unsupported,
+        };
+        rules.push((reg, rule));
+    }
+    Ok(Row { cfa_reg, cfa_off, rules })
+}
+
+/// Go one frame up. Returns the CFA, or None at the outermost frame.
+fn step(r: &mut [Option<u64>; 17], first: bool, modules: &Modules, mem: &dyn MemoryReader, ctx: &mut UnwindContext<usize>) -> Result<Option<u64>, String> {
+    let pc = r[RA].ok_or("no program counter")?;
+    let lookup = if first { pc } else { pc - 1 };
+    let row = row_for(modules, lookup, ctx)?;
+    let base = r.get(row.cfa_reg as usize).copied().flatten().ok_or_else(|| format!("CFA register {} unknown at {pc:#x}", row.cfa_reg))?;
+    let cfa = (base as i64).wrapping_add(row.cfa_off) as u64;
     let old = *r;
     let read = |addr: u64| mem.read_u64(addr).map_err(|e| format!("cannot read stack at {addr:#x}: {e}"));
-    let mut regs_to_restore: Vec<usize> = vec![RBX, RBP, RA];
-    regs_to_restore.extend(R12..=R15);
-    for reg in regs_to_restore {
-        let rule = row.register(gimli::Register(reg as u16));
-        r[reg] = match rule {
-            RegisterRule::Undefined => {
-                if reg == RA {
-                    // An undefined return address marks the outermost frame (`_start`,
-                    // the thread entry in `clone`).
-                    return Ok(None);
-                }
-                old[reg]
-            }
-            RegisterRule::SameValue => old[reg],
-            RegisterRule::Offset(o) => Some(read((cfa as i64).wrapping_add(o) as u64)?),
-            RegisterRule::ValOffset(o) => Some((cfa as i64).wrapping_add(o) as u64),
-            RegisterRule::Register(x) => old.get(x.0 as usize).copied().flatten(),
-            _ if reg == RA => return Err(format!("return address expression at {pc:#x} in {}", m.name)),
-            _ => None,
+    for (reg, rule) in &row.rules {
+        let reg = *reg;
+        r[reg] = match *rule {
+            // An undefined return address marks the outermost frame (`_start`, the thread
+            // entry in `clone`); other undefined registers keep their value.
+            Rule::Undefined if reg == RA => return Ok(None),
+            Rule::Undefined | Rule::Same => old[reg],
+            Rule::Offset(o) => Some(read((cfa as i64).wrapping_add(o) as u64)?),
+            Rule::ValOffset(o) => Some((cfa as i64).wrapping_add(o) as u64),
+            Rule::Register(x) => old.get(x as usize).copied().flatten(),
+            Rule::Unsupported if reg == RA => return Err(format!("return address expression at {pc:#x}")),
+            Rule::Unsupported => None,
         };
     }
     r[RSP] = Some(cfa);
