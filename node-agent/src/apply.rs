@@ -72,6 +72,14 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &Options) -> Result<Report> {
     let patch_id = bundle.patch_id();
     let functions: Vec<String> = m.functions.iter().filter(|f| f.has_entry_jump()).map(|f| f.name.clone()).collect();
     let live: Vec<&Applied> = applied.iter().filter(|a| !a.orphan).collect();
+    // A livepatch process that died between two jumps leaves a patch only partly switched:
+    // neither "already applied" nor a base to stack on. Revert repairs it.
+    if let Some(a) = live.iter().find(|a| status::partly_switched(&mem, a)) {
+        return Err(Error::Other(format!(
+            "patch {} is only partly switched in process {pid} (a livepatch process died while writing its jumps); run `livepatch revert --pid {pid} --all` to restore the original code, then apply again",
+            a.header.patch_id
+        )));
+    }
     if live.iter().any(|a| a.header.patch_id == patch_id) {
         return Ok(Report {
             pid,
@@ -94,6 +102,7 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &Options) -> Result<Report> {
     for a in applied.iter().filter(|a| a.orphan) {
         let _ = map::unmap(pid, gadget, a.mapping.start, a.mapping.end - a.mapping.start);
     }
+    let _ = map::close_leaked_memfds(pid, gadget);
 
     // Check the live old code against the bundle and note what each entry holds now.
     let mut entries = Vec::new();

@@ -155,6 +155,36 @@ pub fn unmap(pid: i32, gadget: u64, base: u64, len: u64) -> Result<()> {
     Ok(())
 }
 
+/// Descriptors of the target that name one of our memfds. A mapped region keeps no descriptor
+/// (it is closed right after the mmap), so each of these was left by a livepatch process that
+/// died between memfd_create and close.
+pub fn leaked_memfds(pid: i32) -> Vec<u64> {
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return Vec::new() };
+    let prefix = format!("/memfd:{}", crate::region::NAME_PREFIX);
+    rd.filter_map(|e| {
+        let e = e.ok()?;
+        let link = std::fs::read_link(e.path()).ok()?;
+        let fd: u64 = e.file_name().to_str()?.parse().ok()?;
+        link.to_string_lossy().starts_with(&prefix).then_some(fd)
+    })
+    .collect()
+}
+
+/// Close the descriptors [`leaked_memfds`] finds (best effort).
+pub fn close_leaked_memfds(pid: i32, gadget: u64) -> Result<()> {
+    let fds = leaked_memfds(pid);
+    if fds.is_empty() {
+        return Ok(());
+    }
+    let proc = Process::open(pid)?;
+    let tid = injection_thread(&proc)?;
+    let mut t = Stopped::one(&proc, tid, INJECT_TIMEOUT)?;
+    for fd in fds {
+        t.syscall(tid, gadget, SYS_CLOSE, [fd, 0, 0, 0, 0, 0])?;
+    }
+    Ok(())
+}
+
 /// Create the memfd, fill it with `image`, and map it at `addr` read+execute.
 pub fn map_region(proc: &Process, mem: &ProcMem, maps: &[Mapping], gadget: u64, name: &str, addr: u64, image: &[u8]) -> Result<MappedRegion> {
     let len = image.len() as u64;

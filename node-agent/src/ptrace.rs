@@ -281,8 +281,12 @@ impl Stopped {
             Err(Error::Process { pid: self.pid, msg: "injected syscall kept being interrupted".into() })
         })();
         let restore = self.set_regs(tid, saved);
+        // The single-step left the thread in the signal-delivery-stop of its SIGTRAP: were we
+        // killed now, the kernel would deliver that SIGTRAP and kill the target.
+        let settle = self.settle(tid);
         let v = result?;
         restore?;
+        settle?;
         Ok(v)
     }
 
@@ -320,9 +324,60 @@ impl Stopped {
             Err(Error::Process { pid: self.pid, msg: "injected call kept being interrupted".into() })
         })();
         let restore = self.set_regs(tid, saved);
+        // Out of the SIGSEGV signal-delivery-stop of the return to address 0 (see settle).
+        let settle = self.settle(tid);
         let v = result?;
         restore?;
+        settle?;
         Ok(v)
+    }
+
+    /// Move a thread out of the signal-delivery-stop of a signal we caused (the SIGTRAP of a
+    /// single-step or of our breakpoint, the SIGSEGV that ends an injected call) into a plain
+    /// PTRACE_EVENT_STOP: it is resumed with no signal and interrupted before it returns to
+    /// user space, so it runs none of its code. A tracer that dies (SIGKILL) while a thread
+    /// rests in such a signal-delivery-stop makes the kernel deliver the signal, which kills
+    /// the target; from a PTRACE_EVENT_STOP it simply runs on. A real signal that arrives
+    /// meanwhile stops it first: that stop is kept (the signal is the target's own and is
+    /// delivered on detach, or by the kernel if we die).
+    pub fn settle(&mut self, tid: i32) -> Result<()> {
+        match ptrace::interrupt(pid(tid)) {
+            Ok(()) => {}
+            Err(Errno::ESRCH) => return Ok(()),
+            Err(e) => return Err(Error::ptrace("interrupt", tid, e)),
+        }
+        for _ in 0..16 {
+            match ptrace::cont(pid(tid), None) {
+                Ok(()) => {}
+                Err(Errno::ESRCH) => return Ok(()),
+                Err(e) => return Err(Error::ptrace("cont", tid, e)),
+            }
+            loop {
+                match waitpid(pid(tid), Some(WaitPidFlag::__WALL)) {
+                    Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => {
+                        self.threads.remove(&tid);
+                        return Err(Error::Process { pid: self.pid, msg: format!("thread {tid} exited") });
+                    }
+                    Ok(WaitStatus::Stopped(_, Signal::SIGTRAP)) => break, // another trap of ours: again
+                    Ok(WaitStatus::Stopped(_, sig)) => {
+                        let t = self.threads.entry(tid).or_default();
+                        t.pending = Some(sig);
+                        t.trapped = false;
+                        return Ok(());
+                    }
+                    Ok(_) => {
+                        // PTRACE_EVENT_STOP (or another event stop): nothing to deliver.
+                        if let Some(t) = self.threads.get_mut(&tid) {
+                            t.trapped = false;
+                        }
+                        return Ok(());
+                    }
+                    Err(Errno::EINTR) => continue,
+                    Err(e) => return Err(Error::ptrace("wait", tid, e)),
+                }
+            }
+        }
+        Err(Error::Process { pid: self.pid, msg: format!("thread {tid} would not settle in a stop") })
     }
 
     /// Whether the thread's last stop was a SIGTRAP (clears the mark).

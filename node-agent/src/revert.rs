@@ -36,6 +36,7 @@ pub fn revert(pid: i32, all: bool, strategy: Strategy, timeout: Duration) -> Res
     for o in &orphans {
         let _ = map::unmap(pid, gadget, o.mapping.start, o.mapping.end - o.mapping.start);
     }
+    let _ = map::close_leaked_memfds(pid, gadget);
     if live.is_empty() {
         return Err(status::nothing_applied(pid));
     }
@@ -48,15 +49,22 @@ pub fn revert(pid: i32, all: bool, strategy: Strategy, timeout: Duration) -> Res
                 continue; // a newer patch's entry already restores further back
             }
             let now = mem.read_vec(e.entry, JUMP_LEN)?;
+            let corrupt = |_| Error::Other("corrupt region header".into());
+            // `all`: back to the original; else to what was there before this patch.
+            let write = hex::decode(if all { &e.original } else { &e.previous }).map_err(corrupt)?;
             if jmp_rel32(e.entry, e.target).map(|j| j.to_vec()) != Some(now.clone()) {
+                // A livepatch process that died between two jumps (applying or reverting)
+                // leaves some entries on the bytes they had before this patch: nothing to
+                // undo there, the others are reverted.
+                if now == hex::decode(&e.previous).map_err(corrupt)? || now == write {
+                    continue;
+                }
                 return Err(Error::Other(format!(
                     "the entry of `{}` does not hold patch {}'s jump (someone changed it); not reverting",
                     e.name, a.header.patch_id
                 )));
             }
-            // `all`: back to the original; else to what was there before this patch.
-            let write = if all { &e.original } else { &e.previous };
-            sites.push(Site { name: e.name.clone(), at: e.entry, expect: now, write: hex::decode(write).map_err(|_| Error::Other("corrupt region header".into()))? });
+            sites.push(Site { name: e.name.clone(), at: e.entry, expect: now, write });
             functions.push(e.name.clone());
         }
     }

@@ -75,6 +75,12 @@ pub fn applied(mem: &dyn MemoryReader, maps: &[Mapping]) -> (Vec<Applied>, Vec<S
     (out, warnings)
 }
 
+/// A patch some of whose entries jump to it while others hold neither its jump nor a newer
+/// patch's: a livepatch process died between two jumps (applying or reverting).
+pub fn partly_switched(mem: &dyn MemoryReader, a: &Applied) -> bool {
+    !a.orphan && a.header.entries.iter().any(|e| entry_state(mem, &a.header, e) == "not-jumped")
+}
+
 pub fn entry_state(mem: &dyn MemoryReader, h: &Header, e: &region::Entry) -> &'static str {
     match mem.read_vec(e.entry, JUMP_LEN).ok().and_then(|b| decode_jmp_rel32(e.entry, &b)) {
         Some(t) if t == e.target => "active",
@@ -112,6 +118,16 @@ pub fn status(pid: i32) -> Result<Status> {
             state: if a.orphan { "orphan".into() } else { "applied".into() },
         })
         .collect();
+    for a in list.iter().filter(|a| partly_switched(&mem, a)) {
+        warnings.push(format!(
+            "patch {} is only partly switched (a livepatch process died while writing its jumps): run `livepatch revert --pid {pid} --all`",
+            a.header.patch_id
+        ));
+    }
+    let leaked = crate::map::leaked_memfds(pid).len();
+    if leaked > 0 {
+        warnings.push(format!("{leaked} descriptor(s) of a livepatch memfd left open by a livepatch process that died; the next apply or revert closes them"));
+    }
     let stacked = patches.iter().filter(|p| p.state == "applied").count();
     let restart_recommended = stacked > STACK_LIMIT;
     if restart_recommended {

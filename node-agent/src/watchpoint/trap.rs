@@ -240,16 +240,23 @@ pub fn trap_inactive(v: &View, guarded: &[Guarded], entries: &[Entry], timeout: 
 fn consume_queued_traps(s: &mut Stopped, bps: &Breakpoints) -> Result<()> {
     for tid in s.tids() {
         // Stopped on a breakpoint while we were stopping everyone: rewind it off an int3.
-        if s.take_trapped(tid) {
+        let mut trapped = s.take_trapped(tid);
+        if trapped {
             bps.hit(s, tid)?;
         }
         for _ in 0..4 {
             if !s.sigtrap_pending(tid) {
                 break;
             }
+            trapped = false;
             if let WaitStatus::Stopped(_, Signal::SIGTRAP) = s.run_until_stop(tid, false)? {
                 bps.hit(s, tid)?;
+                trapped = true;
             }
+        }
+        if trapped {
+            // Out of the SIGTRAP's signal-delivery-stop (see Stopped::settle).
+            s.settle(tid)?;
         }
     }
     Ok(())
@@ -287,7 +294,10 @@ fn run_round(
                     continue;
                 };
                 if entries.contains(&at) && !active.contains_key(&tid) {
-                    held.insert(tid); // about to enter old code: keep it here
+                    // About to enter old code: keep it here, out of the SIGTRAP's
+                    // signal-delivery-stop (were we killed, the kernel would deliver it).
+                    s.settle(tid)?;
+                    held.insert(tid);
                     continue;
                 }
                 if let Some(Some(exit)) = active.get(&tid) {
