@@ -28,6 +28,7 @@ pub mod process;
 pub mod ptrace;
 pub mod region;
 pub mod revert;
+pub mod signature;
 pub mod status;
 pub mod unwind;
 pub mod watchpoint;

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 use livepatch::bundle::Bundle;
 use livepatch::elf::ElfFile;
 use livepatch::extract;
+use livepatch::signature;
 use livepatch::watchpoint::Strategy;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -79,6 +80,32 @@ enum Cmd {
         timeout: f64,
         #[arg(long)]
         json: bool,
+    },
+    /// Make an ed25519 key pair for bundle signatures: PREFIX.key (private, mode 0600) and
+    /// PREFIX.pub (one base64 line: the value for the chart's agent.signatures.trustedKeys).
+    Keygen {
+        #[arg(long = "out")]
+        out: PathBuf,
+    },
+    /// Sign a bundle: a detached signature over its sha256, with the key id.
+    Sign {
+        bundle: PathBuf,
+        /// The private key (PREFIX.key from `livepatch keygen`).
+        #[arg(long)]
+        key: PathBuf,
+        /// Where the signature goes (default: BUNDLE.sig).
+        #[arg(short = 'o', long = "output")]
+        output: Option<PathBuf>,
+    },
+    /// Check a bundle's signature against trusted public keys (exit 0 only if it verifies).
+    Verify {
+        bundle: PathBuf,
+        /// The signature file (default: BUNDLE.sig).
+        #[arg(long)]
+        sig: Option<PathBuf>,
+        /// A public key file, or a directory of *.pub files.
+        #[arg(long)]
+        trusted: PathBuf,
     },
     /// Compile a small program in two versions, run the old one and update it live.
     Demo {
@@ -199,9 +226,55 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("reverted {} in process {pid}: {} (pause {} us); {} patch(es) remain", r.reverted.join(", "), r.functions.join(", "), r.pause_us, r.remaining);
             }
         }
+        Cmd::Keygen { out } => {
+            let (key, private, public) = signature::write_keypair(&out)?;
+            let vk = key.verifying_key();
+            println!("wrote {} (private, keep it secret) and {}", private.display(), public.display());
+            println!("key id     {}", signature::key_id(&vk));
+            println!("public key {}", signature::encode_public_key(&vk).trim_end());
+        }
+        Cmd::Sign { bundle, key, output } => {
+            let (key, open) = signature::read_private_key(&key).with_context(|| format!("reading the key {}", key.display()))?;
+            if open {
+                eprintln!("livepatch: warning: the private key file is readable by others (chmod 600 it)");
+            }
+            let b = Bundle::read(&bundle)?;
+            let digest: [u8; 32] = hex::decode(&b.digest)?.try_into().map_err(|_| anyhow::anyhow!("digest length"))?;
+            let sig = signature::sign(&key, &digest);
+            let output = output.unwrap_or_else(|| with_suffix(&bundle, ".sig"));
+            std::fs::write(&output, sig.to_text()).with_context(|| format!("writing {}", output.display()))?;
+            println!("signed {} (patch {} sha256 {}) with key {}: {}", bundle.display(), b.patch_id(), b.digest, sig.key_id, output.display());
+        }
+        Cmd::Verify { bundle, sig, trusted } => {
+            let keys = signature::TrustedKeys::load(&trusted)?;
+            if keys.is_empty() {
+                anyhow::bail!("no trusted key in {} (expected *.pub files)", trusted.display());
+            }
+            let sig_path = sig.unwrap_or_else(|| with_suffix(&bundle, ".sig"));
+            let meta = std::fs::metadata(&bundle).with_context(|| format!("reading {}", bundle.display()))?;
+            if meta.len() > livepatch::bundle::MAX_BUNDLE {
+                anyhow::bail!("{} is over the bundle size limit", bundle.display());
+            }
+            let bytes = std::fs::read(&bundle).with_context(|| format!("reading {}", bundle.display()))?;
+            let sig_meta = std::fs::metadata(&sig_path).with_context(|| format!("reading {}", sig_path.display()))?;
+            if sig_meta.len() > signature::MAX_FILE {
+                anyhow::bail!("{}: not a signature file ({} bytes)", sig_path.display(), sig_meta.len());
+            }
+            let sig_bytes = std::fs::read(&sig_path).with_context(|| format!("reading {}", sig_path.display()))?;
+            // The signature first: the bundle reader sees only signed bytes.
+            let ok = keys.verify_bundle(&bytes, &sig_bytes).with_context(|| format!("{} does not verify", sig_path.display()))?;
+            let b = Bundle::parse(&bytes)?;
+            println!("good signature: {} (patch {} sha256 {}) signed by key {} ({})", bundle.display(), b.patch_id(), b.digest, ok.key_id, ok.key_name);
+        }
         Cmd::Demo { keep } => livepatch::demo::run(keep)?,
     }
     Ok(())
+}
+
+fn with_suffix(path: &std::path::Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
 }
 
 fn secs(s: f64) -> anyhow::Result<Duration> {
