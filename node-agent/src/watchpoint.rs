@@ -100,8 +100,12 @@ pub fn wait_inactive<'a>(v: &View, guarded: &[Guarded], timeout: Duration) -> Re
         attempts += 1;
         crate::cancel::check()?;
         v.proc.check_same()?;
+        let t0 = Instant::now();
         let stopped = Stopped::all(v.proc, Duration::from_secs(10))?;
-        match find_activation(v, &stopped, guarded)? {
+        let t1 = Instant::now();
+        let found = find_activation(v, &stopped, guarded)?;
+        tracing::debug!(threads = stopped.tids().len(), stop_us = (t1 - t0).as_micros() as u64, check_us = t1.elapsed().as_micros() as u64, "stack check");
+        match found {
             None => return Ok(Waited { stopped, attempts, waited: start.elapsed(), _v: Default::default() }),
             Some(a) => {
                 drop(stopped);
