@@ -230,6 +230,17 @@ def main():
         check(len(subj) == 1 and subj[0]["kind"] == "ServiceAccount" and subj[0]["namespace"] == ns,
               f"{b['kind']}/{b['metadata']['name']}: bound to one ServiceAccount of {ns}")
 
+    # --- the agent's pod patches: only the restart-required label (ValidatingAdmissionPolicy)
+    vap = by_kind.get("ValidatingAdmissionPolicy", [])
+    vapb = by_kind.get("ValidatingAdmissionPolicyBinding", [])
+    sa = ds["spec"]["template"]["spec"]["serviceAccountName"]
+    check(len(vap) == 1 and len(vapb) == 1 and vapb[0]["spec"]["policyName"] == vap[0]["metadata"]["name"]
+          and vapb[0]["spec"]["validationActions"] == ["Deny"], "admission policy + binding (Deny) on the agent's pod patches")
+    if vap:
+        cond = vap[0]["spec"]["matchConditions"][0]["expression"]
+        check(f'"system:serviceaccount:{ns}:{sa}"' in cond, f"policy keyed on the agent's service account ({cond})")
+        check(vap[0]["spec"]["failurePolicy"] == "Fail", "policy fails closed")
+
     # --- values-dependent extras
     if a.values == "custom":
         print("custom values:")

@@ -804,7 +804,27 @@ def s_rbac(t):
             wrong.append(f"{k.who} {'cannot' if allowed else 'CAN'} {verb} {res}{'/' + sub if sub else ''} in {ns or 'all namespaces'}")
     if wrong:
         raise Fail("RBAC differs from the least-privilege lists:\n  " + "\n  ".join(wrong))
-    return f"{len(expect)} permission checks with the chart's ServiceAccount tokens"
+    # What RBAC cannot narrow, the chart's ValidatingAdmissionPolicy does: the agent's
+    # "patch pods" is good for the restart-required label only.
+    t.kube.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "policy-probe", "namespace": APP_NS, "labels": {"app": "probe"}},
+                  "spec": {"nodeName": "no-such-node", "containers": [{"name": "app", "image": "registry.invalid/probe:1"}]}})
+    label = "livepatch.dev/restart-required"
+    probes = [
+        ("set the label", "merge", {"metadata": {"labels": {label: "true"}}}, None),
+        ("remove the label", "merge", {"metadata": {"labels": {label: None}}}, None),
+        ("change another label", "merge", {"metadata": {"labels": {"app": "evil"}}}, "only set livepatch.dev/restart-required=true"),
+        ("set the label to another value", "merge", {"metadata": {"labels": {label: "yes"}}}, "only set livepatch.dev/restart-required=true"),
+        ("change an image", "json", [{"op": "replace", "path": "/spec/containers/0/image", "value": "registry.invalid/evil:1"}], "may not change a pod's spec"),
+        ("add an annotation", "merge", {"metadata": {"annotations": {"x": "y"}}}, "may not change a pod's spec, annotations"),
+    ]
+    for what, kind, patch, denied in probes:
+        p = agk("patch", "pod", "policy-probe", "-n", APP_NS, "--type", kind, "-p", json.dumps(patch), check=False)
+        if denied is None and p.returncode != 0:
+            raise Fail(f"the agent cannot {what}: {p.stderr.strip()}")
+        if denied is not None and (p.returncode == 0 or denied not in p.stderr or "ValidatingAdmissionPolicy" not in p.stderr):
+            raise Fail(f"the agent could {what} (or was denied without the policy's message): {p.returncode} {p.stderr.strip()}")
+    t.kube("delete", "pod", "policy-probe", "-n", APP_NS, "--grace-period=0", "--force", check=False)
+    return f"{len(expect)} permission checks with the chart's ServiceAccount tokens; the agent's pod patches limited to the restart-required label ({len(probes)} probes)"
 
 
 @scenario("start", needs=["install"])
