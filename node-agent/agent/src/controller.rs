@@ -55,6 +55,8 @@ const FINAL_REASONS: &[&str] = &[
     "NoMatchingProcess",
     "BundleDoesNotFit",
     "BundleInvalid",
+    "BundleSignatureInvalid",
+    "BundleSignerUntrusted",
     "BundleTargetMismatch",
     "DataLayoutChanged",
     "LiveUpdateRefused",
@@ -211,7 +213,11 @@ enum PodCheck {
 fn check_pod(task: &LivePatchTask, pod: Option<Pod>, node: &str) -> PodCheck {
     let spec = &task.spec;
     let Some(pod) = pod else {
-        return PodCheck::Gone(format!("pod {} does not exist", spec.pod_name));
+        return PodCheck::Gone(format!(
+            "pod {} does not exist in namespace {} (a task reaches only pods of its own namespace)",
+            spec.pod_name,
+            task.namespace().unwrap_or_default()
+        ));
     };
     if pod.metadata.uid.as_deref() != Some(spec.pod_uid.as_str()) {
         return PodCheck::Gone(format!(
@@ -276,7 +282,10 @@ pub async fn reconcile(task: Arc<LivePatchTask>, ctx: Arc<Context>) -> Result<Ac
             work.finish(v, false, None).await
         }
         (TaskAction::Apply, PodCheck::Current(pod)) => work.apply(pod).await,
-        (TaskAction::Revert, PodCheck::Current(pod)) | (TaskAction::Revert, PodCheck::OtherContainer(pod, _)) => work.revert(pod).await,
+        (TaskAction::Revert, PodCheck::Current(pod)) => work.revert(pod, false).await,
+        // The pod's status no longer vouches for the container id: only processes whose cgroup
+        // names the pod are candidates.
+        (TaskAction::Revert, PodCheck::OtherContainer(pod, _)) => work.revert(pod, true).await,
     }
 }
 
@@ -317,12 +326,13 @@ impl<'a> Work<'a> {
         self.this_attempt() >= self.ctx.max_attempts
     }
 
-    fn query(&self, build_id: Option<String>) -> Result<Query, DiscoveryError> {
+    fn query(&self, build_id: Option<String>, pod_in_cgroup: bool) -> Result<Query, DiscoveryError> {
         Ok(Query {
             container_id: parse_container_id(&self.task.spec.container_id)?,
             pod_uid: self.task.spec.pod_uid.clone(),
             build_id,
             path: self.task.spec.target.path.clone(),
+            pod_in_cgroup,
         })
     }
 
@@ -405,12 +415,19 @@ impl<'a> Work<'a> {
     async fn apply(mut self, pod: Pod) -> Result<Action, Error> {
         let spec = &self.task.spec;
         let ns = self.task.namespace().unwrap_or_default();
+        // Fetch, digest and signature come before discovery: a refused bundle never leads to a
+        // process being looked at, let alone attached to.
         let bundle = match self.ctx.fetcher.fetch(&ns, &spec.bundle).await {
             Ok(b) => b,
             Err(e) => {
-                self.ctx.metrics.error("fetch");
-                let next = if self.last_attempt() { Next::Settled } else { Next::Retry };
-                let phase = if self.last_attempt() { TargetPhase::Failed } else { TargetPhase::Pending };
+                let next = if self.last_attempt() || e.is_final() { Next::Settled } else { Next::Retry };
+                let phase = if self.last_attempt() || e.is_signature() { TargetPhase::Failed } else { TargetPhase::Pending };
+                if e.is_signature() {
+                    self.ctx.metrics.error("signature");
+                    warn!(reason = e.reason(), error = %e, "bundle refused by the signature policy");
+                } else {
+                    self.ctx.metrics.error("fetch");
+                }
                 let v = Verdict::early(phase, e.reason(), format!("patch bundle: {e}"), next);
                 return self.finish(v, true, Some(&pod)).await;
             }
@@ -426,7 +443,7 @@ impl<'a> Work<'a> {
             );
             return self.finish(v, true, Some(&pod)).await;
         }
-        let query = match self.query(Some(bundle_build_id)) {
+        let query = match self.query(Some(bundle_build_id), false) {
             Ok(q) => q,
             Err(e) => return self.finish(Verdict::early(TargetPhase::Failed, "InvalidTask", e.to_string(), Next::Settled), true, Some(&pod)).await,
         };
@@ -459,8 +476,8 @@ impl<'a> Work<'a> {
         self.finish(verdict, worked, Some(&pod)).await
     }
 
-    async fn revert(self, pod: Pod) -> Result<Action, Error> {
-        let query = match self.query(Some(self.task.spec.target.build_id.clone())) {
+    async fn revert(self, pod: Pod, pod_in_cgroup: bool) -> Result<Action, Error> {
+        let query = match self.query(Some(self.task.spec.target.build_id.clone()), pod_in_cgroup) {
             Ok(q) => q,
             Err(e) => return self.finish(Verdict::early(TargetPhase::Failed, "InvalidTask", e.to_string(), Next::Settled), true, Some(&pod)).await,
         };
@@ -610,4 +627,4 @@ pub async fn run(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

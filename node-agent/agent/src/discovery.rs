@@ -44,6 +44,11 @@ pub struct Query {
     pub build_id: Option<String>,
     /// Absolute path of the executable inside the container, if the task names one.
     pub path: Option<String>,
+    /// The cgroup path must name the pod (its UID) above the container: set when nothing but
+    /// the task vouches for the container id (a revert of a container the pod's status no
+    /// longer names), so that an id of a container outside Kubernetes (`/docker/<id>`, a bare
+    /// `ctr run`) never reaches the engine.
+    pub pod_in_cgroup: bool,
 }
 
 /// A process of the container, as identified for the engine.
@@ -149,6 +154,12 @@ pub enum Membership {
 /// Classify `/proc/PID/cgroup` content (v1 `N:controllers:/path` lines and the v2 `0::/path`
 /// line) for container `id` of the pod `pod_uid`.
 pub fn membership(cgroup: &str, id: &str, pod_uid: &str) -> Membership {
+    classify(cgroup, id, pod_uid, false)
+}
+
+/// [`membership`]; with `pod_in_cgroup`, a path that names the container but no pod above it is
+/// not a member.
+pub fn classify(cgroup: &str, id: &str, pod_uid: &str, pod_in_cgroup: bool) -> Membership {
     let want_uid = normalize_uid(pod_uid);
     let mut member = false;
     for line in cgroup.lines() {
@@ -160,12 +171,12 @@ pub fn membership(cgroup: &str, id: &str, pod_uid: &str) -> Membership {
         let Some(at) = components.iter().position(|c| is_container_component(c, id)) else {
             continue;
         };
-        if let Some(uid) = components[..at].iter().rev().find_map(|c| pod_uid_of_component(c)) {
-            if uid != want_uid {
-                return Membership::OtherPod(uid);
-            }
+        match components[..at].iter().rev().find_map(|c| pod_uid_of_component(c)) {
+            Some(uid) if uid != want_uid => return Membership::OtherPod(uid),
+            Some(_) => member = true,
+            None if pod_in_cgroup => {}
+            None => member = true,
         }
-        member = true;
     }
     if member {
         Membership::Member
@@ -236,7 +247,7 @@ impl Discovery {
             let dir = self.pid_dir(pid);
             // A process that exits during the scan simply drops out.
             let Ok(cgroup) = fs::read_to_string(dir.join("cgroup")) else { continue };
-            match membership(&cgroup, &query.container_id, &query.pod_uid) {
+            match classify(&cgroup, &query.container_id, &query.pod_uid, query.pod_in_cgroup) {
                 Membership::NotMember => continue,
                 Membership::OtherPod(uid) => {
                     found.other_pod.push(Skipped {
@@ -304,7 +315,7 @@ impl Discovery {
             ));
         }
         let cgroup = fs::read_to_string(dir.join("cgroup")).map_err(|e| format!("process {}: cannot read its cgroup: {e}", target.pid))?;
-        match membership(&cgroup, &query.container_id, &query.pod_uid) {
+        match classify(&cgroup, &query.container_id, &query.pod_uid, query.pod_in_cgroup) {
             Membership::Member => {}
             Membership::OtherPod(uid) => return Err(format!("process {} belongs to pod {uid}", target.pid)),
             Membership::NotMember => return Err(format!("process {} is no longer in container {}", target.pid, query.container_id)),

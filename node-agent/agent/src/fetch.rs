@@ -1,5 +1,12 @@
 //! Fetch a patch bundle from where the task says (a ConfigMap or Secret key in the task's own
-//! namespace, or an https URL), refuse it unless its sha256 is the one in the spec, and parse it.
+//! namespace, or an https URL), refuse it unless its sha256 is the one in the spec, check its
+//! signature, and parse it.
+//!
+//! Signatures ([`livepatch::signature`]): the detached signature sits next to the bundle, under
+//! the key `<key>.sig` of the same ConfigMap or Secret, or at `<url>.sig`. A signature that is
+//! there must verify with a trusted key, whatever the policy; with `required` a bundle without
+//! one is refused too. All of it happens before the bundle reader sees the bytes, and so before
+//! any process is looked at.
 //!
 //! Limits: at most `max_bytes` (default 16 MiB) are read from any source; an URL must be https
 //! (no redirects are followed, the answer must be `200`), and the whole download must finish
@@ -18,7 +25,10 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::{client::legacy::Client as HttpClient, rt::TokioExecutor};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::{Api, Client};
-use livepatch::bundle::Bundle;
+use livepatch::{
+    bundle::Bundle,
+    signature::{self, SignatureError, TrustedKeys},
+};
 use livepatch_api::PatchBundle;
 use sha2::{Digest, Sha256};
 
@@ -50,6 +60,10 @@ pub enum FetchError {
     Kube(#[from] kube::Error),
     #[error("{0}")]
     Bundle(#[from] livepatch::Error),
+    #[error("the bundle from {source_name} is not signed (no {sig_source}) and this agent requires signed bundles (--require-signature): sign it with `livepatch sign` and store the signature there")]
+    Unsigned { source_name: String, sig_source: String },
+    #[error("the signature {sig_source} was refused: {error}")]
+    Signature { sig_source: String, error: SignatureError },
 }
 
 impl FetchError {
@@ -59,8 +73,45 @@ impl FetchError {
             FetchError::DigestMismatch { .. } => "BundleDigestMismatch",
             FetchError::TooLarge { .. } => "BundleTooLarge",
             FetchError::Bundle(_) => "BundleInvalid",
+            FetchError::Unsigned { .. } => "BundleUnsigned",
+            FetchError::Signature { error: SignatureError::Untrusted { .. }, .. } => "BundleSignerUntrusted",
+            FetchError::Signature { .. } => "BundleSignatureInvalid",
             _ => "BundleUnavailable",
         }
+    }
+
+    /// A refusal by the signature policy (the bundle itself was obtained).
+    pub fn is_signature(&self) -> bool {
+        matches!(self, FetchError::Unsigned { .. } | FetchError::Signature { .. })
+    }
+
+    /// Trying again does not help: the signature there does not verify (the bytes are pinned by
+    /// the spec's sha256, the trusted keys by the agent's start).
+    pub fn is_final(&self) -> bool {
+        matches!(self, FetchError::Signature { .. })
+    }
+}
+
+/// Which bundles are accepted, by signature.
+#[derive(Clone, Debug, Default)]
+pub struct Signatures {
+    /// The keys a signature must verify with.
+    pub trusted: TrustedKeys,
+    /// Refuse bundles without a signature.
+    pub required: bool,
+}
+
+/// Check the signature policy for `bytes` (the bundle, already size- and digest-checked).
+/// `sig`: the signature found next to it, if any. Returns the signing key, if signed.
+pub fn check_signature(policy: &Signatures, bytes: &[u8], sig: Option<&[u8]>, source: &str, sig_source: &str) -> Result<Option<signature::Verified>, FetchError> {
+    match sig {
+        None if policy.required => Err(FetchError::Unsigned { source_name: source.into(), sig_source: sig_source.into() }),
+        None => Ok(None),
+        Some(sig) => policy
+            .trusted
+            .verify_bundle(bytes, sig)
+            .map(Some)
+            .map_err(|error| FetchError::Signature { sig_source: sig_source.into(), error }),
     }
 }
 
@@ -70,6 +121,8 @@ pub struct Fetcher {
     https: HttpClient<Https, Empty<Bytes>>,
     pub max_bytes: usize,
     pub url_timeout: Duration,
+    /// The signature policy.
+    pub signatures: Signatures,
     cache: Mutex<Vec<(String, Arc<Bundle>)>>,
 }
 
@@ -115,11 +168,13 @@ impl Fetcher {
             https: HttpClient::builder(TokioExecutor::new()).build(connector),
             max_bytes: DEFAULT_MAX_BYTES,
             url_timeout: Duration::from_secs(60),
+            signatures: Signatures::default(),
             cache: Mutex::new(Vec::new()),
         }
     }
 
-    /// The bundle of `spec` for a task in `namespace`, verified and parsed.
+    /// The bundle of `spec` for a task in `namespace`: digest-checked, signature-checked (the
+    /// cache holds only bundles that passed both), parsed.
     pub async fn fetch(&self, namespace: &str, spec: &PatchBundle) -> Result<Arc<Bundle>, FetchError> {
         let expected = spec.sha256.to_ascii_lowercase();
         let source = source_name(namespace, spec)?;
@@ -127,7 +182,8 @@ impl Fetcher {
         if let Some(hit) = self.cache.lock().unwrap().iter().find(|(k, _)| *k == key) {
             return Ok(hit.1.clone());
         }
-        let bytes = match (&spec.config_map_ref, &spec.secret_ref, &spec.url) {
+        // The bundle, and the signature of a ConfigMap or Secret (read in the same object).
+        let (bytes, sig) = match (&spec.config_map_ref, &spec.secret_ref, &spec.url) {
             (Some(r), _, _) => {
                 let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), namespace);
                 let cm = api.get_opt(&r.name).await?.ok_or_else(|| FetchError::NotFound {
@@ -135,14 +191,17 @@ impl Fetcher {
                     namespace: namespace.into(),
                     name: r.name.clone(),
                 })?;
-                let binary = cm.binary_data.as_ref().and_then(|d| d.get(&r.key)).map(|b| b.0.clone());
-                let text = cm.data.as_ref().and_then(|d| d.get(&r.key)).map(|s| s.clone().into_bytes());
-                binary.or(text).ok_or_else(|| FetchError::MissingKey {
+                let get = |key: &str| {
+                    let binary = cm.binary_data.as_ref().and_then(|d| d.get(key)).map(|b| b.0.clone());
+                    binary.or_else(|| cm.data.as_ref().and_then(|d| d.get(key)).map(|s| s.clone().into_bytes()))
+                };
+                let bytes = get(&r.key).ok_or_else(|| FetchError::MissingKey {
                     kind: "ConfigMap",
                     namespace: namespace.into(),
                     name: r.name.clone(),
                     key: r.key.clone(),
-                })?
+                })?;
+                (bytes, get(&format!("{}.sig", r.key)))
             }
             (None, Some(r), _) => {
                 let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
@@ -151,17 +210,37 @@ impl Fetcher {
                     namespace: namespace.into(),
                     name: r.name.clone(),
                 })?;
-                secret.data.as_ref().and_then(|d| d.get(&r.key)).map(|b| b.0.clone()).ok_or_else(|| FetchError::MissingKey {
+                let get = |key: &str| secret.data.as_ref().and_then(|d| d.get(key)).map(|b| b.0.clone());
+                let bytes = get(&r.key).ok_or_else(|| FetchError::MissingKey {
                     kind: "Secret",
                     namespace: namespace.into(),
                     name: r.name.clone(),
                     key: r.key.clone(),
-                })?
+                })?;
+                (bytes, get(&format!("{}.sig", r.key)))
             }
-            (None, None, Some(url)) => self.download(url).await?,
+            (None, None, Some(url)) => (self.download(url).await?, None),
             (None, None, None) => return Err(FetchError::NoSource),
         };
-        let bundle = Arc::new(verify(&bytes, &expected, &source, self.max_bytes)?);
+        check_digest(&bytes, &expected, &source, self.max_bytes)?;
+        let sig_source = sig_source_name(namespace, spec)?;
+        let sig = match &spec.url {
+            // Only once the bundle is the one the spec pins.
+            Some(url) if spec.config_map_ref.is_none() && spec.secret_ref.is_none() => {
+                match self.get(&format!("{url}.sig"), signature::MAX_FILE as usize, true).await {
+                    Err(FetchError::TooLarge { size, limit }) => {
+                        let error = SignatureError::Malformed(format!("{size} bytes or more; a signature file is at most {limit}"));
+                        return Err(FetchError::Signature { sig_source, error });
+                    }
+                    other => other?,
+                }
+            }
+            _ => sig,
+        };
+        if let Some(signed) = check_signature(&self.signatures, &bytes, sig.as_deref(), &source, &sig_source)? {
+            tracing::info!(source = %source, key_id = %signed.key_id, key = %signed.key_name, "bundle signature verified");
+        }
+        let bundle = Arc::new(Bundle::parse(&bytes)?);
         let mut cache = self.cache.lock().unwrap();
         if cache.len() >= CACHE_ENTRIES {
             cache.remove(0);
@@ -172,14 +251,22 @@ impl Fetcher {
 
     /// GET an https URL, at most `max_bytes`, within `url_timeout`.
     async fn download(&self, url: &str) -> Result<Vec<u8>, FetchError> {
+        Ok(self.get(url, self.max_bytes, false).await?.expect("a missing file is an error here"))
+    }
+
+    /// GET an https URL, at most `limit` bytes, within `url_timeout`; `missing_ok`: a `404` is
+    /// `None`.
+    async fn get(&self, url: &str, limit: usize, missing_ok: bool) -> Result<Option<Vec<u8>>, FetchError> {
         let uri: hyper::Uri = url.parse().map_err(|_| FetchError::NotHttps(url.into()))?;
         if uri.scheme_str() != Some("https") || uri.host().is_none() {
             return Err(FetchError::NotHttps(url.into()));
         }
         let http = |message: String| FetchError::Http { url: url.into(), message };
-        let limit = self.max_bytes;
         let work = async {
             let response = self.https.get(uri).await.map_err(|e| http(format!("{e} ({e:?})")))?;
+            if missing_ok && response.status() == hyper::StatusCode::NOT_FOUND {
+                return Ok(None);
+            }
             if response.status() != hyper::StatusCode::OK {
                 return Err(http(format!("the server answered {}", response.status())));
             }
@@ -199,7 +286,7 @@ impl Fetcher {
                     out.extend_from_slice(data);
                 }
             }
-            Ok(out)
+            Ok(Some(out))
         };
         tokio::time::timeout(self.url_timeout, work)
             .await
@@ -213,6 +300,16 @@ fn source_name(namespace: &str, spec: &PatchBundle) -> Result<String, FetchError
         (Some(r), _, _) => Ok(format!("configmap {namespace}/{} key {}", r.name, r.key)),
         (None, Some(r), _) => Ok(format!("secret {namespace}/{} key {}", r.name, r.key)),
         (None, None, Some(url)) => Ok(format!("{url} (for namespace {namespace})")),
+        (None, None, None) => Err(FetchError::NoSource),
+    }
+}
+
+/// Where the signature of the bundle of `spec` is looked for (for messages).
+fn sig_source_name(namespace: &str, spec: &PatchBundle) -> Result<String, FetchError> {
+    match (&spec.config_map_ref, &spec.secret_ref, &spec.url) {
+        (Some(r), _, _) => Ok(format!("configmap {namespace}/{} key {}.sig", r.name, r.key)),
+        (None, Some(r), _) => Ok(format!("secret {namespace}/{} key {}.sig", r.name, r.key)),
+        (None, None, Some(url)) => Ok(format!("{url}.sig")),
         (None, None, None) => Err(FetchError::NoSource),
     }
 }
@@ -236,8 +333,14 @@ pub fn digest_matches(bytes: &[u8], expected: &str) -> Result<(), String> {
     Err(file)
 }
 
-/// Size limit, digest check, then parse.
+/// Size limit, digest check, then parse (no signature policy: see [`check_signature`]).
 pub fn verify(bytes: &[u8], expected_sha256: &str, source: &str, max_bytes: usize) -> Result<Bundle, FetchError> {
+    check_digest(bytes, expected_sha256, source, max_bytes)?;
+    Ok(Bundle::parse(bytes)?)
+}
+
+/// Size limit and digest check.
+pub fn check_digest(bytes: &[u8], expected_sha256: &str, source: &str, max_bytes: usize) -> Result<(), FetchError> {
     if bytes.len() > max_bytes {
         return Err(FetchError::TooLarge { size: bytes.len(), limit: max_bytes });
     }
@@ -245,8 +348,7 @@ pub fn verify(bytes: &[u8], expected_sha256: &str, source: &str, max_bytes: usiz
         expected: expected_sha256.into(),
         actual,
         source_name: source.into(),
-    })?;
-    Ok(Bundle::parse(bytes)?)
+    })
 }
 
 #[cfg(test)]

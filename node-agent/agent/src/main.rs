@@ -72,6 +72,17 @@ struct Args {
     #[arg(long, alias = "bundle-ca", env = "LIVEPATCH_BUNDLE_CA_FILE")]
     bundle_ca_file: Option<PathBuf>,
 
+    /// Trusted ed25519 public keys for bundle signatures: a directory of `*.pub` files (one
+    /// base64 line each, as `livepatch keygen` writes and the chart mounts), or one key file.
+    /// A bundle's signature (`<key>.sig` next to it in its ConfigMap or Secret, or `<url>.sig`)
+    /// is checked whenever it is present.
+    #[arg(long, env = "LIVEPATCH_TRUSTED_KEYS_DIR")]
+    trusted_keys_dir: Option<PathBuf>,
+
+    /// Refuse bundles that are not signed by a trusted key (needs --trusted-keys-dir).
+    #[arg(long, env = "LIVEPATCH_REQUIRE_SIGNATURE", default_value_t = false)]
+    require_signature: bool,
+
     /// Log format: text or json.
     #[arg(long, env = "LIVEPATCH_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -114,10 +125,31 @@ fn main() -> anyhow::Result<()> {
     if !fatal.is_empty() && !args.skip_preflight {
         anyhow::bail!("{} start-up check(s) failed: {}", fatal.len(), fatal.join("; "));
     }
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args))
+    let signatures = signature_policy(args.trusted_keys_dir.as_deref(), args.require_signature)?;
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args, signatures))
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+/// The signature policy from the flags; a key directory that cannot be read, a key that is not
+/// valid, or enforcement without any key stops the agent.
+fn signature_policy(dir: Option<&std::path::Path>, required: bool) -> anyhow::Result<fetch::Signatures> {
+    let trusted = match dir {
+        Some(dir) => livepatch::signature::TrustedKeys::load(dir).map_err(|e| anyhow::anyhow!("--trusted-keys-dir: {e}"))?,
+        None => Default::default(),
+    };
+    if required && trusted.is_empty() {
+        anyhow::bail!(
+            "--require-signature needs at least one trusted key (--trusted-keys-dir with *.pub files{}); without one every bundle would be refused",
+            dir.map(|d| format!(", {} has none", d.display())).unwrap_or_default()
+        );
+    }
+    info!(required, trusted = %trusted.ids(), "bundle signatures");
+    if !required && !trusted.is_empty() {
+        tracing::warn!("trusted keys are configured but signatures are not required: unsigned bundles are accepted (--require-signature)");
+    }
+    Ok(fetch::Signatures { trusted, required })
+}
+
+async fn run(args: Args, signatures: fetch::Signatures) -> anyhow::Result<()> {
     let client = kube::Client::try_default().await?;
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
@@ -137,6 +169,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut fetcher = Fetcher::new(client.clone(), fetch::tls_config(args.bundle_ca_file.as_deref())?);
     fetcher.max_bytes = args.bundle_max_bytes;
     fetcher.url_timeout = Duration::from_secs(args.bundle_url_timeout_seconds);
+    fetcher.signatures = signatures;
     let task_controller = controller::task_controller(client.clone(), &args.node_name);
     let store = task_controller.store();
     let mut ctx = Context::new(

@@ -253,6 +253,7 @@ fn patches_a_container_found_by_container_id_and_pod_uid() {
         pod_uid: pod_uid.clone(),
         build_id: Some(bundle.manifest.target.build_id.clone()),
         path: Some("/usr/local/bin/app".into()),
+        pod_in_cgroup: false,
     };
     let found = discovery.find(&query).unwrap();
     assert_eq!(found.targets.iter().map(|t| t.pid).collect::<Vec<_>>(), vec![task_pid], "{found:?}");

@@ -3,7 +3,7 @@
 //! `/proc` tree (discovery runs for real on it).
 
 use super::*;
-use crate::discovery::tests::{build_id, layouts, v1, Tree, ID, OTHER_UID, UID};
+use crate::discovery::tests::{build_id, layouts, v1, Tree, ID, OTHER_ID, OTHER_UID, UID};
 use http::{Request, Response, StatusCode};
 use kube::client::Body;
 use livepatch::{apply, bundle::Bundle, revert, status, watchpoint::Strategy};
@@ -21,7 +21,7 @@ const POD: &str = "/api/v1/namespaces/shop/pods/cart-a";
 const CONFIGMAP: &str = "/api/v1/namespaces/shop/configmaps/cart-fix";
 
 /// A valid bundle for `build_id` (one replaced function; the fake engine never runs it).
-fn bundle_bytes(build_id: &str) -> Vec<u8> {
+pub(crate) fn bundle_bytes(build_id: &str) -> Vec<u8> {
     let manifest: livepatch::bundle::Manifest = serde_json::from_value(json!({
         "format_version": 1, "arch": "x86_64",
         "target": {"build_id": build_id, "path": null, "pie": true},
@@ -112,6 +112,9 @@ struct Setup {
     tree: Tree,
     engine: Arc<FakeEngine>,
     bundle: Vec<u8>,
+    signatures: crate::fetch::Signatures,
+    /// Where discovery looks (the tree's proc root unless a test moves it).
+    proc_root: std::path::PathBuf,
 }
 
 impl Setup {
@@ -122,13 +125,16 @@ impl Setup {
         tree.process(1, &v1("/"), &exe, std::path::Path::new("/"));
         tree.process(4242, &layouts(ID, UID)[3].1, &exe, &root);
         tree.process(5555, &layouts(ID, OTHER_UID)[0].1, &exe, &root);
-        Setup { tree, engine: Arc::new(FakeEngine::default()), bundle: bundle_bytes(&build_id("/bin/true")) }
+        let proc_root = tree.proc_root();
+        Setup { tree, engine: Arc::new(FakeEngine::default()), bundle: bundle_bytes(&build_id("/bin/true")), signatures: Default::default(), proc_root }
     }
 
     fn context(&self, client: Client) -> Arc<Context> {
-        let fetcher = Fetcher::new(client.clone(), crate::fetch::tls_config(None).unwrap());
+        let mut fetcher = Fetcher::new(client.clone(), crate::fetch::tls_config(None).unwrap());
+        fetcher.signatures = self.signatures.clone();
         let (store, _writer) = kube::runtime::reflector::store();
-        let mut ctx = Context::new(client, NODE.into(), self.engine.clone(), self.tree.discovery(), fetcher, Arc::new(Metrics::default()), store);
+        let discovery = crate::discovery::Discovery::new(&self.proc_root);
+        let mut ctx = Context::new(client, NODE.into(), self.engine.clone(), discovery, fetcher, Arc::new(Metrics::default()), store);
         ctx.max_attempts = 3;
         Arc::new(ctx)
     }
@@ -570,4 +576,299 @@ fn pods_map_to_their_tasks() {
     let pod: Pod = serde_json::from_value(pod_json("x", json!({}))).unwrap();
     let refs = tasks_for_pod(&[task.clone(), Arc::new(other_ns)], &pod);
     assert_eq!(refs, vec![ObjectRef::from_obj(task.as_ref())]);
+}
+
+// ---- Trust: bundle signatures, and tasks that name what they must not reach. ----
+
+use livepatch::signature::{self, SigningKey};
+
+/// The ConfigMap with the bundle and, under `<key>.sig`, its signature (text).
+fn configmap_signed(bytes: &[u8], sig: &str) -> Value {
+    let mut cm = configmap_json(bytes);
+    cm["data"] = json!({"patch.lpatch.sig": sig});
+    cm
+}
+
+impl Setup {
+    /// Trust `keys`; `required`: refuse unsigned bundles.
+    fn trust(mut self, keys: &[&SigningKey], required: bool) -> Self {
+        self.signatures = crate::fetch::Signatures {
+            trusted: signature::TrustedKeys::new(keys.iter().enumerate().map(|(i, k)| (format!("key{i}.pub"), k.verifying_key()))),
+            required,
+        };
+        self
+    }
+
+    /// The signature of this setup's bundle by `key`.
+    fn signed_by(&self, key: &SigningKey) -> String {
+        signature::sign(key, &signature::sha256_of(&self.bundle)).to_text()
+    }
+}
+
+/// One apply reconcile whose bundle is refused by the signature policy: exactly the pod and the
+/// ConfigMap are read, then one status write (no "Applying" first: no process was looked at).
+async fn refused(setup: &Setup, configmap: Value) -> (Value, Action, Arc<Context>) {
+    let task = setup.task("Apply", 1, None);
+    let t = task.clone();
+    let written = Arc::new(Mutex::new(None));
+    let w = written.clone();
+    let (result, ctx) = reconcile_with(setup, task, |mut h| async move {
+        expect_get(&mut h, POD, running_pod(json!({}))).await;
+        expect_get(&mut h, CONFIGMAP, configmap).await;
+        w.lock().unwrap().replace(expect_status(&mut h, &t).await);
+        h
+    })
+    .await;
+    let status = written.lock().unwrap().take().expect("a status was written");
+    assert!(setup.engine.calls().is_empty(), "no engine call: {:?}", setup.engine.calls());
+    assert_eq!(status["phase"], "Failed", "{status}");
+    assert_eq!(status.get("pids"), None, "no process was looked at: {status}");
+    (status, result.unwrap(), ctx)
+}
+
+#[tokio::test]
+async fn with_enforcement_an_unsigned_bundle_is_refused_before_any_process_is_looked_at() {
+    let key = signature::generate().unwrap();
+    let mut setup = Setup::new().trust(&[&key], true);
+    // Discovery would fail loudly (ProcUnreadable) if it ran: it must not.
+    setup.proc_root = setup.tree.dir.path().join("no-such-proc");
+    let cm = configmap_json(&setup.bundle);
+    let (s, action, ctx) = refused(&setup, cm.clone()).await;
+    assert_eq!(s["reason"], "BundleUnsigned");
+    let message = s["message"].as_str().unwrap();
+    assert!(message.contains("not signed") && message.contains("configmap shop/cart-fix key patch.lpatch.sig") && message.contains("--require-signature"), "{message}");
+    // The signature may arrive later (a separate upload): retried while attempts remain...
+    assert_eq!(action, Action::requeue(Duration::from_secs(5)));
+    assert!(ctx.metrics.encode().contains("livepatch_agent_errors_total{kind=\"signature\"} 1"));
+    assert!(!ctx.metrics.encode().contains("kind=\"discovery\""));
+
+    // ... and final on the last one.
+    let cid = format!("containerd://{ID}");
+    let task = setup.task("Apply", 1, Some(json!({"observedGeneration": 1, "phase": "Failed", "reason": "BundleUnsigned", "containerId": cid, "attempts": 2})));
+    let t = task.clone();
+    let bundle = setup.bundle.clone();
+    let (result, _) = reconcile_with(&setup, task, |mut h| async move {
+        expect_pod_and_bundle(&mut h, running_pod(json!({})), &bundle).await;
+        let s = expect_status(&mut h, &t).await;
+        assert_eq!((s["phase"].as_str(), s["reason"].as_str(), s["attempts"].as_i64()), (Some("Failed"), Some("BundleUnsigned"), Some(3)));
+        h
+    })
+    .await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    assert!(setup.engine.calls().is_empty());
+}
+
+#[tokio::test]
+async fn with_enforcement_a_wrongly_signed_bundle_is_refused() {
+    let (key, other) = (signature::generate().unwrap(), signature::generate().unwrap());
+    let setup = Setup::new().trust(&[&key], true);
+    let good = setup.signed_by(&key);
+    let by_other = setup.signed_by(&other);
+    let other_id = signature::key_id(&other.verifying_key());
+    let key_id = signature::key_id(&key.verifying_key());
+    let for_another_bundle = signature::sign(&key, &[7; 32]).to_text();
+    let cases = [
+        // Signed with a key that is not trusted.
+        (by_other.clone(), "BundleSignerUntrusted", format!("signed with key {other_id}, which is not a trusted key")),
+        // Signed with another key, claiming the trusted key's id.
+        (by_other.replace(&other_id, &key_id), "BundleSignatureInvalid", "does not verify".to_string()),
+        // A valid signature of another bundle, put next to this one.
+        (for_another_bundle, "BundleSignatureInvalid", "for another bundle".to_string()),
+        // The signature line altered.
+        (good.replace("signature: ", "signature: AA"), "BundleSignatureInvalid", "malformed".to_string()),
+        // Not a signature at all.
+        ("-----BEGIN PGP SIGNATURE-----\n".to_string(), "BundleSignatureInvalid", "malformed".to_string()),
+    ];
+    for (sig, reason, words) in cases {
+        let (s, action, _) = refused(&setup, configmap_signed(&setup.bundle, &sig)).await;
+        assert_eq!(s["reason"], reason, "{s}");
+        let message = s["message"].as_str().unwrap();
+        assert!(message.contains(&words) && message.contains("configmap shop/cart-fix key patch.lpatch.sig"), "{message}");
+        // A signature that does not verify does not become valid later: final.
+        assert_eq!(action, Action::await_change(), "{reason}");
+        // And the next reconcile of that status sends nothing at all.
+        let settled = setup.task("Apply", 1, Some(json!({"observedGeneration": 1, "phase": "Failed", "reason": reason, "containerId": format!("containerd://{ID}"), "attempts": 1})));
+        let (result, _) = reconcile_with(&setup, settled, |h| async move { h }).await;
+        assert_eq!(result.unwrap(), Action::await_change());
+    }
+    assert!(setup.engine.calls().is_empty());
+}
+
+#[tokio::test]
+async fn with_enforcement_a_signed_bundle_is_applied() {
+    let (key, other) = (signature::generate().unwrap(), signature::generate().unwrap());
+    let setup = Setup::new().trust(&[&other, &key], true);
+    let task = setup.task("Apply", 1, None);
+    let t = task.clone();
+    let cm = configmap_signed(&setup.bundle, &setup.signed_by(&key));
+    let (result, _) = reconcile_with(&setup, task, |mut h| async move {
+        expect_get(&mut h, POD, running_pod(json!({}))).await;
+        expect_get(&mut h, CONFIGMAP, cm).await;
+        assert_eq!(expect_status(&mut h, &t).await["reason"], "Applying");
+        assert_eq!(expect_status(&mut h, &t).await["phase"], "Applied");
+        h
+    })
+    .await;
+    assert!(result.is_ok());
+    assert_eq!(setup.engine.calls(), vec!["status 4242", "apply 4242 Trap 30s"]);
+}
+
+#[tokio::test]
+async fn without_enforcement_a_bad_signature_is_refused_and_a_missing_one_is_not() {
+    let (key, other) = (signature::generate().unwrap(), signature::generate().unwrap());
+    // Keys configured, not required; and no keys at all: a signature that is there must verify.
+    for setup in [Setup::new().trust(&[&key], false), Setup::new()] {
+        let (s, action, _) = refused(&setup, configmap_signed(&setup.bundle, &setup.signed_by(&other))).await;
+        assert_eq!(s["reason"], "BundleSignerUntrusted");
+        assert_eq!(action, Action::await_change());
+    }
+    let setup = Setup::new().trust(&[&key], false);
+    let (s, _, _) = refused(&setup, configmap_signed(&setup.bundle, "garbage")).await;
+    assert_eq!(s["reason"], "BundleSignatureInvalid");
+
+    // Unsigned: accepted without enforcement.
+    let task = setup.task("Apply", 1, None);
+    let t = task.clone();
+    let bundle = setup.bundle.clone();
+    let (result, _) = reconcile_with(&setup, task, |mut h| async move {
+        expect_pod_and_bundle(&mut h, running_pod(json!({})), &bundle).await;
+        expect_status(&mut h, &t).await;
+        assert_eq!(expect_status(&mut h, &t).await["phase"], "Applied");
+        h
+    })
+    .await;
+    assert!(result.is_ok());
+    assert_eq!(setup.engine.calls(), vec!["status 4242", "apply 4242 Trap 30s"]);
+}
+
+/// The other namespace's pod `cart-b` (UID `OTHER_UID`, container `OTHER_ID`) runs on this node
+/// too (PID 6000, same executable). A task of namespace `shop` that names it in any way is
+/// never acted on: the agent reads the pod in the task's own namespace only, and every
+/// identifier the task gives (name, UID, container id) must be that pod's.
+#[tokio::test]
+async fn a_task_cannot_reach_a_pod_of_another_namespace() {
+    let setup = Setup::new();
+    let root = setup.tree.dir.path().join("rootfs");
+    setup.tree.process(6000, &layouts(OTHER_ID, OTHER_UID)[2].1, &root.join("usr/local/bin/app"), &root);
+    let theirs = format!("containerd://{OTHER_ID}");
+
+    // 1. The pod by its name and UID: not found in `shop`.
+    let mut task = (*setup.task("Apply", 1, None)).clone();
+    task.spec.pod_name = "cart-b".into();
+    task.spec.pod_uid = OTHER_UID.into();
+    task.spec.container_id = theirs.clone();
+    let task = Arc::new(task);
+    for action in [TaskAction::Apply, TaskAction::Revert] {
+        let mut task = (*task).clone();
+        task.spec.action = action;
+        let task = Arc::new(task);
+        let t = task.clone();
+        let (result, _) = reconcile_with(&setup, task, |mut h| async move {
+            let (method, uri, _, _, send) = next(&mut h).await;
+            assert_eq!((method.as_str(), uri.as_str()), ("GET", "/api/v1/namespaces/shop/pods/cart-b"));
+            let gone = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404});
+            respond(send, StatusCode::NOT_FOUND, &gone);
+            let s = expect_status(&mut h, &t).await;
+            let expected = if action == TaskAction::Apply { ("Pending", "ContainerNotCurrent") } else { ("Reverted", "PodGone") };
+            assert_eq!((s["phase"].as_str().unwrap(), s["reason"].as_str().unwrap()), expected);
+            assert!(s["message"].as_str().unwrap().contains("does not exist in namespace shop"), "{s}");
+            h
+        })
+        .await;
+        assert_eq!(result.unwrap(), Action::await_change());
+    }
+
+    // 2. A pod of `shop` by name, with the other pod's UID and container id: another pod.
+    let mut task = (*setup.task("Apply", 1, None)).clone();
+    task.spec.pod_uid = OTHER_UID.into();
+    task.spec.container_id = theirs.clone();
+    let t = Arc::new(task);
+    let task = t.clone();
+    let (result, _) = reconcile_with(&setup, task, |mut h| async move {
+        expect_get(&mut h, POD, running_pod(json!({}))).await;
+        let s = expect_status(&mut h, &t).await;
+        assert_eq!((s["phase"].as_str(), s["reason"].as_str()), (Some("Pending"), Some("ContainerNotCurrent")));
+        assert!(s["message"].as_str().unwrap().contains("is another pod now"), "{s}");
+        h
+    })
+    .await;
+    assert!(result.is_ok());
+
+    // 3. The right pod of `shop`, with the other pod's container id: not its container.
+    let mut task = (*setup.task("Apply", 1, None)).clone();
+    task.spec.container_id = theirs.clone();
+    let t = Arc::new(task);
+    let task = t.clone();
+    let (result, _) = reconcile_with(&setup, task, |mut h| async move {
+        expect_get(&mut h, POD, running_pod(json!({}))).await;
+        let s = expect_status(&mut h, &t).await;
+        assert_eq!((s["phase"].as_str(), s["reason"].as_str()), (Some("Pending"), Some("ContainerNotCurrent")));
+        h
+    })
+    .await;
+    assert!(result.is_ok());
+
+    // 4. The same as a revert (the pod's status does not vouch for the id, so discovery runs):
+    // the process's cgroup names the other pod, so it is refused and counted.
+    let mut task = (*setup.task("Revert", 2, None)).clone();
+    task.spec.container_id = theirs;
+    let t = Arc::new(task);
+    let task = t.clone();
+    let (result, ctx) = reconcile_with(&setup, task, |mut h| async move {
+        expect_get(&mut h, POD, running_pod(json!({}))).await;
+        let s = expect_status(&mut h, &t).await;
+        assert_eq!(s["phase"], "Reverted", "nothing of this pod runs the patch: {s}");
+        assert_eq!(s.get("pids"), None, "{s}");
+        h
+    })
+    .await;
+    assert!(result.is_ok());
+    assert!(ctx.metrics.encode().contains("livepatch_agent_errors_total{kind=\"isolation\"} 1"), "{}", ctx.metrics.encode());
+    assert!(setup.engine.calls().is_empty(), "{:?}", setup.engine.calls());
+}
+
+/// A revert task whose container id names a container outside Kubernetes (a cgroup with no pod
+/// in its path, like `/docker/<id>`) on a pod that no longer runs that container: the id is only
+/// the task's word, so the process is not a candidate.
+#[tokio::test]
+async fn a_revert_never_reaches_a_container_outside_kubernetes() {
+    let setup = Setup::new();
+    let root = setup.tree.dir.path().join("rootfs");
+    setup.tree.process(7000, &v1(&format!("/docker/{OTHER_ID}")), &root.join("usr/local/bin/app"), &root);
+    setup.engine.live.lock().unwrap().insert(7000, vec![setup.patch_id()]);
+    let mut task = (*setup.task("Revert", 2, None)).clone();
+    task.spec.container_id = format!("docker://{OTHER_ID}");
+    let t = Arc::new(task);
+    let task = t.clone();
+    let (result, _) = reconcile_with(&setup, task, |mut h| async move {
+        expect_get(&mut h, POD, running_pod(json!({}))).await;
+        let s = expect_status(&mut h, &t).await;
+        assert_eq!(s["phase"], "Reverted");
+        assert_eq!(s.get("pids"), None, "{s}");
+        h
+    })
+    .await;
+    assert!(result.is_ok());
+    assert!(setup.engine.calls().is_empty(), "{:?}", setup.engine.calls());
+}
+
+/// The pod a task names runs on another node (even though a process with its container id and
+/// UID is on this one): refused, nothing touched.
+#[tokio::test]
+async fn a_pod_on_another_node_is_refused() {
+    let setup = Setup::new();
+    let task = setup.task("Apply", 1, None);
+    let t = task.clone();
+    let mut elsewhere = running_pod(json!({}));
+    elsewhere["spec"]["nodeName"] = json!("node-2");
+    let (result, _) = reconcile_with(&setup, task, |mut h| async move {
+        expect_get(&mut h, POD, elsewhere).await;
+        let s = expect_status(&mut h, &t).await;
+        assert_eq!((s["phase"].as_str(), s["reason"].as_str()), (Some("Failed"), Some("PodOnAnotherNode")));
+        assert!(s["message"].as_str().unwrap().contains("runs on node \"node-2\""), "{s}");
+        h
+    })
+    .await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    assert!(setup.engine.calls().is_empty());
 }

@@ -66,7 +66,7 @@ pub(crate) fn build_id(path: &str) -> String {
 }
 
 fn query(build_id: Option<String>, path: Option<&str>) -> Query {
-    Query { container_id: ID.into(), pod_uid: UID.into(), build_id, path: path.map(String::from) }
+    Query { container_id: ID.into(), pod_uid: UID.into(), build_id, path: path.map(String::from), pod_in_cgroup: false }
 }
 
 fn underscored(uid: &str) -> String {
@@ -164,8 +164,14 @@ fn near_misses_are_not_members() {
     ] {
         assert_eq!(membership(&cgroup, ID, UID), Membership::NotMember, "{cgroup}");
     }
-    // `ctr run` without --cgroup: /<namespace>/<id>, no pod in the path: the id alone decides.
+    // `ctr run` without --cgroup: /<namespace>/<id>, no pod in the path: the id alone decides,
+    // unless the pod must be in the path (the id is only the task's word).
     assert_eq!(membership(&v2(&format!("/k8s.io/{ID}")), ID, UID), Membership::Member);
+    assert_eq!(classify(&v2(&format!("/k8s.io/{ID}")), ID, UID, true), Membership::NotMember);
+    assert_eq!(classify(&v1(&format!("/docker/{ID}")), ID, UID, true), Membership::NotMember);
+    for (name, cgroup) in layouts(ID, UID) {
+        assert_eq!(classify(&cgroup, ID, UID, true), Membership::Member, "{name}");
+    }
 }
 
 #[test]

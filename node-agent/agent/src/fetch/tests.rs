@@ -45,7 +45,8 @@ fn verify_refuses_before_parsing() {
 }
 
 /// A self-signed certificate for 127.0.0.1 (openssl), and a TLS server answering every
-/// connection with `response`.
+/// connection with `response`, except requests for `*.sig`, answered with `sig_response`
+/// (`404` with [`Server::start`]).
 struct Server {
     dir: tempfile::TempDir,
     port: u16,
@@ -53,6 +54,10 @@ struct Server {
 
 impl Server {
     async fn start(response: Vec<u8>) -> Server {
+        Server::start_with(response, http_response("404 Not Found", b"")).await
+    }
+
+    async fn start_with(response: Vec<u8>, sig_response: Vec<u8>) -> Server {
         use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
         let dir = tempfile::tempdir().unwrap();
         // A CA, and a server certificate for 127.0.0.1 signed by it (webpki refuses a
@@ -80,12 +85,14 @@ openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let acceptor = acceptor.clone();
-                let response = response.clone();
+                let (response, sig_response) = (response.clone(), sig_response.clone());
                 tokio::spawn(async move {
                     let Ok(mut tls) = acceptor.accept(tcp).await else { return };
                     let mut buf = vec![0u8; 4096];
-                    let _ = tls.read(&mut buf).await;
-                    let _ = tls.write_all(&response).await;
+                    let n = tls.read(&mut buf).await.unwrap_or(0);
+                    let line = String::from_utf8_lossy(&buf[..n]).lines().next().unwrap_or("").to_string();
+                    let answer = if line.contains(".sig ") { sig_response } else { response };
+                    let _ = tls.write_all(&answer).await;
                     let _ = tls.shutdown().await;
                 });
             }
@@ -160,4 +167,88 @@ async fn only_https_and_only_200() {
         Err(FetchError::Http { message, .. }) => assert!(message.contains("302"), "{message}"),
         other => panic!("{other:?}"),
     }
+}
+
+/// A real bundle (the controller tests' one), its signature by `key`, and a policy.
+fn signed_bundle(key: &signature::SigningKey) -> (Vec<u8>, String) {
+    let bytes = crate::controller::tests::bundle_bytes("ab");
+    let sig = signature::sign(key, &signature::sha256_of(&bytes)).to_text();
+    (bytes, sig)
+}
+
+fn policy(keys: &[&signature::SigningKey], required: bool) -> Signatures {
+    Signatures { trusted: TrustedKeys::new(keys.iter().map(|k| ("release.pub".to_string(), k.verifying_key()))), required }
+}
+
+#[test]
+fn the_signature_policy() {
+    let (k, other) = (signature::generate().unwrap(), signature::generate().unwrap());
+    let (bytes, sig) = signed_bundle(&k);
+    let check = |p: &Signatures, sig: Option<&str>| check_signature(p, &bytes, sig.map(str::as_bytes), "configmap shop/fix key b", "configmap shop/fix key b.sig");
+    // Signed by a trusted key: accepted, with or without enforcement.
+    for required in [true, false] {
+        let ok = check(&policy(&[&other, &k], required), Some(&sig)).unwrap().expect("verified");
+        assert_eq!(ok.key_id, signature::key_id(&k.verifying_key()));
+    }
+    // Unsigned: refused only with enforcement.
+    match check(&policy(&[&k], true), None) {
+        Err(e @ FetchError::Unsigned { .. }) => {
+            assert_eq!(e.reason(), "BundleUnsigned");
+            assert!(e.is_signature() && !e.is_final());
+            assert!(e.to_string().contains("configmap shop/fix key b.sig") && e.to_string().contains("--require-signature"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(check(&policy(&[&k], false), None).unwrap(), None);
+    assert_eq!(check(&Signatures::default(), None).unwrap(), None);
+    // A signature that is there must verify, enforcement or not, keys or not.
+    for p in [policy(&[&other], true), policy(&[&other], false), Signatures::default()] {
+        let e = check(&p, Some(&sig)).unwrap_err();
+        assert_eq!(e.reason(), "BundleSignerUntrusted", "{e}");
+        assert!(e.is_final());
+    }
+    for p in [policy(&[&k], true), policy(&[&k], false)] {
+        assert_eq!(check(&p, Some("garbage")).unwrap_err().reason(), "BundleSignatureInvalid");
+        let (_, for_another) = signed_bundle(&k);
+        let another = for_another.replace(&hex::encode(signature::sha256_of(&bytes)), &"ab".repeat(32));
+        let e = check(&p, Some(&another)).unwrap_err();
+        assert_eq!(e.reason(), "BundleSignatureInvalid");
+        assert!(e.to_string().contains("another bundle"), "{e}");
+    }
+}
+
+#[tokio::test]
+async fn url_bundles_are_signed_at_url_dot_sig() {
+    let (k, other) = (signature::generate().unwrap(), signature::generate().unwrap());
+    let (bytes, sig) = signed_bundle(&k);
+    let sha = hex::encode(Sha256::digest(&bytes));
+
+    // The signature is downloaded from <url>.sig and checked.
+    let server = Server::start_with(http_response("200 OK", &bytes), http_response("200 OK", sig.as_bytes())).await;
+    let mut f = fetcher(Some(&server.ca()));
+    f.signatures = policy(&[&k], true);
+    let b = f.fetch("shop", &url_spec(&server.url(), &sha)).await.unwrap();
+    assert_eq!(b.digest, sha);
+    let mut f = fetcher(Some(&server.ca()));
+    f.signatures = policy(&[&other], false);
+    let e = f.fetch("shop", &url_spec(&server.url(), &sha)).await.unwrap_err();
+    assert_eq!(e.reason(), "BundleSignerUntrusted");
+    assert!(e.to_string().contains(&format!("{}.sig", server.url())), "{e}");
+
+    // No signature (404): refused only with enforcement.
+    let server = Server::start(http_response("200 OK", &bytes)).await;
+    let mut f = fetcher(Some(&server.ca()));
+    f.signatures = policy(&[&k], true);
+    assert_eq!(f.fetch("shop", &url_spec(&server.url(), &sha)).await.unwrap_err().reason(), "BundleUnsigned");
+    f.signatures.required = false;
+    assert!(f.fetch("shop", &url_spec(&server.url(), &sha)).await.is_ok());
+
+    // Another answer for the signature is not "unsigned": the bundle is unavailable for now.
+    let server = Server::start_with(http_response("200 OK", &bytes), http_response("503 Service Unavailable", b"")).await;
+    let f = fetcher(Some(&server.ca()));
+    assert_eq!(f.fetch("shop", &url_spec(&server.url(), &sha)).await.unwrap_err().reason(), "BundleUnavailable");
+    // An oversized signature is a malformed one.
+    let server = Server::start_with(http_response("200 OK", &bytes), http_response("200 OK", &[b'x'; 5000])).await;
+    let f = fetcher(Some(&server.ca()));
+    assert_eq!(f.fetch("shop", &url_spec(&server.url(), &sha)).await.unwrap_err().reason(), "BundleSignatureInvalid");
 }
