@@ -25,6 +25,7 @@ operator and agent processes) is stopped on any exit; --keep keeps the work dire
 """
 
 import argparse
+import base64
 import glob
 import hashlib
 import random
@@ -497,13 +498,50 @@ def expand(value, env):
     return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), value)
 
 
-def from_pod_template(workload, pod_name, node, kubeconfig, metrics_port, logf, name):
+def mount_volumes(workload, c, kube, vol_dir):
+    """The kubelet's part for the container's volumes: a ConfigMap is written into a directory
+    under vol_dir, a hostPath is the host path itself (this host is the node). Returns
+    {mountPath: local directory}."""
+    vols = {v["name"]: v for v in workload["spec"]["template"]["spec"].get("volumes", [])}
+    mounts = {}
+    for m in c.get("volumeMounts", []):
+        v = vols[m["name"]]
+        if "hostPath" in v:
+            os.makedirs(v["hostPath"]["path"], exist_ok=True)  # DirectoryOrCreate
+            mounts[m["mountPath"]] = v["hostPath"]["path"]
+        elif "configMap" in v:
+            cm = kube.get("configmap", v["configMap"]["name"], workload["metadata"]["namespace"])
+            if cm is None:
+                raise Fail(f"volume {m['name']}: configmap {v['configMap']['name']} missing")
+            d = os.path.join(vol_dir, m["name"])
+            shutil.rmtree(d, ignore_errors=True)
+            os.makedirs(d)
+            files = {k: val.encode() for k, val in (cm.get("data") or {}).items()}
+            files.update({k: base64.b64decode(val) for k, val in (cm.get("binaryData") or {}).items()})
+            items = v["configMap"].get("items") or [{"key": k, "path": k} for k in files]
+            for it in items:
+                with open(os.path.join(d, it["path"]), "wb") as f:
+                    f.write(files[it["key"]])
+            mounts[m["mountPath"]] = d
+        else:
+            raise Fail(f"volume {m['name']}: only configMap and hostPath volumes are played by this test: {v}")
+    return mounts
+
+
+def from_pod_template(workload, pod_name, node, kubeconfig, metrics_port, logf, name, kube, vol_dir):
     """argv and env of the first container of a Deployment/DaemonSet pod template, as the
     kubelet would start it on `node` as pod `pod_name`; the binary is target/release's one of
     the same name. The metrics address is moved to a free loopback port (several replicas
-    share this host's network)."""
+    share this host's network), and paths under a volume's mountPath to where the test put
+    the volume."""
     tpl = workload["spec"]["template"]
     c = tpl["spec"]["containers"][0]
+    mounts = mount_volumes(workload, c, kube, vol_dir)
+
+    def remap(a):
+        for mp, local in mounts.items():
+            a = re.sub(r"(^|=)" + re.escape(mp) + r"(?=/|$)", lambda m: m.group(1) + local, a)
+        return a
     fields = {"metadata.name": pod_name, "metadata.namespace": workload["metadata"]["namespace"], "spec.nodeName": node}
     env = {}
     for e in c.get("env", []):
@@ -517,7 +555,8 @@ def from_pod_template(workload, pod_name, node, kubeconfig, metrics_port, logf, 
     exe = os.path.join(BIN, os.path.basename(cmd[0]))
     if not (cmd[0].startswith("/usr/local/bin/") and os.access(exe, os.X_OK)):
         raise Fail(f"{name}: the chart runs {cmd[0]}, but {exe} (the Dockerfile's copy source) does not exist")
-    args = [expand(a, env) for a in c.get("args", [])]
+    env = {k: remap(v) for k, v in env.items()}
+    args = [remap(expand(a, env)) for a in c.get("args", [])]
     addr = [i for i, a in enumerate(args) if a.startswith("--metrics-addr=")]
     if len(addr) != 1:
         raise Fail(f"{name}: expected one --metrics-addr in the chart's args: {args}")
@@ -651,12 +690,19 @@ class Env:
         os.makedirs(logs, exist_ok=True)
         for r in ("a", "b"):
             pod = f"{RELEASE}-operator-7c9d5-{r}"
-            self.components[f"operator-{r}"] = from_pod_template(op, pod, NODE, opkc, free_port(), os.path.join(logs, f"operator-{r}.log"), f"operator-{r}")
-        self.components["agent"] = from_pod_template(ds, f"{RELEASE}-agent-x7k2p", NODE, agkc, free_port(), os.path.join(logs, "agent.log"), "agent")
+            self.components[f"operator-{r}"] = from_pod_template(op, pod, NODE, opkc, free_port(), os.path.join(logs, f"operator-{r}.log"),
+                                                                 f"operator-{r}", self.kube, os.path.join(self.work, "volumes", f"operator-{r}"))
+        self.components["agent"] = self.agent_from_chart()
         for c in self.components.values():
             c.start()
         for c in self.components.values():
             c.wait_ready()
+
+    def agent_from_chart(self):
+        """The agent as the DaemonSet's current pod template says (after an install or upgrade)."""
+        _, ds = self.workloads()
+        return from_pod_template(ds, f"{RELEASE}-agent-x7k2p", NODE, self.sa_kubeconfigs()[1].kubeconfig, free_port(),
+                                 os.path.join(self.work, "logs", "agent.log"), "agent", self.kube, os.path.join(self.work, "volumes", "agent"))
 
     def leader(self):
         lease = self.kube.get("lease", "livepatch-operator", RELEASE_NS)
@@ -1285,6 +1331,65 @@ def s_delete(t):
         if r not in evs:
             raise Fail(f"event {r} missing: {evs}")
     return f"{len(names)} targets reverted (outputs back to v1, no patch left), LivePatch gone; events Reverting, Released"
+
+
+@scenario("signatures", needs=["start"])
+def s_signatures(t):
+    """helm upgrade with a trusted ed25519 key and enforcement: unsigned and wrongly signed
+    bundles are refused before any process is touched, a signed one is applied."""
+    help_text = run([os.path.join(BIN, "node-agent"), "--help"]).stdout
+    if "--trusted-keys-dir" not in help_text or "--require-signature" not in help_text:
+        raise Blocked("node-agent has no --trusted-keys-dir/--require-signature flags (the chart's agent.signatures)")
+    keys = os.path.join(t.work, "keys")
+    os.makedirs(keys)
+    for k in ("release", "other"):
+        t.livepatch("keygen", "--out", os.path.join(keys, k))
+    pub = open(os.path.join(keys, "release.pub")).read().strip()
+    run([HELM, "--kubeconfig", t.kube.kubeconfig, "upgrade", RELEASE, CHART, "-n", RELEASE_NS, "-f", os.path.join(E2E, "values-e2e.yaml"),
+         "--set", "agent.signatures.enforce=true",
+         "--set-json", f"agent.signatures.trustedKeys={json.dumps([{'name': 'release', 'key': pub}])}"], timeout=120)
+    # The DaemonSet rolls its pod: the old agent stops, the new one starts with the key mounted.
+    t.components["agent"].stop(signal.SIGTERM)
+    t.components["agent"] = t.agent_from_chart().start()
+    t.components["agent"].wait_ready()
+    if "--require-signature" not in t.components["agent"].argv:
+        raise Fail(f"the upgraded DaemonSet does not enforce signatures: {t.components['agent'].argv}")
+    b = t.bundles.get("fix") or t.build_bundle("fix", "v1", "v2")[0]
+    kl = t.kubelet
+    cases = [("unsigned", None, "Failed", "BundleUnsigned"), ("untrusted", "other", "Failed", "BundleSignerUntrusted"),
+             ("signed", "release", "Applied", None)]
+    marks = {}
+    for case, key, _, _ in cases:
+        kl.create_pod(f"sig-{case}", {"app": f"sig-{case}"}, "v1")
+        marks[case] = kl.pods[f"sig-{case}"]["container"].mark()
+        args = ["create", "configmap", f"sig-{case}", "-n", APP_NS, f"--from-file=patch.lpatch={b['path']}"]
+        if key:
+            sig = os.path.join(keys, f"{case}.sig")
+            t.livepatch("sign", b["path"], "--key", os.path.join(keys, f"{key}.key"), "-o", sig)
+            args.append(f"--from-file=patch.lpatch.sig={sig}")
+        t.kube(*args)
+        t.kube.apply(t.livepatch_object(f"sig-{case}", {"app": f"sig-{case}"}, t.targets.build_id["v1"], f"sig-{case}", b["sha256"]))
+    out = []
+    for case, _, phase, reason in cases:
+        t.wait_phase(f"sig-{case}", "Applied" if phase == "Applied" else "Degraded", timeout=90)
+        (task,) = t.tasks(f"sig-{case}")
+        st = task.get("status") or {}
+        if st.get("phase") != phase or (reason and st.get("reason") != reason):
+            raise Fail(f"sig-{case}: task {st}, expected {phase}/{reason}")
+        con = kl.pods[f"sig-{case}"]["container"]
+        patches, _ = t.patches_in(con)
+        if phase == "Applied":
+            con.wait_output("v2 hello", since=marks[case], count=2)
+            if len(patches) != 1:
+                raise Fail(f"sig-{case}: {len(patches)} patches")
+        else:
+            con.wait_output("v1 hello", since=marks[case], count=3)
+            if patches:
+                raise Fail(f"sig-{case}: patched although the signature was refused")
+        out.append(f"{case}: {st.get('phase')}{'/' + st['reason'] if st.get('reason') else ''}")
+    for case, _, _, _ in cases:
+        delete_livepatch(t, f"sig-{case}")
+    return "; ".join(out) + " (refused ones untouched, output v1)"
 
 
 # ---------------------------------------------------------------------------------------------
