@@ -101,6 +101,27 @@ pub struct Signatures {
     pub required: bool,
 }
 
+/// The signature policy of the agent's flags (`--trusted-keys-dir`, `--require-signature`). A
+/// key directory that cannot be read, an invalid key, or enforcement without any key is an error
+/// (the agent does not start).
+pub fn signature_policy(dir: Option<&Path>, required: bool) -> anyhow::Result<Signatures> {
+    let trusted = match dir {
+        Some(dir) => TrustedKeys::load(dir).map_err(|e| anyhow::anyhow!("--trusted-keys-dir: {e}"))?,
+        None => TrustedKeys::default(),
+    };
+    if required && trusted.is_empty() {
+        anyhow::bail!(
+            "--require-signature needs at least one trusted key (--trusted-keys-dir with *.pub files{}); without one every bundle would be refused",
+            dir.map(|d| format!(", {} has none", d.display())).unwrap_or_default()
+        );
+    }
+    tracing::info!(required, trusted = %trusted.ids(), "bundle signatures");
+    if !required && !trusted.is_empty() {
+        tracing::warn!("trusted keys are configured but signatures are not required: unsigned bundles are accepted (--require-signature)");
+    }
+    Ok(Signatures { trusted, required })
+}
+
 /// Check the signature policy for `bytes` (the bundle, already size- and digest-checked).
 /// `sig`: the signature found next to it, if any. Returns the signing key, if signed.
 pub fn check_signature(policy: &Signatures, bytes: &[u8], sig: Option<&[u8]>, source: &str, sig_source: &str) -> Result<Option<signature::Verified>, FetchError> {

@@ -125,28 +125,8 @@ fn main() -> anyhow::Result<()> {
     if !fatal.is_empty() && !args.skip_preflight {
         anyhow::bail!("{} start-up check(s) failed: {}", fatal.len(), fatal.join("; "));
     }
-    let signatures = signature_policy(args.trusted_keys_dir.as_deref(), args.require_signature)?;
+    let signatures = fetch::signature_policy(args.trusted_keys_dir.as_deref(), args.require_signature)?;
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args, signatures))
-}
-
-/// The signature policy from the flags; a key directory that cannot be read, a key that is not
-/// valid, or enforcement without any key stops the agent.
-fn signature_policy(dir: Option<&std::path::Path>, required: bool) -> anyhow::Result<fetch::Signatures> {
-    let trusted = match dir {
-        Some(dir) => livepatch::signature::TrustedKeys::load(dir).map_err(|e| anyhow::anyhow!("--trusted-keys-dir: {e}"))?,
-        None => Default::default(),
-    };
-    if required && trusted.is_empty() {
-        anyhow::bail!(
-            "--require-signature needs at least one trusted key (--trusted-keys-dir with *.pub files{}); without one every bundle would be refused",
-            dir.map(|d| format!(", {} has none", d.display())).unwrap_or_default()
-        );
-    }
-    info!(required, trusted = %trusted.ids(), "bundle signatures");
-    if !required && !trusted.is_empty() {
-        tracing::warn!("trusted keys are configured but signatures are not required: unsigned bundles are accepted (--require-signature)");
-    }
-    Ok(fetch::Signatures { trusted, required })
 }
 
 async fn run(args: Args, signatures: fetch::Signatures) -> anyhow::Result<()> {

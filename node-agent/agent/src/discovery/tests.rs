@@ -339,3 +339,210 @@ fn the_real_proc_has_no_such_container() {
     let found = Discovery::default().find(&query(None, None)).unwrap();
     assert!(found.targets.is_empty() && found.other_pod.is_empty());
 }
+
+/// Real cgroups for the real-process test: a private directory in the first writable hierarchy
+/// (removed, with the processes in it killed, on drop).
+struct TestCgroups {
+    base: PathBuf,
+    dirs: Vec<PathBuf>,
+    children: Vec<std::process::Child>,
+    raw_children: Vec<i32>,
+}
+
+impl TestCgroups {
+    fn new() -> Option<TestCgroups> {
+        let name = format!("livepatch-discovery-test-{}-{}", std::process::id(), unique());
+        for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup/systemd", "/sys/fs/cgroup/pids", "/sys/fs/cgroup"] {
+            let root = Path::new(root);
+            if !root.join("cgroup.procs").exists() {
+                continue;
+            }
+            if fs::create_dir(root.join(&name)).is_ok() {
+                let base = root.join(&name);
+                return Some(TestCgroups { dirs: vec![base.clone()], base, children: vec![], raw_children: vec![] });
+            }
+        }
+        None
+    }
+
+    /// A cgroup at `path` below the private directory.
+    fn make(&mut self, path: &str) -> PathBuf {
+        let mut dir = self.base.clone();
+        for part in path.split('/') {
+            dir = dir.join(part);
+            if !dir.exists() {
+                fs::create_dir(&dir).unwrap();
+                self.dirs.push(dir.clone());
+            }
+        }
+        dir
+    }
+
+    fn enter(&self, cgroup: &Path, pid: i32) {
+        fs::write(cgroup.join("cgroup.procs"), pid.to_string()).unwrap();
+    }
+
+    /// `sleep 60`, in `cgroup` if given.
+    fn sleep(&mut self, cgroup: Option<&Path>) -> i32 {
+        let child = std::process::Command::new(sleep_path()).arg("60").spawn().unwrap();
+        let pid = child.id() as i32;
+        self.children.push(child);
+        if let Some(c) = cgroup {
+            self.enter(c, pid);
+        }
+        pid
+    }
+}
+
+impl Drop for TestCgroups {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for pid in &self.raw_children {
+            // SAFETY: plain syscalls on our own child.
+            unsafe {
+                libc::kill(*pid, libc::SIGKILL);
+                libc::waitpid(*pid, std::ptr::null_mut(), 0);
+            }
+        }
+        for d in self.dirs.iter().rev() {
+            let _ = fs::remove_dir(d);
+        }
+    }
+}
+
+fn unique() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+}
+
+fn sleep_path() -> PathBuf {
+    fs::canonicalize("/bin/sleep").unwrap()
+}
+
+/// Start `exe 60` with exactly PID `pid` (clone3 with set_tid: needs CAP_SYS_ADMIN).
+fn spawn_with_pid(pid: i32, exe: &Path) -> std::io::Result<i32> {
+    use std::{ffi::CString, os::unix::ffi::OsStrExt};
+    #[repr(C)]
+    #[derive(Default)]
+    struct CloneArgs {
+        flags: u64,
+        pidfd: u64,
+        child_tid: u64,
+        parent_tid: u64,
+        exit_signal: u64,
+        stack: u64,
+        stack_size: u64,
+        tls: u64,
+        set_tid: u64,
+        set_tid_size: u64,
+    }
+    let path = CString::new(exe.as_os_str().as_bytes()).unwrap();
+    let (arg0, arg1) = (CString::new("sleep").unwrap(), CString::new("60").unwrap());
+    let argv = [arg0.as_ptr(), arg1.as_ptr(), std::ptr::null()];
+    let envp = [std::ptr::null()];
+    let tids = [pid as libc::pid_t];
+    let args = CloneArgs { exit_signal: libc::SIGCHLD as u64, set_tid: tids.as_ptr() as u64, set_tid_size: 1, ..Default::default() };
+    // SAFETY: clone3 without CLONE_VM is a fork; the child only calls execve and _exit.
+    let r = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>()) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if r == 0 {
+        // SAFETY: async-signal-safe calls only, in the child.
+        unsafe {
+            libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            libc::_exit(127);
+        }
+    }
+    Ok(r as i32)
+}
+
+/// Real processes in real cgroups, on this machine's `/proc` (root only; skipped, saying why,
+/// otherwise): discovery and the re-check find exactly the process placed in the container's
+/// cgroup under the pod's UID, and refuse a host process, a process of another pod (another
+/// namespace's, say), a process of the same container id under another pod's UID, all running
+/// the same executable, and finally a PID reused by a new process (same PID, same cgroup, same
+/// executable: only the start time differs).
+#[test]
+fn real_processes_host_other_pod_and_pid_reuse() {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root (cgroups, clone3 with set_tid)");
+        return;
+    }
+    let Some(mut cg) = TestCgroups::new() else {
+        eprintln!("skipped: no writable cgroup hierarchy");
+        return;
+    };
+    // Ids of this run only (another run of this test at the same time has its own).
+    let n = unique();
+    let id = format!("{:064x}", n ^ 0x1f);
+    let other_id = format!("{:064x}", n ^ 0x2e);
+    let h = format!("{:032x}", n.wrapping_mul(31));
+    let uid = format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..]);
+    let h = format!("{:032x}", n.wrapping_mul(37));
+    let other_uid = format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..]);
+
+    let ours = cg.make(&format!("kubepods/besteffort/pod{uid}/{id}"));
+    let theirs = cg.make(&format!("kubepods/besteffort/pod{other_uid}/{other_id}"));
+    let clash = cg.make(&format!("kubepods/burstable/pod{other_uid}/{id}"));
+    let pid = cg.sleep(Some(&ours));
+    let host = cg.sleep(None);
+    let other = cg.sleep(Some(&theirs));
+    let same_id_other_pod = cg.sleep(Some(&clash));
+
+    let exe = sleep_path();
+    let q = Query {
+        container_id: id.clone(),
+        pod_uid: uid.clone(),
+        build_id: Some(build_id(exe.to_str().unwrap())),
+        path: Some(exe.to_str().unwrap().into()),
+        pod_in_cgroup: true,
+    };
+    let d = Discovery::default();
+    let found = d.find(&q).unwrap();
+    assert_eq!(found.targets.iter().map(|t| t.pid).collect::<Vec<_>>(), vec![pid], "{found:?}");
+    assert!(found.skipped.is_empty(), "{found:?}");
+    assert_eq!(found.other_pod.iter().map(|s| s.pid).collect::<Vec<_>>(), vec![same_id_other_pod], "{found:?}");
+    let target = found.targets[0].clone();
+    assert_eq!(d.recheck(&target, &q), Ok(()));
+
+    // PIDs that did not come from discovery, with their true start times: refused.
+    let proc = Path::new("/proc");
+    for (forged, expect) in [(host, "no longer in container".to_string()), (other, "no longer in container".to_string()), (same_id_other_pod, format!("belongs to pod {other_uid}"))] {
+        let t = Target { pid: forged, start_time: read_start_time(&proc.join(forged.to_string())).unwrap(), build_id: target.build_id.clone() };
+        let err = d.recheck(&t, &q).unwrap_err();
+        assert!(err.contains(&expect), "pid {forged}: {err}");
+    }
+
+    // The process exits and a new one gets its PID, in the same cgroup, running the same file.
+    let mut first = cg.children.remove(0);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert!(d.recheck(&target, &q).is_err(), "gone");
+    std::thread::sleep(std::time::Duration::from_millis(30)); // another clock tick
+    match spawn_with_pid(pid, &exe) {
+        Ok(again) => {
+            cg.raw_children.push(again);
+            assert_eq!(again, pid);
+            cg.enter(&ours, again);
+            // Wait for the exec.
+            for _ in 0..200 {
+                if fs::read_link(format!("/proc/{again}/exe")).ok() == Some(exe.clone()) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            let err = d.recheck(&target, &q).unwrap_err();
+            assert!(err.contains("PID was reused"), "{err}");
+            // A fresh discovery finds the new process, under its own start time.
+            let found = d.find(&q).unwrap();
+            assert_eq!(found.targets.len(), 1, "{found:?}");
+            assert_eq!(found.targets[0].pid, pid);
+            assert!(found.targets[0].start_time > target.start_time);
+        }
+        Err(e) => eprintln!("PID reuse on real processes skipped: clone3 with set_tid: {e} (the captured-tree test covers it)"),
+    }
+}

@@ -252,3 +252,25 @@ async fn url_bundles_are_signed_at_url_dot_sig() {
     let f = fetcher(Some(&server.ca()));
     assert_eq!(f.fetch("shop", &url_spec(&server.url(), &sha)).await.unwrap_err().reason(), "BundleSignatureInvalid");
 }
+
+#[test]
+fn the_policy_of_the_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    std::fs::create_dir(&keys).unwrap();
+    // No flags: nothing trusted, nothing required. Enforcement without a key: refused.
+    let p = signature_policy(None, false).unwrap();
+    assert!(p.trusted.is_empty() && !p.required);
+    assert!(signature_policy(None, true).unwrap_err().to_string().contains("needs at least one trusted key"));
+    assert!(signature_policy(Some(&keys), true).unwrap_err().to_string().contains("has none"));
+    // A key written by `livepatch keygen`.
+    let (k, _, public) = signature::write_keypair(&dir.path().join("release")).unwrap();
+    std::fs::copy(&public, keys.join("release.pub")).unwrap();
+    let p = signature_policy(Some(&keys), true).unwrap();
+    assert!(p.required);
+    assert_eq!(p.trusted.keys()[0].id, signature::key_id(&k.verifying_key()));
+    // A broken key or a missing directory stops the agent.
+    std::fs::write(keys.join("broken.pub"), "not base64!\n").unwrap();
+    assert!(signature_policy(Some(&keys), false).unwrap_err().to_string().contains("broken.pub"));
+    assert!(signature_policy(Some(&dir.path().join("nope")), false).is_err());
+}
