@@ -259,6 +259,9 @@ fn patches_a_container_found_by_container_id_and_pod_uid() {
     assert_eq!(found.targets.iter().map(|t| t.pid).collect::<Vec<_>>(), vec![task_pid], "{found:?}");
     assert!(found.targets.iter().all(|t| t.pid != host_pid));
     let target = found.targets[0].clone();
+    // The kubelet-style cgroup names the pod: found under the strict rule of reverts too.
+    let strict = Query { pod_in_cgroup: true, ..query.clone() };
+    assert_eq!(discovery.find(&strict).unwrap().targets, found.targets);
     assert_ne!(fs::read_link(format!("/proc/{task_pid}/ns/pid")).unwrap(), fs::read_link("/proc/self/ns/pid").unwrap());
     assert_ne!(fs::read_link(format!("/proc/{task_pid}/ns/mnt")).unwrap(), fs::read_link("/proc/self/ns/mnt").unwrap());
     // Another pod's UID: the container's process is refused, not found.
