@@ -615,7 +615,8 @@ async fn refused(setup: &Setup, configmap: Value) -> (Value, Action, Arc<Context
     let (result, ctx) = reconcile_with(setup, task, |mut h| async move {
         expect_get(&mut h, POD, running_pod(json!({}))).await;
         expect_get(&mut h, CONFIGMAP, configmap).await;
-        w.lock().unwrap().replace(expect_status(&mut h, &t).await);
+        let status = expect_status(&mut h, &t).await;
+        w.lock().unwrap().replace(status);
         h
     })
     .await;
