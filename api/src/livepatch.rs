@@ -17,7 +17,6 @@ use crate::common::{PatchBundle, Strategy, TargetExecutable};
     plural = "livepatches",
     singular = "livepatch",
     shortname = "lp",
-    category = "livepatch",
     namespaced,
     status = "LivePatchStatus",
     derive = "PartialEq",

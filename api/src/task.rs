@@ -18,7 +18,6 @@ use crate::common::{PatchBundle, Strategy, TargetExecutable};
     plural = "livepatchtasks",
     singular = "livepatchtask",
     shortname = "lpt",
-    category = "livepatch",
     namespaced,
     status = "LivePatchTaskStatus",
     derive = "PartialEq",
