@@ -65,6 +65,9 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &Options) -> Result<Report> {
     if running != m.target.build_id {
         return Err(Error::BuildIdMismatch { pid, expected: m.target.build_id.clone(), found: running });
     }
+    if let Some(reason) = &m.refusal {
+        return Err(Error::Refused { reason: format!("{reason} (recorded when the bundle was built)"), restart_required: true });
+    }
     let mem = ProcMem::open(pid)?;
     let maps = proc.maps()?;
     let bias = proc.exe_bias(&exe, &maps)?;

@@ -136,6 +136,11 @@ pub struct Manifest {
     pub functions: Vec<Function>,
     pub fixups: Vec<Fixup>,
     pub changed_data: Vec<DataChange>,
+    /// Set when the update cannot be applied live (`build --record-refusal`): the bundle
+    /// carries no code, and applying it refuses with this reason and asks for an offline
+    /// restart, so a cluster can flag exactly the pods that need one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -234,6 +239,12 @@ impl Bundle {
         if m.target.build_id.is_empty() || hex::decode(&m.target.build_id).is_err() {
             return bad("target build id is missing or not hex".into());
         }
+        if m.refusal.is_some() {
+            if !m.pieces.is_empty() || !m.functions.is_empty() || !m.fixups.is_empty() {
+                return bad("a bundle recording a refusal must carry no code".into());
+            }
+            return Ok(());
+        }
         if m.span.len == 0 || m.span.len > MAX_SPAN || m.span.lo % 4096 != 0 || m.span.len % 4096 != 0 || m.span.lo.checked_add(m.span.len).is_none() {
             return bad(format!("span {:#x}+{:#x} is not a sane page-aligned range", m.span.lo, m.span.len));
         }
@@ -310,6 +321,7 @@ mod tests {
             }],
             fixups: vec![Fixup { at: 0x1101, kind: RefKind::PcRel, next_ip: 0x1105, addend: 0, target: Target::Old { svma: 0x2000, name: "g".into() } }],
             changed_data: vec![],
+            refusal: None,
         };
         (m, blob)
     }

@@ -444,10 +444,38 @@ fn check_supported(elf: &ElfFile) -> Result<()> {
 pub struct BuildOptions {
     /// Only these functions (by name); empty means every changed function.
     pub functions: Vec<String>,
+    /// When the update cannot be applied live, still write a bundle that records why (no
+    /// code); applying it refuses and asks for an offline restart.
+    pub record_refusal: bool,
 }
 
 /// Build a bundle patching OLD into NEW.
 pub fn build(old: &ElfFile, new: &ElfFile, opts: &BuildOptions) -> Result<(Manifest, Vec<u8>, Diff)> {
+    match build_live(old, new, opts) {
+        Err(Error::Refused { reason, restart_required: true }) if opts.record_refusal => {
+            let d = diff(old, new)?;
+            let build_id = old.build_id_hex().ok_or_else(|| Error::Elf { path: old.path.clone(), msg: "has no GNU build id".into() })?;
+            let manifest = Manifest {
+                format_version: FORMAT_VERSION,
+                arch: "x86_64".into(),
+                target: TargetId { build_id, path: Some(old.path.display().to_string()), pie: old.pie },
+                new_build_id: new.build_id_hex(),
+                created_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+                reference_source: d.reference_source.clone(),
+                span: Span { lo: 0, len: 0 },
+                pieces: vec![],
+                functions: vec![],
+                fixups: vec![],
+                changed_data: d.changed_data.clone(),
+                refusal: Some(reason),
+            };
+            Ok((manifest, Vec::new(), d))
+        }
+        r => r,
+    }
+}
+
+fn build_live(old: &ElfFile, new: &ElfFile, opts: &BuildOptions) -> Result<(Manifest, Vec<u8>, Diff)> {
     let d = diff(old, new)?;
     let build_id = old.build_id_hex().ok_or_else(|| Error::Elf {
         path: old.path.clone(),
@@ -824,6 +852,7 @@ impl<'a> Builder<'a> {
             functions,
             fixups,
             changed_data: self.diff.changed_data.clone(),
+            refusal: None,
         };
         Ok((manifest, blob))
     }

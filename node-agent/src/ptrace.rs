@@ -519,6 +519,16 @@ impl Stopped {
     }
 
     fn detach_all(&mut self) {
+        // PTRACE_DETACH only works on a stopped tracee: a thread attached but still running
+        // (an error while attaching the others, a round cut short) would stay traced by this
+        // process, which in a long-running embedder (the agent) holds it for good.
+        let running: Vec<i32> = self.threads.iter().filter(|(_, t)| !t.stopped).map(|(k, _)| *k).collect();
+        if !running.is_empty() {
+            for &tid in &running {
+                let _ = ptrace::interrupt(pid(tid));
+            }
+            let _ = self.wait_stopped(Instant::now() + Duration::from_secs(2));
+        }
         for (tid, t) in std::mem::take(&mut self.threads) {
             let _ = ptrace::detach(pid(tid), t.pending);
         }
@@ -537,5 +547,7 @@ fn tracer_of(tid: i32) -> Option<i32> {
 }
 
 fn traced_by_us(tid: i32) -> bool {
+    // TracerPid names the tracing *thread*: the engine may run on any thread of an embedder.
+    // SAFETY: gettid() has no preconditions.
     tracer_of(tid) == Some(std::process::id() as i32)
 }

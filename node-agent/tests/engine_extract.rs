@@ -285,3 +285,30 @@ fn refused_new_writable_data(v: Variant) {
     refuse(v, "v4", "extra_hits");
 }
 variant_tests!(refused_new_writable_data => refused_new_writable_data: o2_pie, o3_nopie);
+
+/// `build --record-refusal`: a data-layout change still yields a bundle (for pipelines and
+/// the cluster), which records the refusal and carries no code; applying it refuses (exit 3)
+/// before touching the process, which keeps running v1.
+fn recorded_refusal_is_refused_at_apply(v: Variant) {
+    let old = compile("datalayout", "v1", v);
+    let new = compile("datalayout", "v2", v);
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("layout.lpatch");
+    let b = bundle.to_str().unwrap();
+    livepatch(["build", "--old", old.to_str().unwrap(), "--new", new.to_str().unwrap(), "-o", b, "--record-refusal"])
+        .assert_code(0)
+        .assert_stderr_mentions("cannot be applied live");
+    let shown = livepatch(["inspect", b]);
+    shown.assert_code(0);
+    assert!(shown.stdout.contains("REFUSAL") && shown.stdout.contains("cfg"), "{}", shown.stdout);
+    let mut t = Target::start(&old);
+    t.expect("call", "v1 a=1 b=2 sum=10");
+    livepatch(["apply", "--pid", &t.pid.to_string(), b])
+        .assert_code(3)
+        .assert_stderr_mentions("cfg")
+        .assert_stderr_mentions("restart");
+    t.expect("call", "v1 a=1 b=2 sum=10");
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
+    assert!(!maps.contains("livepatch:"), "a refused apply mapped a region:\n{maps}");
+}
+variant_tests!(recorded_refusal_is_refused_at_apply => recorded_refusal_is_refused_at_apply: o2_pie, o3_nopie);

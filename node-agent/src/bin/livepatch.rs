@@ -37,6 +37,10 @@ enum Cmd {
         /// Only these functions (repeatable); default: every changed function.
         #[arg(long = "function")]
         functions: Vec<String>,
+        /// If the update cannot be applied live, still write a bundle that records why; applying
+        /// it refuses (exit 3) and flags the process for an offline restart.
+        #[arg(long)]
+        record_refusal: bool,
         #[arg(long)]
         json: bool,
     },
@@ -150,9 +154,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print_diff(&d);
             }
         }
-        Cmd::Build { old, new, output, functions, json } => {
+        Cmd::Build { old, new, output, functions, record_refusal, json } => {
             let (o, n) = (ElfFile::open(&old)?, ElfFile::open(&new)?);
-            let (manifest, blob, _) = extract::build(&o, &n, &extract::BuildOptions { functions })?;
+            let (manifest, blob, _) = extract::build(&o, &n, &extract::BuildOptions { functions, record_refusal })?;
+            if let Some(r) = &manifest.refusal {
+                eprintln!("livepatch: warning: this update cannot be applied live ({r}); the bundle records the refusal, and applying it flags the process for an offline restart");
+            }
             let b = Bundle::write(&manifest, &blob, &output).with_context(|| format!("writing {}", output.display()))?;
             if json {
                 println!("{}", serde_json::json!({"bundle": output, "patch_id": b.patch_id(), "sha256": b.digest,
@@ -313,6 +320,9 @@ fn print_bundle(b: &Bundle) {
     println!("target     build id {} ({}){}", m.target.build_id, if m.target.pie { "PIE" } else { "non-PIE" },
         m.target.path.as_deref().map(|p| format!(" {p}")).unwrap_or_default());
     println!("references {}", m.reference_source);
+    if let Some(r) = &m.refusal {
+        println!("REFUSAL    {r}");
+    }
     println!("span       {:#x}..{:#x}", m.span.lo, m.span.lo + m.span.len);
     println!("functions:");
     for f in &m.functions {
