@@ -214,6 +214,11 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &Options) -> Result<Report> {
             (w.stopped, w.attempts, w.waited)
         }
     };
+    // The wait strategy lets the process run untraced between two checks: had it called exec
+    // meanwhile, the entries would belong to another program and the region would be gone.
+    if !proc.maps()?.iter().any(|m| m.start == region.base && m.path.contains(&patch_id)) {
+        return Err(Error::Process { pid, msg: "called exec during the operation (the patch region is gone); it runs another program now".into() });
+    }
     crate::fault::point("stopped");
     let jumps = Jumps::write(&mem, &sites)?;
     if opts.strategy == Strategy::Trap {

@@ -146,6 +146,11 @@ fn is_zombie_thread(pid: i32, tid: i32) -> bool {
 /// Unmap [base, base+len) in the target.
 pub fn unmap(pid: i32, gadget: u64, base: u64, len: u64) -> Result<()> {
     let proc = Process::open(pid)?;
+    // Only ever one of our regions: after an exec the address may hold the new program's memory.
+    let ours = format!("/memfd:{}", crate::region::NAME_PREFIX);
+    if !proc.maps()?.iter().any(|m| m.start == base && m.path.starts_with(&ours)) {
+        return Err(Error::Process { pid, msg: format!("no patch region at {base:#x} any more (the process called exec?); nothing unmapped") });
+    }
     let tid = injection_thread(&proc)?;
     let mut t = Stopped::one(&proc, tid, INJECT_TIMEOUT)?;
     let r = t.syscall(tid, gadget, SYS_MUNMAP, [base, len, 0, 0, 0, 0])?;

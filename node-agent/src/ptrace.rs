@@ -10,7 +10,7 @@ use crate::process::Process;
 use nix::errno::Errno;
 use nix::sys::ptrace::{self, Options};
 use nix::sys::signal::Signal;
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::sys::wait::{WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -22,8 +22,9 @@ struct Thread {
     stopped: bool,
     /// Its last stop was a SIGTRAP signal stop (a breakpoint or single-step).
     trapped: bool,
-    /// A signal that arrived while we held the thread; delivered again on detach.
-    pending: Option<Signal>,
+    /// A signal that arrived while we held the thread; delivered again on detach. A raw
+    /// number: real-time signals have no `Signal` name.
+    pending: Option<i32>,
 }
 
 /// A set of threads of one process, attached and stopped.
@@ -142,7 +143,7 @@ impl Stopped {
                 return Ok(());
             }
             // Any of this thread's tracees (__WNOTHREAD: not another session's), one event per call.
-            match waitpid(None, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG | WaitPidFlag::__WNOTHREAD)) {
+            match self.wait(None, WaitPidFlag::__WALL | WaitPidFlag::WNOHANG | WaitPidFlag::__WNOTHREAD) {
                 Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => {}
                 Ok(st) => {
                     if let Some(p) = st.pid() {
@@ -204,7 +205,7 @@ impl Stopped {
         t.stopped = true;
         t.trapped = sig == Some(Signal::SIGTRAP);
         if sig.is_some() && sig != Some(Signal::SIGSTOP) && sig != Some(Signal::SIGTRAP) {
-            t.pending = sig;
+            t.pending = sig.map(|s| s as i32);
         }
     }
 
@@ -235,7 +236,7 @@ impl Stopped {
         let r = if step { ptrace::step(pid(tid), None) } else { ptrace::cont(pid(tid), None) };
         r.map_err(|e| Error::ptrace(if step { "singlestep" } else { "cont" }, tid, e))?;
         loop {
-            match waitpid(pid(tid), Some(WaitPidFlag::__WALL)) {
+            match self.wait(Some(tid), WaitPidFlag::__WALL) {
                 Ok(st @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => {
                     self.threads.remove(&tid);
                     return Err(Error::Process { pid: self.pid, msg: format!("thread {tid} died while running injected code ({st:?})") });
@@ -270,7 +271,7 @@ impl Stopped {
                     }
                     WaitStatus::Stopped(_, sig) => {
                         // A signal arrived first; keep it for later and try again.
-                        self.threads.entry(tid).or_default().pending = Some(sig);
+                        self.threads.entry(tid).or_default().pending = Some(sig as i32);
                         self.set_regs(tid, r)?;
                     }
                     _ => {
@@ -316,7 +317,7 @@ impl Stopped {
                         return Err(Error::Process { pid: self.pid, msg: format!("injected call to {func:#x} faulted at {:#x}", after.rip) });
                     }
                     WaitStatus::Stopped(_, sig) => {
-                        self.threads.entry(tid).or_default().pending = Some(sig);
+                        self.threads.entry(tid).or_default().pending = Some(sig as i32);
                     }
                     _ => {}
                 }
@@ -353,7 +354,7 @@ impl Stopped {
                 Err(e) => return Err(Error::ptrace("cont", tid, e)),
             }
             loop {
-                match waitpid(pid(tid), Some(WaitPidFlag::__WALL)) {
+                match self.wait(Some(tid), WaitPidFlag::__WALL) {
                     Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => {
                         self.threads.remove(&tid);
                         return Err(Error::Process { pid: self.pid, msg: format!("thread {tid} exited") });
@@ -361,7 +362,7 @@ impl Stopped {
                     Ok(WaitStatus::Stopped(_, Signal::SIGTRAP)) => break, // another trap of ours: again
                     Ok(WaitStatus::Stopped(_, sig)) => {
                         let t = self.threads.entry(tid).or_default();
-                        t.pending = Some(sig);
+                        t.pending = Some(sig as i32);
                         t.trapped = false;
                         return Ok(());
                     }
@@ -408,7 +409,7 @@ impl Stopped {
     pub fn resume(&mut self, tid: i32) -> Result<()> {
         let Some(t) = self.threads.get_mut(&tid) else { return Ok(()) };
         let sig = t.pending.take();
-        match ptrace::cont(pid(tid), sig) {
+        match raw_request(libc::PTRACE_CONT, tid, sig) {
             Ok(()) => {
                 t.stopped = false;
                 t.trapped = false;
@@ -425,7 +426,7 @@ impl Stopped {
     /// Let a stopped thread run with a signal (one of the target's own).
     pub fn resume_with(&mut self, tid: i32, sig: Signal) -> Result<()> {
         if let Some(t) = self.threads.get_mut(&tid) {
-            t.pending = Some(sig);
+            t.pending = Some(sig as i32);
         }
         self.resume(tid)
     }
@@ -437,7 +438,7 @@ impl Stopped {
                 WaitStatus::Stopped(_, Signal::SIGTRAP) => return Ok(()),
                 WaitStatus::Stopped(_, sig) => {
                     // A signal came first: keep it for later, and step again.
-                    self.threads.entry(tid).or_default().pending = Some(sig);
+                    self.threads.entry(tid).or_default().pending = Some(sig as i32);
                 }
                 _ => {}
             }
@@ -466,7 +467,7 @@ impl Stopped {
         let mut spins = 0u32;
         loop {
             // __WNOTHREAD: only this thread's tracees (another session may run on another thread).
-            match waitpid(None, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG | WaitPidFlag::__WNOTHREAD)) {
+            match self.wait(None, WaitPidFlag::__WALL | WaitPidFlag::WNOHANG | WaitPidFlag::__WNOTHREAD) {
                 Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => {}
                 Err(Errno::ECHILD) => {
                     if self.threads.is_empty() {
@@ -513,6 +514,34 @@ impl Stopped {
         }
     }
 
+    /// waitpid(2), decoded as nix decodes it, except that a stop for a signal `Signal` cannot
+    /// name (a real-time signal: the program's own, or glibc's SIGCANCEL/SIGSETXID) is no
+    /// error (nix answers EINVAL, and the stop and its signal would be lost): the signal is
+    /// kept as the thread's pending signal (delivered when it is resumed or detached) and the
+    /// stop is reported as `PtraceEvent(tid, SIGTRAP, 0)`, a stop with nothing to handle.
+    fn wait(&mut self, who: Option<i32>, flags: WaitPidFlag) -> nix::Result<WaitStatus> {
+        let mut status: libc::c_int = 0;
+        // SAFETY: waitpid with a valid pointer to an int.
+        let r = unsafe { libc::waitpid(who.unwrap_or(-1), &mut status, flags.bits()) };
+        if r < 0 {
+            return Err(Errno::last());
+        }
+        if r == 0 {
+            return Ok(WaitStatus::StillAlive);
+        }
+        if libc::WIFSTOPPED(status) && status >> 16 == 0 {
+            let sig = libc::WSTOPSIG(status);
+            if Signal::try_from(sig).is_err() {
+                let t = self.threads.entry(r).or_default();
+                t.stopped = true;
+                t.trapped = false;
+                t.pending = Some(sig);
+                return Ok(WaitStatus::PtraceEvent(pid(r), Signal::SIGTRAP, 0));
+            }
+        }
+        WaitStatus::from_raw(pid(r), status)
+    }
+
     /// Resume everything now (consumes the guard).
     pub fn detach(mut self) {
         self.detach_all();
@@ -530,7 +559,7 @@ impl Stopped {
             let _ = self.wait_stopped(Instant::now() + Duration::from_secs(2));
         }
         for (tid, t) in std::mem::take(&mut self.threads) {
-            let _ = ptrace::detach(pid(tid), t.pending);
+            let _ = raw_request(libc::PTRACE_DETACH, tid, t.pending);
         }
     }
 }
@@ -541,6 +570,16 @@ impl Drop for Stopped {
     }
 }
 
+/// PTRACE_CONT / PTRACE_DETACH with a raw signal number (nix takes only named signals).
+fn raw_request(request: libc::c_uint, tid: i32, sig: Option<i32>) -> nix::Result<()> {
+    // SAFETY: a ptrace request that takes no address and a signal number as data.
+    let r = unsafe { libc::ptrace(request, tid, std::ptr::null_mut::<libc::c_void>(), sig.unwrap_or(0) as libc::c_long as *mut libc::c_void) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}
+
 fn tracer_of(tid: i32) -> Option<i32> {
     let s = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
     s.lines().find_map(|l| l.strip_prefix("TracerPid:")).and_then(|v| v.trim().parse().ok())
@@ -549,5 +588,5 @@ fn tracer_of(tid: i32) -> Option<i32> {
 fn traced_by_us(tid: i32) -> bool {
     // TracerPid names the tracing *thread*: the engine may run on any thread of an embedder.
     // SAFETY: gettid() has no preconditions.
-    tracer_of(tid) == Some(std::process::id() as i32)
+    tracer_of(tid) == Some(unsafe { libc::gettid() })
 }
