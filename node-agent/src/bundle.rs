@@ -21,6 +21,8 @@ pub const MAX_BUNDLE: u64 = 512 << 20;
 pub const MAX_MANIFEST: u64 = 64 << 20;
 pub const MAX_SPAN: u64 = 1 << 30;
 pub const MAX_ITEMS: usize = 1 << 20;
+/// Largest old function a bundle may name (its bytes are read from the target to check it).
+pub const MAX_FUNCTION: u64 = 16 << 20;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TargetId {
@@ -270,6 +272,22 @@ impl Bundle {
             }
             if f.kind != FunctionKind::Added && (f.old_svma.is_none() || f.old_digest.is_none()) {
                 return bad(format!("function {} lacks its old address or digest", f.name));
+            }
+            if f.old_size > MAX_FUNCTION {
+                return bad(format!("function {} claims {} bytes of old code (over the {} byte limit)", f.name, f.old_size, MAX_FUNCTION));
+            }
+        }
+        // Two jumps must never share bytes: old functions that get one may not overlap.
+        let mut olds: Vec<(u64, u64, &str)> = m
+            .functions
+            .iter()
+            .filter(|f| f.has_entry_jump())
+            .filter_map(|f| f.old_svma.map(|a| (a, a.saturating_add(f.old_size.max(crate::arch::x86_64::JUMP_LEN as u64)), f.name.as_str())))
+            .collect();
+        olds.sort();
+        for w in olds.windows(2) {
+            if w[1].0 < w[0].1 {
+                return bad(format!("functions {} and {} overlap in the old executable", w[0].2, w[1].2));
             }
         }
         for x in &m.fixups {
