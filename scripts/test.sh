@@ -31,6 +31,7 @@ if [ $QUICK = 0 ]; then
     step cluster-smoke bash tests/cluster/smoke.sh
     step containerd-smoke bash tests/cluster/containerd-smoke.sh
     step chart bash tests/e2e/chart.sh
+    step e2e bash tests/e2e/e2e.sh
 fi
 
 echo
