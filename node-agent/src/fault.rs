@@ -2,7 +2,8 @@
 //! itself with SIGKILL when it reaches that point, so tests can prove that a tool dying at any
 //! step leaves the target running its old or new code. Points: `attached`, `injected`,
 //! `mapped`, `stopped`, `jump` (after the first of several jumps, in apply and in revert),
-//! `trap-armed`, `revert-stopped`. Unset, this costs one environment lookup per process.
+//! `trap-armed`, `revert-stopped`, `syscall` (a thread holds the registers of an injected
+//! system call: the first one, memfd_create, of an apply). Unset, this costs one environment lookup per process.
 use std::sync::OnceLock;
 
 static POINT: OnceLock<Option<String>> = OnceLock::new();

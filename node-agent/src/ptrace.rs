@@ -259,6 +259,8 @@ impl Stopped {
         r.orig_rax = u64::MAX; // not in a syscall: no restart logic on resume
         (r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9) = (args[0], args[1], args[2], args[3], args[4], args[5]);
         self.set_regs(tid, r)?;
+        // The thread holds the injected registers until they are restored below.
+        crate::fault::point("syscall");
         let result = (|| {
             for _ in 0..64 {
                 match self.run_until_stop(tid, true)? {
