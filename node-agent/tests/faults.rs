@@ -387,6 +387,7 @@ macro_rules! fault_tests {
 fault_tests! {
     apply_attached_wait: "attached", Apply, "wait", Fg, false;
     apply_attached_trap: "attached", Apply, "trap", Fg, false;
+    apply_syscall_wait: "syscall", Apply, "wait", Fg, false;
     apply_injected_wait: "injected", Apply, "wait", Fg, false;
     apply_injected_trap: "injected", Apply, "trap", Fg, false;
     apply_mapped_wait: "mapped", Apply, "wait", Fg, false;
