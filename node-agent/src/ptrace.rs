@@ -22,9 +22,13 @@ struct Thread {
     stopped: bool,
     /// Its last stop was a SIGTRAP signal stop (a breakpoint or single-step).
     trapped: bool,
-    /// A signal that arrived while we held the thread; delivered again on detach. A raw
-    /// number: real-time signals have no `Signal` name.
-    pending: Option<i32>,
+    /// Signals that arrived while we held the thread, oldest first; delivered again when it
+    /// is resumed or detached. Raw numbers: real-time signals have no `Signal` name. More than
+    /// one can arrive while we run it (an injected call, a single-step), and none may be lost.
+    pending: Vec<i32>,
+    /// The signal of the signal-delivery-stop the thread is in; None in any other stop. Only
+    /// there does PTRACE_CONT/DETACH deliver a signal (elsewhere the kernel ignores it).
+    stop_sig: Option<i32>,
 }
 
 /// A set of threads of one process, attached and stopped.
@@ -205,7 +209,7 @@ impl Stopped {
         t.stopped = true;
         t.trapped = sig == Some(Signal::SIGTRAP);
         if sig.is_some() && sig != Some(Signal::SIGSTOP) && sig != Some(Signal::SIGTRAP) {
-            t.pending = sig.map(|s| s as i32);
+            t.pending.extend(sig.map(|s| s as i32));
         }
     }
 
@@ -273,7 +277,7 @@ impl Stopped {
                     }
                     WaitStatus::Stopped(_, sig) => {
                         // A signal arrived first; keep it for later and try again.
-                        self.threads.entry(tid).or_default().pending = Some(sig as i32);
+                        self.threads.entry(tid).or_default().pending.push(sig as i32);
                         self.set_regs(tid, r)?;
                     }
                     _ => {
@@ -319,7 +323,7 @@ impl Stopped {
                         return Err(Error::Process { pid: self.pid, msg: format!("injected call to {func:#x} faulted at {:#x}", after.rip) });
                     }
                     WaitStatus::Stopped(_, sig) => {
-                        self.threads.entry(tid).or_default().pending = Some(sig as i32);
+                        self.threads.entry(tid).or_default().pending.push(sig as i32);
                     }
                     _ => {}
                 }
@@ -364,7 +368,7 @@ impl Stopped {
                     Ok(WaitStatus::Stopped(_, Signal::SIGTRAP)) => break, // another trap of ours: again
                     Ok(WaitStatus::Stopped(_, sig)) => {
                         let t = self.threads.entry(tid).or_default();
-                        t.pending = Some(sig as i32);
+                        t.pending.push(sig as i32);
                         t.trapped = false;
                         return Ok(());
                     }
@@ -381,6 +385,11 @@ impl Stopped {
             }
         }
         Err(Error::Process { pid: self.pid, msg: format!("thread {tid} would not settle in a stop") })
+    }
+
+    /// Keep a signal the thread stopped for (it is delivered when the thread goes on).
+    pub fn keep_signal(&mut self, tid: i32, sig: i32) {
+        self.threads.entry(tid).or_default().pending.push(sig);
     }
 
     /// Whether the thread's last stop was a SIGTRAP (clears the mark).
@@ -410,7 +419,7 @@ impl Stopped {
     /// Let one stopped thread run (delivering a signal that arrived meanwhile).
     pub fn resume(&mut self, tid: i32) -> Result<()> {
         let Some(t) = self.threads.get_mut(&tid) else { return Ok(()) };
-        let sig = t.pending.take();
+        let sig = take_signals(self.pid, tid, t);
         match raw_request(libc::PTRACE_CONT, tid, sig) {
             Ok(()) => {
                 t.stopped = false;
@@ -428,7 +437,7 @@ impl Stopped {
     /// Let a stopped thread run with a signal (one of the target's own).
     pub fn resume_with(&mut self, tid: i32, sig: Signal) -> Result<()> {
         if let Some(t) = self.threads.get_mut(&tid) {
-            t.pending = Some(sig as i32);
+            t.pending.push(sig as i32);
         }
         self.resume(tid)
     }
@@ -440,7 +449,7 @@ impl Stopped {
                 WaitStatus::Stopped(_, Signal::SIGTRAP) => return Ok(()),
                 WaitStatus::Stopped(_, sig) => {
                     // A signal came first: keep it for later, and step again.
-                    self.threads.entry(tid).or_default().pending = Some(sig as i32);
+                    self.threads.entry(tid).or_default().pending.push(sig as i32);
                 }
                 _ => {}
             }
@@ -531,13 +540,17 @@ impl Stopped {
         if r == 0 {
             return Ok(WaitStatus::StillAlive);
         }
+        if libc::WIFSTOPPED(status) {
+            let t = self.threads.entry(r).or_default();
+            t.stop_sig = (status >> 16 == 0).then(|| libc::WSTOPSIG(status));
+        }
         if libc::WIFSTOPPED(status) && status >> 16 == 0 {
             let sig = libc::WSTOPSIG(status);
             if Signal::try_from(sig).is_err() {
                 let t = self.threads.entry(r).or_default();
                 t.stopped = true;
                 t.trapped = false;
-                t.pending = Some(sig);
+                t.pending.push(sig);
                 return Ok(WaitStatus::PtraceEvent(pid(r), Signal::SIGTRAP, 0));
             }
         }
@@ -560,8 +573,9 @@ impl Stopped {
             }
             let _ = self.wait_stopped(Instant::now() + Duration::from_secs(2));
         }
-        for (tid, t) in std::mem::take(&mut self.threads) {
-            let _ = raw_request(libc::PTRACE_DETACH, tid, t.pending);
+        for (tid, mut t) in std::mem::take(&mut self.threads) {
+            let sig = take_signals(self.pid, tid, &mut t);
+            let _ = raw_request(libc::PTRACE_DETACH, tid, sig);
         }
     }
 }
@@ -570,6 +584,22 @@ impl Drop for Stopped {
     fn drop(&mut self) {
         self.detach_all();
     }
+}
+
+/// The kept signal to pass with PTRACE_CONT or PTRACE_DETACH: the one the thread is stopped
+/// for, if it is kept (delivered with its original siginfo). The others are queued again to
+/// the thread (tgkill), to be delivered (or reported to us) in turn: a signal passed from any
+/// other stop would be dropped by the kernel.
+fn take_signals(tgid: i32, tid: i32, t: &mut Thread) -> Option<i32> {
+    let mut sigs = std::mem::take(&mut t.pending);
+    let now = t.stop_sig.take().and_then(|s| sigs.iter().position(|x| *x == s)).map(|i| sigs.remove(i));
+    for s in sigs {
+        // SAFETY: tgkill(2) with plain integers.
+        unsafe {
+            libc::syscall(libc::SYS_tgkill, tgid, tid, s);
+        }
+    }
+    now
 }
 
 /// PTRACE_CONT / PTRACE_DETACH with a raw signal number (nix takes only named signals).

@@ -249,9 +249,14 @@ fn consume_queued_traps(s: &mut Stopped, bps: &Breakpoints) -> Result<()> {
                 break;
             }
             trapped = false;
-            if let WaitStatus::Stopped(_, Signal::SIGTRAP) = s.run_until_stop(tid, false)? {
-                bps.hit(s, tid)?;
-                trapped = true;
+            match s.run_until_stop(tid, false)? {
+                WaitStatus::Stopped(_, Signal::SIGTRAP) => {
+                    bps.hit(s, tid)?;
+                    trapped = true;
+                }
+                // The target's own signal came first: keep it for later.
+                WaitStatus::Stopped(_, sig) => s.keep_signal(tid, sig as i32),
+                _ => {}
             }
         }
         if trapped {
