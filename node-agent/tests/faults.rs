@@ -664,6 +664,15 @@ fn held_update(sub: &mut Subject, bundle: &Bundle, strategy: &str) -> Pending {
     p
 }
 
+/// After `churn 0`: wait until the last short-lived thread has ended (the checks below read
+/// every thread).
+fn churn_settled(pid: i32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while threads(pid).len() > 1 + 4 + 1 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Nothing of the failed update is left in the (still running) target.
 #[track_caller]
 fn nothing_left(sub: &mut Subject) {
@@ -940,6 +949,7 @@ fn thread_churn_during_updates() {
         assert_not_traced(pid);
     }
     sub.t.expect("churn 0", "churn 0");
+    churn_settled(pid);
     let c = counters(&mut sub.t);
     assert!(c["spawned"] > spawned0 + 20, "threads were not churning: {c:?}");
     assert_eq!(c["persistent"], 0);
@@ -1126,6 +1136,7 @@ fn thread_churn_library_on_a_worker_thread() {
         assert_eq!(round(&mut sub.t), vec![OLD; 4]);
     }
     sub.t.expect("churn 0", "churn 0");
+    churn_settled(pid);
     assert_eq!(counters(&mut sub.t)["persistent"], 0);
     nothing_left(&mut sub);
 }
