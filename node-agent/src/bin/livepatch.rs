@@ -133,6 +133,15 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     livepatch::cancel::install_handlers();
+    if !matches!(cli.cmd, Cmd::Apply { .. } | Cmd::Revert { .. } | Cmd::Demo { .. }) {
+        // Read-only commands end quietly when their reader goes away (`livepatch diff | head`)
+        // instead of panicking on EPIPE. Commands that change a process keep SIGPIPE ignored:
+        // a closed pipe must never kill the tool in the middle of an update.
+        // SAFETY: resetting a signal disposition to its default; no handler is involved.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
