@@ -204,16 +204,7 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &Options) -> Result<Report> {
     let maps_now = proc.maps()?;
     let modules = Modules::load(pid, &maps_now, &mem);
     let view = View { proc: &proc, mem: &mem, maps: &maps_now, modules: &modules };
-    let (stopped, attempts, waited) = match opts.strategy {
-        Strategy::Wait => {
-            let w = watchpoint::wait_inactive(&view, &guarded, opts.timeout)?;
-            (w.stopped, w.attempts, w.waited)
-        }
-        Strategy::Trap => {
-            let w = watchpoint::trap::trap_inactive(&view, &guarded, &header.entries, opts.timeout)?;
-            (w.stopped, w.attempts, w.waited)
-        }
-    };
+    let watchpoint::Quiet { stopped, attempts, waited } = watchpoint::until_inactive(&view, opts.strategy, &guarded, &header.entries, opts.timeout)?;
     // The wait strategy lets the process run untraced between two checks: had it called exec
     // meanwhile, the entries would belong to another program and the region would be gone.
     if !proc.maps()?.iter().any(|m| m.start == region.base && m.path.contains(&patch_id)) {

@@ -85,16 +85,7 @@ pub fn revert(pid: i32, all: bool, strategy: Strategy, timeout: Duration) -> Res
     // A thread that reaches an entry now is held there and, once the old bytes are back, runs
     // the code the entry had before this patch.
     let entries: Vec<crate::region::Entry> = removing.iter().flat_map(|a| a.header.entries.iter().cloned()).collect();
-    let (stopped, attempts) = match strategy {
-        Strategy::Wait => {
-            let w = watchpoint::wait_inactive(&view, &guarded, timeout)?;
-            (w.stopped, w.attempts)
-        }
-        Strategy::Trap => {
-            let w = watchpoint::trap::trap_inactive(&view, &guarded, &entries, timeout)?;
-            (w.stopped, w.attempts)
-        }
-    };
+    let watchpoint::Quiet { stopped, attempts, .. } = watchpoint::until_inactive(&view, strategy, &guarded, &entries, timeout)?;
     crate::fault::point("revert-stopped");
     let jumps = Jumps::write(&mem, &sites)?;
     jumps.commit();

@@ -84,15 +84,24 @@ pub fn find_activation(v: &View, stopped: &Stopped, guarded: &[Guarded]) -> Resu
     Ok(None)
 }
 
-pub struct Waited<'a> {
+/// Every thread stopped, none in guarded code: the moment to switch.
+pub struct Quiet {
     pub stopped: Stopped,
     pub attempts: u32,
     pub waited: Duration,
-    _v: std::marker::PhantomData<&'a ()>,
+}
+
+/// Wait with `strategy` until no thread is in guarded code. `entries` are the old entries a
+/// thread may be held at (trap strategy).
+pub fn until_inactive(v: &View, strategy: Strategy, guarded: &[Guarded], entries: &[crate::region::Entry], timeout: Duration) -> Result<Quiet> {
+    match strategy {
+        Strategy::Wait => wait_inactive(v, guarded, timeout),
+        Strategy::Trap => trap::trap_inactive(v, guarded, entries, timeout),
+    }
 }
 
 /// The `wait` strategy: returns with every thread stopped and none in guarded code.
-pub fn wait_inactive<'a>(v: &View, guarded: &[Guarded], timeout: Duration) -> Result<Waited<'a>> {
+pub fn wait_inactive(v: &View, guarded: &[Guarded], timeout: Duration) -> Result<Quiet> {
     let start = Instant::now();
     let mut backoff = Duration::from_micros(500);
     let mut attempts = 0;
@@ -106,7 +115,7 @@ pub fn wait_inactive<'a>(v: &View, guarded: &[Guarded], timeout: Duration) -> Re
         let found = find_activation(v, &stopped, guarded)?;
         tracing::debug!(threads = stopped.tids().len(), stop_us = (t1 - t0).as_micros() as u64, check_us = t1.elapsed().as_micros() as u64, "stack check");
         match found {
-            None => return Ok(Waited { stopped, attempts, waited: start.elapsed(), _v: Default::default() }),
+            None => return Ok(Quiet { stopped, attempts, waited: start.elapsed() }),
             Some(a) => {
                 drop(stopped);
                 if start.elapsed() >= timeout {

@@ -9,7 +9,7 @@
 //! stopped, the stacks are checked once more with a full unwind, and the caller writes the
 //! jumps; held threads are moved straight to the new code. Every breakpoint is removed on
 //! every path.
-use super::{find_activation, Activation, Guarded, View};
+use super::{find_activation, Activation, Guarded, Quiet, View};
 use crate::arch::x86_64::{debugreg_offset, dr7_execute, HW_BREAKPOINTS, INT3};
 use crate::error::{Error, Result};
 use crate::process::MemoryReader;
@@ -21,11 +21,6 @@ use nix::sys::wait::WaitStatus;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-pub struct Trapped {
-    pub stopped: Stopped,
-    pub attempts: u32,
-    pub waited: Duration,
-}
 
 /// Where a thread inside old code will come back out.
 #[derive(Debug, Clone, Copy)]
@@ -186,7 +181,7 @@ fn find_activation_of(v: &View, tid: i32, st: &unwind::Stack, guarded: &[Guarded
 
 /// Wait, with breakpoints, until no thread is inside guarded code. Returns with every thread
 /// stopped (threads that reached an entry are held there) and no breakpoint left.
-pub fn trap_inactive(v: &View, guarded: &[Guarded], entries: &[Entry], timeout: Duration) -> Result<Trapped> {
+pub fn trap_inactive(v: &View, guarded: &[Guarded], entries: &[Entry], timeout: Duration) -> Result<Quiet> {
     let start = Instant::now();
     let deadline = start + timeout;
     let entry_addrs: BTreeSet<u64> = entries.iter().map(|e| e.entry).collect();
@@ -200,7 +195,7 @@ pub fn trap_inactive(v: &View, guarded: &[Guarded], entries: &[Entry], timeout: 
         if active.is_empty() {
             // Re-check with the exact rule used by the wait strategy.
             match find_activation(v, &s, guarded)? {
-                None => return Ok(Trapped { stopped: s, attempts, waited: start.elapsed() }),
+                None => return Ok(Quiet { stopped: s, attempts, waited: start.elapsed() }),
                 Some(a) => {
                     active.insert(a.tid, None); // follow it by polling
                 }
