@@ -9,7 +9,7 @@ use crate::fixup::{self, Layout};
 use crate::jump::{Jumps, Site};
 use crate::map;
 use crate::process::{Lock, MemoryReader, ProcMem, Process};
-use crate::ptrace::Stopped;
+use crate::ptrace::{Gadgets, Stopped};
 use crate::region::{CodeRange, Entry, Header};
 use crate::status::{self, Applied};
 use crate::unwind::Modules;
@@ -101,7 +101,7 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &Options) -> Result<Report> {
         });
     }
     // Leftovers of a tool that died between map and jump are unreachable: remove them.
-    let gadget = map::find_syscall_gadget(&mem, &maps)?;
+    let gadget = map::find_gadgets(&mem, &maps)?;
     for a in applied.iter().filter(|a| a.orphan) {
         let _ = map::unmap(pid, gadget, a.mapping.start, a.mapping.end - a.mapping.start);
     }
@@ -244,8 +244,7 @@ fn exe_inode(proc: &Process) -> Result<u64> {
 }
 
 /// Live addresses of the dynamic symbols the new code needs and OLD never linked.
-fn resolve_imports(proc: &Process, mem: &ProcMem, maps: &[crate::process::Mapping], exe_ino: &u64, gadget: u64, layout: &Layout) -> Result<HashMap<String, u64>> {
-    let _ = gadget;
+fn resolve_imports(proc: &Process, mem: &ProcMem, maps: &[crate::process::Mapping], exe_ino: &u64, gadget: Gadgets, layout: &Layout) -> Result<HashMap<String, u64>> {
     let mut out = HashMap::new();
     for name in layout.imports() {
         if out.contains_key(name) {
@@ -258,7 +257,7 @@ fn resolve_imports(proc: &Process, mem: &ProcMem, maps: &[crate::process::Mappin
             // An indirect function: ask its resolver, in the target, for the implementation.
             let tid = proc.pid;
             let mut t = Stopped::one(proc, tid, Duration::from_secs(5))?;
-            let a = t.call(tid, mem, s.addr, [0; 6])?;
+            let a = t.call(tid, gadget, s.addr, [0; 6])?;
             drop(t);
             if a == 0 || mem.read_vec(a, 1).is_err() {
                 return Err(Error::Process { pid: proc.pid, msg: format!("resolver of `{name}` returned {a:#x}") });

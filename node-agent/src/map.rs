@@ -4,11 +4,11 @@
 //! The region is a memfd named `livepatch:<patch id>`, filled from our side through
 //! `/proc/PID/fd/N`, and mapped read+execute: it is never writable and executable at once.
 //! [`MappedRegion`] unmaps itself on drop unless committed.
-use crate::arch::x86_64::SYSCALL;
+use crate::arch::x86_64::sigframe;
 use crate::error::{Error, Result};
 use crate::fixup::PAGE;
 use crate::process::{Mapping, MemoryReader, ProcMem, Process};
-use crate::ptrace::Stopped;
+use crate::ptrace::{Gadgets, Stopped, INJECT_SCRATCH};
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
@@ -77,23 +77,42 @@ pub fn choose_address(maps: &[Mapping], exe_lo: u64, exe_hi: u64, len: u64, belo
     best.map(|(_, a)| a)
 }
 
-/// An executable `syscall` instruction in the target (libc first, else any code).
-pub fn find_syscall_gadget(mem: &dyn MemoryReader, maps: &[Mapping]) -> Result<u64> {
+/// The code injections run through ([`Gadgets`]): a `syscall; ret` and an `rt_sigreturn`
+/// sequence, searched in libc first, then in any code of the target.
+pub fn find_gadgets(mem: &dyn MemoryReader, maps: &[Mapping]) -> Result<Gadgets> {
     let mut cands: Vec<&Mapping> = maps.iter().filter(|m| m.is_exec() && m.path != "[vsyscall]").collect();
     cands.sort_by_key(|m| (!m.path.contains("libc"), m.path == "[vdso]"));
-    for m in cands {
+    let (mut syscall_ret, mut sigreturn) = (None, None);
+    'maps: for m in cands {
         let mut addr = m.start;
         while addr < m.end {
             let n = (m.end - addr).min(64 << 10) as usize;
             if let Ok(buf) = mem.read_vec(addr, n) {
-                if let Some(i) = buf.windows(2).position(|w| w == SYSCALL) {
-                    return Ok(addr + i as u64);
+                if syscall_ret.is_none() {
+                    syscall_ret = find(&buf, &sigframe::SYSCALL_RET).map(|i| addr + i as u64);
+                }
+                if sigreturn.is_none() {
+                    sigreturn = sigframe::SIGRETURN_SEQUENCES.iter().find_map(|seq| find(&buf, seq)).map(|i| addr + i as u64);
+                }
+                if syscall_ret.is_some() && sigreturn.is_some() {
+                    break 'maps;
                 }
             }
-            addr += n as u64 - 1;
+            // Overlap the windows by the longest pattern, less one byte.
+            addr += (n as u64).saturating_sub(8).max(1);
         }
     }
-    Err(Error::Other("no syscall instruction found in the target's code".into()))
+    match (syscall_ret, sigreturn) {
+        (Some(syscall_ret), Some(sigreturn)) => Ok(Gadgets { syscall_ret, sigreturn }),
+        _ => Err(Error::Other(format!(
+            "the target's code has no {} sequence to inject system calls through safely (livepatch needs a glibc or musl program)",
+            if syscall_ret.is_none() { "`syscall; ret`" } else { "`rt_sigreturn`" }
+        ))),
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 /// A region mapped into the target. Unmapped on drop unless [`MappedRegion::commit`]ted.
@@ -101,7 +120,7 @@ pub struct MappedRegion {
     pub pid: i32,
     pub base: u64,
     pub len: u64,
-    gadget: u64,
+    gadget: Gadgets,
     committed: bool,
 }
 
@@ -144,7 +163,7 @@ fn is_zombie_thread(pid: i32, tid: i32) -> bool {
 }
 
 /// Unmap [base, base+len) in the target.
-pub fn unmap(pid: i32, gadget: u64, base: u64, len: u64) -> Result<()> {
+pub fn unmap(pid: i32, gadget: Gadgets, base: u64, len: u64) -> Result<()> {
     let proc = Process::open(pid)?;
     // Only ever one of our regions: after an exec the address may hold the new program's memory.
     let ours = format!("/memfd:{}", crate::region::NAME_PREFIX);
@@ -176,7 +195,7 @@ pub fn leaked_memfds(pid: i32) -> Vec<u64> {
 }
 
 /// Close the descriptors [`leaked_memfds`] finds (best effort).
-pub fn close_leaked_memfds(pid: i32, gadget: u64) -> Result<()> {
+pub fn close_leaked_memfds(pid: i32, gadget: Gadgets) -> Result<()> {
     let fds = leaked_memfds(pid);
     if fds.is_empty() {
         return Ok(());
@@ -191,15 +210,16 @@ pub fn close_leaked_memfds(pid: i32, gadget: u64) -> Result<()> {
 }
 
 /// Create the memfd, fill it with `image`, and map it at `addr` read+execute.
-pub fn map_region(proc: &Process, mem: &ProcMem, maps: &[Mapping], gadget: u64, name: &str, addr: u64, image: &[u8]) -> Result<MappedRegion> {
+pub fn map_region(proc: &Process, mem: &ProcMem, maps: &[Mapping], gadget: Gadgets, name: &str, addr: u64, image: &[u8]) -> Result<MappedRegion> {
     let len = image.len() as u64;
     let tid = injection_thread(proc)?;
     let mut t = Stopped::one(proc, tid, INJECT_TIMEOUT)?;
     crate::fault::point("attached");
     let pid = proc.pid;
     let regs = t.regs(tid)?;
-    // The name goes below the red zone of the stopped thread's stack.
-    let name_at = (regs.rsp - 128 - 256) & !15;
+    // The name goes below the red zone of the stopped thread's stack, in the scratch space
+    // above the injection's restore frame.
+    let name_at = (regs.rsp - INJECT_SCRATCH + 128) & !15;
     let maps_now = proc.maps().unwrap_or_else(|_| maps.to_vec());
     if !maps_now.iter().any(|m| m.contains(name_at) && m.contains(regs.rsp)) {
         return Err(Error::Process { pid, msg: "no room on the stack of the injection thread".into() });

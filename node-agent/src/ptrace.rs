@@ -6,13 +6,14 @@
 //! the target stopped. Every call must come from the OS thread that attached (a ptrace rule);
 //! callers keep a session on one thread.
 use crate::error::{Error, Result};
-use crate::process::Process;
+use crate::arch::x86_64::sigframe;
+use crate::process::{MemoryReader, Process};
 use nix::errno::Errno;
 use nix::sys::ptrace::{self, Options};
 use nix::sys::signal::Signal;
 use nix::sys::wait::{WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 pub type Regs = libc::user_regs_struct;
@@ -36,18 +37,52 @@ pub struct Stopped {
     pub pid: i32,
     threads: BTreeMap<i32, Thread>,
     since: Instant,
+    /// Children the target forked while we traced forks (see [`Stopped::trace_forks`]),
+    /// whose first stop we have seen.
+    fork_stops: BTreeSet<i32>,
+    /// Bytes to put back in a forked child: address, original byte (the `int3` sites).
+    fork_repair: Vec<(u64, u8)>,
 }
 
 fn pid(t: i32) -> Pid {
     Pid::from_raw(t)
 }
 
-const OPTIONS: Options = Options::PTRACE_O_TRACECLONE.union(Options::PTRACE_O_TRACEEXEC);
+// TRACESYSGOOD: the syscall stops of injected code are told apart from SIGTRAPs.
+const OPTIONS: Options = Options::PTRACE_O_TRACECLONE.union(Options::PTRACE_O_TRACEEXEC).union(Options::PTRACE_O_TRACESYSGOOD);
+const NT_X86_XSTATE: usize = 0x202;
+const SYSCALL_LEN: u64 = 2;
+/// Stack below the red zone left to callers of an injection (for data the system call reads,
+/// such as a memfd name) before the restore frame.
+pub const INJECT_SCRATCH: u64 = 1024;
+
+/// How to let a thread run until its next stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Resume {
+    Cont,
+    Step,
+    Syscall,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Injected {
+    Syscall,
+    Call,
+}
+
+/// Code of the target that injected code runs through (found by [`crate::map::find_gadgets`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gadgets {
+    /// `syscall; ret`
+    pub syscall_ret: u64,
+    /// `mov $15, %rax; syscall`: rt_sigreturn
+    pub sigreturn: u64,
+}
 
 impl Stopped {
     /// Stop every thread of the process, including threads created while stopping.
     pub fn all(proc: &Process, timeout: Duration) -> Result<Stopped> {
-        let mut s = Stopped { pid: proc.pid, threads: BTreeMap::new(), since: Instant::now() };
+        let mut s = Stopped { pid: proc.pid, threads: BTreeMap::new(), since: Instant::now(), fork_stops: BTreeSet::new(), fork_repair: Vec::new() };
         let deadline = Instant::now() + timeout;
         let mut first = true;
         loop {
@@ -82,7 +117,7 @@ impl Stopped {
 
     /// Stop one thread (for injecting a syscall while the others keep running).
     pub fn one(proc: &Process, tid: i32, timeout: Duration) -> Result<Stopped> {
-        let mut s = Stopped { pid: proc.pid, threads: BTreeMap::new(), since: Instant::now() };
+        let mut s = Stopped { pid: proc.pid, threads: BTreeMap::new(), since: Instant::now(), fork_stops: BTreeSet::new(), fork_repair: Vec::new() };
         if !s.seize(tid)? {
             return Err(Error::Process { pid: proc.pid, msg: format!("thread {tid} exited") });
         }
@@ -151,6 +186,10 @@ impl Stopped {
                 Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => {}
                 Ok(st) => {
                     if let Some(p) = st.pid() {
+                        if self.is_fork_child(p.as_raw(), &st) {
+                            self.fork_stops.insert(p.as_raw());
+                            continue;
+                        }
                         self.on_status(p.as_raw(), st)?;
                         spins = 0;
                         continue;
@@ -193,6 +232,10 @@ impl Stopped {
                 }
                 self.mark_stopped(tid, None);
             }
+            WaitStatus::PtraceEvent(_, _, ev) if ev == libc::PTRACE_EVENT_FORK || ev == libc::PTRACE_EVENT_VFORK => {
+                self.adopt_fork(tid, ev == libc::PTRACE_EVENT_VFORK);
+                self.mark_stopped(tid, None);
+            }
             WaitStatus::PtraceEvent(_, _, ev) if ev == libc::PTRACE_EVENT_EXEC => {
                 self.mark_stopped(tid, None);
                 return Err(Error::Process { pid: self.pid, msg: "called exec during the operation; it runs another program now".into() });
@@ -221,6 +264,11 @@ impl Stopped {
         ptrace::setregs(pid(tid), r).map_err(|e| Error::ptrace("setregs", tid, e))
     }
 
+    /// The siginfo of the signal stop the thread is in.
+    pub fn siginfo(&self, tid: i32) -> Option<libc::siginfo_t> {
+        ptrace::getsiginfo(pid(tid)).ok()
+    }
+
     pub fn peek_user(&self, tid: i32, offset: usize) -> Result<u64> {
         ptrace::read_user(pid(tid), offset as ptrace::AddressType).map(|v| v as u64).map_err(|e| Error::ptrace("peekuser", tid, e))
     }
@@ -236,9 +284,18 @@ impl Stopped {
     }
 
     /// Resume one thread and wait for its next stop; the stop status is returned.
-    pub(crate) fn run_until_stop(&mut self, tid: i32, step: bool) -> Result<WaitStatus> {
-        let r = if step { ptrace::step(pid(tid), None) } else { ptrace::cont(pid(tid), None) };
-        r.map_err(|e| Error::ptrace(if step { "singlestep" } else { "cont" }, tid, e))?;
+    pub(crate) fn run_until_stop(&mut self, tid: i32, how: Resume) -> Result<WaitStatus> {
+        let r = match how {
+            Resume::Cont => ptrace::cont(pid(tid), None),
+            Resume::Step => ptrace::step(pid(tid), None),
+            Resume::Syscall => ptrace::syscall(pid(tid), None),
+        };
+        let what = match how {
+            Resume::Cont => "cont",
+            Resume::Step => "singlestep",
+            Resume::Syscall => "syscall",
+        };
+        r.map_err(|e| Error::ptrace(what, tid, e))?;
         loop {
             match self.wait(Some(tid), WaitPidFlag::__WALL) {
                 Ok(st @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => {
@@ -252,91 +309,166 @@ impl Stopped {
         }
     }
 
-    /// Execute one system call in thread `tid` through an existing `syscall` instruction at
-    /// `gadget`. The thread's registers are restored afterwards (an interrupted system call of
-    /// the thread restarts as usual).
-    pub fn syscall(&mut self, tid: i32, gadget: u64, nr: i64, args: [u64; 6]) -> Result<i64> {
-        let saved = self.regs(tid)?;
-        let mut r = saved;
-        r.rip = gadget;
-        r.rax = nr as u64;
-        r.orig_rax = u64::MAX; // not in a syscall: no restart logic on resume
-        (r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9) = (args[0], args[1], args[2], args[3], args[4], args[5]);
-        self.set_regs(tid, r)?;
-        // The thread holds the injected registers until they are restored below.
-        crate::fault::point("syscall");
-        let result = (|| {
-            for _ in 0..64 {
-                match self.run_until_stop(tid, true)? {
-                    WaitStatus::Stopped(_, Signal::SIGTRAP) => {
-                        let after = self.regs(tid)?;
-                        if after.rip == gadget + 2 {
-                            return Ok(after.rax as i64);
-                        }
-                        return Err(Error::Process { pid: self.pid, msg: format!("injected syscall stopped at {:#x}", after.rip) });
-                    }
-                    WaitStatus::Stopped(_, sig) => {
-                        // A signal arrived first; keep it for later and try again.
-                        self.threads.entry(tid).or_default().pending.push(sig as i32);
-                        self.set_regs(tid, r)?;
-                    }
-                    _ => {
-                        self.set_regs(tid, r)?;
-                    }
-                }
-            }
-            Err(Error::Process { pid: self.pid, msg: "injected syscall kept being interrupted".into() })
-        })();
-        let restore = self.set_regs(tid, saved);
-        // The single-step left the thread in the signal-delivery-stop of its SIGTRAP: were we
-        // killed now, the kernel would deliver that SIGTRAP and kill the target.
-        let settle = self.settle(tid);
-        let v = result?;
-        restore?;
-        settle?;
-        Ok(v)
+    /// Execute one system call in thread `tid` and return its result. The thread's registers
+    /// are restored afterwards (a system call it was interrupted in restarts as usual). Should
+    /// we die meanwhile, the thread restores itself: see [`Stopped::inject`].
+    pub fn syscall(&mut self, tid: i32, g: Gadgets, nr: i64, args: [u64; 6]) -> Result<i64> {
+        let (v, _) = self.inject(tid, g, Injected::Syscall, |r, sp| {
+            r.rip = g.syscall_ret;
+            r.rsp = sp;
+            r.rax = nr as u64;
+            (r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9) = (args[0], args[1], args[2], args[3], args[4], args[5]);
+            Ok(None)
+        })?;
+        Ok(v as i64)
     }
 
     /// Call a function of the target in thread `tid` (System V ABI) and return its result.
-    /// The call returns to address 0; the fault that follows is our signal that it finished.
-    pub fn call(&mut self, tid: i32, mem: &crate::process::ProcMem, func: u64, args: [u64; 6]) -> Result<u64> {
+    /// The function returns into the `syscall; ret` sequence with its result as the system
+    /// call number: we take the result at that call's entry stop and skip the call. Should we
+    /// die meanwhile, the thread restores itself (see [`Stopped::inject`]; the bogus system
+    /// call fails with ENOSYS first).
+    pub fn call(&mut self, tid: i32, g: Gadgets, func: u64, args: [u64; 6]) -> Result<u64> {
+        let (_, ret) = self.inject(tid, g, Injected::Call, |r, sp| {
+            r.rip = func;
+            // As after a `call`: the return address on top, 16-byte alignment above it.
+            r.rsp = sp - 8;
+            r.rax = 0;
+            (r.rdi, r.rsi, r.rdx, r.rcx, r.r8, r.r9) = (args[0], args[1], args[2], args[3], args[4], args[5]);
+            Ok(Some((sp - 8, g.syscall_ret)))
+        })?;
+        Ok(ret)
+    }
+
+    /// Run injected code in stopped thread `tid` until it reaches the `syscall` of
+    /// `g.syscall_ret`, and return that system call's result and the value it was entered
+    /// with (`orig_rax`). `setup` gets the registers to start from (the thread's own) and the
+    /// stack pointer to use, and may name one more word to write (a return address).
+    ///
+    /// First a signal frame ([`sigframe`]) that restores the thread as it is now is written
+    /// below its stack's red zone, and `ret` after the `syscall` pops the frame's return
+    /// address: the target's `rt_sigreturn` sequence. While we live, we stop the thread at
+    /// the system call (ptrace syscall stops, which a dying tracer simply lets go on) and
+    /// restore it ourselves; if we are killed at any point, the thread finishes the call,
+    /// returns into `rt_sigreturn`, and the kernel restores every register, the signal mask
+    /// and the extended state from the frame. The target runs on either way.
+    fn inject(&mut self, tid: i32, g: Gadgets, kind: Injected, setup: impl FnOnce(&mut Regs, u64) -> Result<Option<(u64, u64)>>) -> Result<(u64, u64)> {
         let saved = self.regs(tid)?;
+        let mem = crate::process::ProcMem::open(self.pid)?;
+        let frame = self.restoring_frame(tid, &saved, g)?;
         let mut r = saved;
-        // Below the red zone, 16-byte aligned, then the return address 0 as a `call` pushes it.
-        let sp = (saved.rsp.checked_sub(1024).ok_or_else(|| Error::Other("stack pointer too low".into()))?) & !0xf;
-        let sp = sp - 8;
-        mem.write(sp, &0u64.to_le_bytes())?;
-        r.rsp = sp;
-        r.rip = func;
-        r.rax = 0;
-        r.orig_rax = u64::MAX;
-        (r.rdi, r.rsi, r.rdx, r.rcx, r.r8, r.r9) = (args[0], args[1], args[2], args[3], args[4], args[5]);
+        r.orig_rax = u64::MAX; // not in a system call: no restart logic when it goes on
+        let extra = setup(&mut r, frame.sp)?;
+        mem.write(frame.base, &frame.bytes)?;
+        if let Some((at, word)) = extra {
+            mem.write(at, &word.to_le_bytes())?;
+        }
         self.set_regs(tid, r)?;
-        let result = (|| {
-            for _ in 0..64 {
-                match self.run_until_stop(tid, false)? {
-                    WaitStatus::Stopped(_, Signal::SIGSEGV) => {
-                        let after = self.regs(tid)?;
-                        if after.rip == 0 {
-                            return Ok(after.rax);
-                        }
-                        return Err(Error::Process { pid: self.pid, msg: format!("injected call to {func:#x} faulted at {:#x}", after.rip) });
-                    }
-                    WaitStatus::Stopped(_, sig) => {
-                        self.threads.entry(tid).or_default().pending.push(sig as i32);
-                    }
-                    _ => {}
-                }
-            }
-            Err(Error::Process { pid: self.pid, msg: "injected call kept being interrupted".into() })
-        })();
-        let restore = self.set_regs(tid, saved);
-        // Out of the SIGSEGV signal-delivery-stop of the return to address 0 (see settle).
-        let settle = self.settle(tid);
+        // The thread holds the injected registers until they are restored below.
+        crate::fault::point("syscall");
+        let result = self.run_to_gadget(tid, g, kind, &mem, frame.sp);
+        let restored = self.settle_with(tid, Some(saved));
         let v = result?;
-        restore?;
-        settle?;
+        restored?;
         Ok(v)
+    }
+
+    /// Resume the injected thread with syscall stops until the exit of the system call at
+    /// `g.syscall_ret`; returns (its result, the number it was entered with).
+    fn run_to_gadget(&mut self, tid: i32, g: Gadgets, kind: Injected, mem: &crate::process::ProcMem, frame_sp: u64) -> Result<(u64, u64)> {
+        let at = g.syscall_ret + SYSCALL_LEN;
+        let mut entered: Option<u64> = None;
+        for _ in 0..256 {
+            match self.run_until_stop(tid, Resume::Syscall)? {
+                WaitStatus::PtraceSyscall(_) => {
+                    let now = self.regs(tid)?;
+                    if now.rip != at {
+                        continue; // a system call of the injected function itself
+                    }
+                    match entered {
+                        None => {
+                            entered = Some(now.orig_rax);
+                            // The thread is past any restore of a temporary signal mask
+                            // (ppoll, pselect, sigsuspend) now: the frame gets the real one.
+                            if let Some(mask) = blocked_signals(self.pid, tid) {
+                                mem.write(frame_sp + sigframe::SIGMASK_OFFSET as u64, &mask.to_le_bytes())?;
+                            }
+                            if kind == Injected::Call {
+                                // A function's result, not a system call: skip it.
+                                let mut skip = now;
+                                skip.orig_rax = u64::MAX;
+                                skip.rax = now.orig_rax;
+                                self.set_regs(tid, skip)?;
+                            }
+                        }
+                        Some(nr) => return Ok((self.regs(tid)?.rax, nr)),
+                    }
+                }
+                WaitStatus::Stopped(_, sig @ (Signal::SIGSEGV | Signal::SIGBUS | Signal::SIGILL | Signal::SIGFPE)) => {
+                    let now = self.regs(tid)?;
+                    return Err(Error::Process { pid: self.pid, msg: format!("injected code faulted ({sig}) at {:#x}", now.rip) });
+                }
+                WaitStatus::Stopped(_, sig) => {
+                    // A signal arrived first; keep it for later and go on.
+                    self.threads.entry(tid).or_default().pending.push(sig as i32);
+                }
+                _ => {}
+            }
+        }
+        Err(Error::Process { pid: self.pid, msg: "injected code kept being interrupted".into() })
+    }
+
+    /// A frame that restores thread `tid` to `saved` (see [`Stopped::inject`]), placed below
+    /// the red zone and the scratch space callers use, checked to lie in the stack's mapping.
+    fn restoring_frame(&self, tid: i32, saved: &Regs, g: Gadgets) -> Result<sigframe::Frame> {
+        let xstate = self.xstate(tid)?;
+        let ctx = sigframe::Context {
+            r8: saved.r8,
+            r9: saved.r9,
+            r10: saved.r10,
+            r11: saved.r11,
+            r12: saved.r12,
+            r13: saved.r13,
+            r14: saved.r14,
+            r15: saved.r15,
+            rdi: saved.rdi,
+            rsi: saved.rsi,
+            rbp: saved.rbp,
+            rbx: saved.rbx,
+            rdx: saved.rdx,
+            rax: saved.rax,
+            rcx: saved.rcx,
+            rsp: saved.rsp,
+            rip: saved.rip,
+            eflags: saved.eflags,
+            cs: saved.cs as u16,
+            ss: saved.ss as u16,
+            orig_rax: saved.orig_rax,
+        };
+        let mask = blocked_signals(self.pid, tid).unwrap_or(0);
+        let no_room = || Error::Process { pid: self.pid, msg: format!("no room on the stack of thread {tid} for the injection's restore frame") };
+        let top = saved.rsp.checked_sub(INJECT_SCRATCH).ok_or_else(no_room)?;
+        let frame = sigframe::build(top, &ctx, mask, &xstate, g.sigreturn).ok_or_else(no_room)?;
+        let lowest = frame.base.checked_sub(8).ok_or_else(no_room)?;
+        let maps = Process::open(self.pid)?.maps()?;
+        if !maps.iter().any(|m| m.contains(lowest) && m.contains(saved.rsp)) {
+            return Err(no_room());
+        }
+        Ok(frame)
+    }
+
+    /// The thread's extended register state (XSAVE area, PTRACE_GETREGSET NT_X86_XSTATE).
+    fn xstate(&self, tid: i32) -> Result<sigframe::XState> {
+        let mut buf = vec![0u8; 32 << 10];
+        let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+        // SAFETY: PTRACE_GETREGSET writes at most iov_len bytes into the buffer iov points to,
+        // both alive for the call, and sets iov_len to what it wrote.
+        let r = unsafe { libc::ptrace(libc::PTRACE_GETREGSET, tid, NT_X86_XSTATE as *mut libc::c_void, &mut iov as *mut libc::iovec) };
+        if r < 0 {
+            return Err(Error::ptrace("getregset (xstate)", tid, Errno::last()));
+        }
+        buf.truncate(iov.iov_len);
+        sigframe::XState::new(buf, xsave_component_end).ok_or_else(|| Error::Process { pid: self.pid, msg: format!("thread {tid}: unexpected extended register state layout") })
     }
 
     /// Move a thread out of the signal-delivery-stop of a signal we caused (the SIGTRAP of a
@@ -348,10 +480,21 @@ impl Stopped {
     /// meanwhile stops it first: that stop is kept (the signal is the target's own and is
     /// delivered on detach, or by the kernel if we die).
     pub fn settle(&mut self, tid: i32) -> Result<()> {
+        self.settle_with(tid, None)
+    }
+
+    /// [`Stopped::settle`], giving the thread registers `regs` on the way. The interrupt comes
+    /// first: from then on the way out of the kernel passes the signal code, which restarts
+    /// a system call the restored registers were interrupted in, even if we die before the
+    /// thread settles.
+    fn settle_with(&mut self, tid: i32, regs: Option<Regs>) -> Result<()> {
         match ptrace::interrupt(pid(tid)) {
             Ok(()) => {}
             Err(Errno::ESRCH) => return Ok(()),
             Err(e) => return Err(Error::ptrace("interrupt", tid, e)),
+        }
+        if let Some(r) = regs {
+            self.set_regs(tid, r)?;
         }
         for _ in 0..16 {
             match ptrace::cont(pid(tid), None) {
@@ -445,7 +588,7 @@ impl Stopped {
     /// Execute exactly one instruction of a stopped thread.
     pub fn single_step(&mut self, tid: i32) -> Result<()> {
         for _ in 0..16 {
-            match self.run_until_stop(tid, true)? {
+            match self.run_until_stop(tid, Resume::Step)? {
                 WaitStatus::Stopped(_, Signal::SIGTRAP) => return Ok(()),
                 WaitStatus::Stopped(_, sig) => {
                     // A signal came first: keep it for later, and step again.
@@ -489,6 +632,10 @@ impl Stopped {
                 Ok(st) => {
                     let Some(p) = st.pid() else { continue };
                     let tid = p.as_raw();
+                    if self.is_fork_child(tid, &st) {
+                        self.fork_stops.insert(tid);
+                        continue;
+                    }
                     match st {
                         WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
                             self.threads.remove(&tid);
@@ -500,6 +647,10 @@ impl Stopped {
                             if let Ok(child) = ptrace::getevent(pid(tid)) {
                                 self.threads.entry(child as i32).or_default();
                             }
+                            self.threads.entry(tid).or_default().stopped = true;
+                        }
+                        WaitStatus::PtraceEvent(_, _, ev) if ev == libc::PTRACE_EVENT_FORK || ev == libc::PTRACE_EVENT_VFORK => {
+                            self.adopt_fork(tid, ev == libc::PTRACE_EVENT_VFORK);
                             self.threads.entry(tid).or_default().stopped = true;
                         }
                         WaitStatus::PtraceEvent(_, _, ev) if ev == libc::PTRACE_EVENT_EXEC => {
@@ -525,6 +676,79 @@ impl Stopped {
         }
     }
 
+    /// Trace forks of the stopped threads (and of threads they create) while `repair` is
+    /// Some: each child gets the original bytes at these addresses back (the `int3` bytes in
+    /// the code it inherited would kill it, with nobody to catch them) and is let go. None:
+    /// no more.
+    pub fn trace_forks(&mut self, repair: Option<Vec<(u64, u8)>>) -> Result<()> {
+        let on = repair.is_some();
+        self.fork_repair = repair.unwrap_or_default();
+        let opts = if on { OPTIONS.union(Options::PTRACE_O_TRACEFORK).union(Options::PTRACE_O_TRACEVFORK) } else { OPTIONS };
+        for (tid, t) in &self.threads {
+            if !t.stopped {
+                continue;
+            }
+            match ptrace::setoptions(pid(*tid), opts) {
+                Ok(()) | Err(Errno::ESRCH) => {}
+                Err(e) => return Err(Error::ptrace("setoptions", *tid, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// A PTRACE_EVENT_FORK/VFORK stop of `parent`: repair the child and let it go (a vfork
+    /// child shares the parent's memory: nothing to repair).
+    fn adopt_fork(&mut self, parent: i32, vfork: bool) {
+        match self.take_fork_child(parent, Duration::from_secs(2)) {
+            Ok(Some(child)) => {
+                if !vfork {
+                    if let Ok(mem) = crate::process::ProcMem::open(child) {
+                        for (a, orig) in &self.fork_repair {
+                            if mem.read_vec(*a, 1).is_ok_and(|b| b[0] == crate::arch::x86_64::INT3) {
+                                let _ = mem.write(*a, &[*orig]);
+                            }
+                        }
+                    }
+                }
+                let _ = raw_request(libc::PTRACE_DETACH, child, None);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(parent, "a forked child: {e}"),
+        }
+    }
+
+    /// The child of a PTRACE_EVENT_FORK stop of `parent`, stopped and traced by us. None if
+    /// it is gone.
+    fn take_fork_child(&mut self, parent: i32, timeout: Duration) -> Result<Option<i32>> {
+        let child = ptrace::getevent(pid(parent)).map_err(|e| Error::ptrace("getevent", parent, e))? as i32;
+        let deadline = Instant::now() + timeout;
+        while !self.fork_stops.remove(&child) {
+            let mut status = 0;
+            // SAFETY: waitpid with a valid pointer to an int.
+            let r = unsafe { libc::waitpid(child, &mut status, libc::__WALL | libc::WNOHANG) };
+            if r == child {
+                if libc::WIFSTOPPED(status) {
+                    break;
+                }
+                return Ok(None); // it died at once
+            }
+            if r < 0 {
+                return Ok(None);
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Process { pid: self.pid, msg: format!("forked child {child} did not report its first stop") });
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        Ok(Some(child))
+    }
+
+    /// A stop of a process the target forked (auto-attached by PTRACE_O_TRACEFORK), not of
+    /// one of its threads.
+    fn is_fork_child(&self, tid: i32, st: &WaitStatus) -> bool {
+        matches!(st, WaitStatus::Stopped(..) | WaitStatus::PtraceEvent(..)) && !self.threads.contains_key(&tid) && !is_task_of(self.pid, tid)
+    }
+
     /// waitpid(2), decoded as nix decodes it, except that a stop for a signal `Signal` cannot
     /// name (a real-time signal: the program's own, or glibc's SIGCANCEL/SIGSETXID) is no
     /// error (nix answers EINVAL, and the stop and its signal would be lost): the signal is
@@ -540,13 +764,18 @@ impl Stopped {
         if r == 0 {
             return Ok(WaitStatus::StillAlive);
         }
+        if libc::WIFSTOPPED(status) && !self.threads.contains_key(&r) && !is_task_of(self.pid, r) {
+            // A child the target forked (PTRACE_O_TRACEFORK): not one of our threads.
+            return WaitStatus::from_raw(pid(r), status);
+        }
         if libc::WIFSTOPPED(status) {
             let t = self.threads.entry(r).or_default();
-            t.stop_sig = (status >> 16 == 0).then(|| libc::WSTOPSIG(status));
+            t.stop_sig = (status >> 16 == 0 && libc::WSTOPSIG(status) != libc::SIGTRAP | 0x80).then(|| libc::WSTOPSIG(status));
         }
         if libc::WIFSTOPPED(status) && status >> 16 == 0 {
             let sig = libc::WSTOPSIG(status);
-            if Signal::try_from(sig).is_err() {
+            // SIGTRAP | 0x80 is a syscall stop (PTRACE_O_TRACESYSGOOD), not a signal.
+            if sig != libc::SIGTRAP | 0x80 && Signal::try_from(sig).is_err() {
                 let t = self.threads.entry(r).or_default();
                 t.stopped = true;
                 t.trapped = false;
@@ -621,4 +850,22 @@ fn traced_by_us(tid: i32) -> bool {
     // TracerPid names the tracing *thread*: the engine may run on any thread of an embedder.
     // SAFETY: gettid() has no preconditions.
     tracer_of(tid) == Some(unsafe { libc::gettid() })
+}
+
+/// The thread's blocked signal mask (SigBlk in /proc).
+fn blocked_signals(tgid: i32, tid: i32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{tgid}/task/{tid}/status")).ok()?;
+    s.lines().find_map(|l| l.strip_prefix("SigBlk:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+}
+
+/// Where XSAVE state component `i` ends in the standard format (CPUID leaf 0xD: EAX size,
+/// EBX offset). The same on every thread: the format is the CPU's.
+fn xsave_component_end(i: u32) -> usize {
+    let r = std::arch::x86_64::__cpuid_count(0xd, i);
+    (r.ebx as usize).saturating_add(r.eax as usize)
+}
+
+/// Whether `tid` is a thread of process `tgid`.
+fn is_task_of(tgid: i32, tid: i32) -> bool {
+    std::path::Path::new(&format!("/proc/{tgid}/task/{tid}")).exists()
 }

@@ -30,7 +30,7 @@ pub fn revert(pid: i32, all: bool, strategy: Strategy, timeout: Duration) -> Res
     let _lock = Lock::take(&proc)?;
     let mem = ProcMem::open(pid)?;
     let maps = proc.maps()?;
-    let gadget = map::find_syscall_gadget(&mem, &maps)?;
+    let gadget = map::find_gadgets(&mem, &maps)?;
     let (applied, _) = status::applied(&mem, &maps);
     let (orphans, live): (Vec<&Applied>, Vec<&Applied>) = applied.iter().partition(|a| a.orphan);
     for o in &orphans {

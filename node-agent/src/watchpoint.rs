@@ -135,4 +135,5 @@ pub fn blocked(a: &Activation, timeout: Duration) -> Error {
     ))
 }
 
+mod perf;
 pub mod trap;

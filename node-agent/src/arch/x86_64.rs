@@ -1,6 +1,8 @@
 //! x86-64: finding the address references inside machine code (rip-relative operands, rel32
 //! branches, absolute immediates, `%fs` TLS offsets), encoding the entry jump, and the debug
 //! register layout.
+pub mod sigframe;
+
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind, Register};
 
 /// Length of the jump written at an old function's entry (`jmp rel32`).

@@ -3,13 +3,15 @@
 //! Instead of stopping the process again and again to poll its stacks, put execute
 //! breakpoints on the old entries (a thread that reaches one is held there: it has not entered
 //! the old code, so it is no activation) and on the return address of the outermost old frame
-//! of every thread that is inside old code (so we learn the moment it leaves). Hardware debug
-//! registers (DR0-DR3, per thread, set in new threads as they appear) when four are enough,
-//! else `int3` bytes with the original byte kept. When no activation is left, every thread is
+//! of every thread that is inside old code (so we learn the moment it leaves). Hardware
+//! breakpoints (per thread, set in new threads as they appear) when four are enough: perf
+//! events owned by our descriptors where the kernel allows them (they vanish if we are
+//! killed), else debug registers written with ptrace; beyond four, `int3` bytes with the
+//! original byte kept. When no activation is left, every thread is
 //! stopped, the stacks are checked once more with a full unwind, and the caller writes the
 //! jumps; held threads are moved straight to the new code. Every breakpoint is removed on
 //! every path.
-use super::{find_activation, Activation, Guarded, Quiet, View};
+use super::{find_activation, perf, Activation, Guarded, Quiet, View};
 use crate::arch::x86_64::{debugreg_offset, dr7_execute, HW_BREAKPOINTS, INT3};
 use crate::error::{Error, Result};
 use crate::process::MemoryReader;
@@ -19,6 +21,7 @@ use crate::unwind;
 use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
 use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 
@@ -37,22 +40,29 @@ struct Breakpoints {
     hardware: bool,
     /// int3 sites: address -> original byte.
     saved: BTreeMap<u64, u8>,
-    /// Threads whose debug registers hold our breakpoints.
-    armed: BTreeSet<i32>,
+    /// Threads that hold our hardware breakpoints: as perf events (their descriptors), or in
+    /// debug registers written with ptrace (None).
+    armed: BTreeMap<i32, Option<Vec<OwnedFd>>>,
 }
 
 impl Breakpoints {
     fn new(addrs: Vec<u64>) -> Self {
         let hardware = addrs.len() <= HW_BREAKPOINTS;
-        Breakpoints { addrs, hardware, saved: BTreeMap::new(), armed: BTreeSet::new() }
+        Breakpoints { addrs, hardware, saved: BTreeMap::new(), armed: BTreeMap::new() }
     }
 
-    fn arm_all(&mut self, v: &View, s: &Stopped) -> Result<()> {
+    fn arm_all(&mut self, v: &View, s: &mut Stopped) -> Result<()> {
         if self.hardware {
             for tid in s.tids() {
                 self.arm_thread(s, tid)?;
             }
         } else {
+            // A child forked while the bytes are armed gets its original bytes back.
+            let mut sites = Vec::new();
+            for &a in &self.addrs {
+                sites.push((a, self.saved.get(&a).copied().map_or_else(|| v.mem.read_vec(a, 1).map(|b| b[0]), Ok)?));
+            }
+            s.trace_forks(Some(sites))?;
             for &a in &self.addrs {
                 if self.saved.contains_key(&a) {
                     continue;
@@ -69,17 +79,25 @@ impl Breakpoints {
         if !self.hardware {
             return Ok(());
         }
+        match self.addrs.iter().map(|a| perf::breakpoint(tid, *a)).collect::<std::io::Result<Vec<OwnedFd>>>() {
+            Ok(fds) => {
+                self.armed.insert(tid, Some(fds));
+                return Ok(());
+            }
+            Err(e) => tracing::debug!(tid, "perf breakpoints refused ({e}); using debug registers"),
+        }
         for (i, a) in self.addrs.iter().enumerate() {
             s.poke_user(tid, debugreg_offset(i), *a)?;
         }
         let slots: Vec<usize> = (0..self.addrs.len()).collect();
         s.poke_user(tid, debugreg_offset(7), dr7_execute(&slots))?;
-        self.armed.insert(tid);
+        self.armed.insert(tid, None);
         Ok(())
     }
 
     fn disarm_thread(&mut self, s: &Stopped, tid: i32) {
-        if self.armed.remove(&tid) {
+        // Perf events go with their descriptors, dropped here.
+        if let Some(None) = self.armed.remove(&tid) {
             let _ = s.poke_user(tid, debugreg_offset(7), 0);
             for i in 0..self.addrs.len() {
                 let _ = s.poke_user(tid, debugreg_offset(i), 0);
@@ -89,11 +107,16 @@ impl Breakpoints {
     }
 
     /// Remove everything (threads must be stopped).
-    fn disarm_all(&mut self, v: &View, s: &Stopped) -> Result<()> {
-        for tid in self.armed.clone() {
+    fn disarm_all(&mut self, v: &View, s: &mut Stopped) -> Result<()> {
+        for tid in self.armed.keys().copied().collect::<Vec<_>>() {
             self.disarm_thread(s, tid);
         }
         let mut first_err = None;
+        if !self.hardware {
+            if let Err(e) = s.trace_forks(None) {
+                first_err.get_or_insert(e);
+            }
+        }
         for (a, orig) in std::mem::take(&mut self.saved) {
             if let Err(e) = v.mem.write(a, &[orig]) {
                 first_err.get_or_insert(e);
@@ -105,6 +128,10 @@ impl Breakpoints {
     /// Which of our breakpoints a SIGTRAP stop of `tid` is; rewinds rip past an int3.
     fn hit(&self, s: &Stopped, tid: i32) -> Result<Option<u64>> {
         let mut regs = s.regs(tid)?;
+        if let Some(Some(_)) = self.armed.get(&tid) {
+            let perf = s.siginfo(tid).is_some_and(|i| i.si_code == perf::TRAP_PERF);
+            return Ok(self.addrs.iter().copied().find(|a| perf && *a == regs.rip));
+        }
         if self.hardware {
             let dr6 = s.peek_user(tid, debugreg_offset(6)).unwrap_or(0);
             let _ = s.poke_user(tid, debugreg_offset(6), 0);
@@ -122,7 +149,10 @@ impl Breakpoints {
 
     /// Run `tid` past the breakpoint it stands on, then let it go.
     fn step_over(&mut self, v: &View, s: &mut Stopped, tid: i32, at: u64) -> Result<()> {
-        if self.hardware {
+        if let Some(Some(_)) = self.armed.get(&tid) {
+            // The kernel set the resume flag (RF) on the way into the signal stop: the
+            // instruction runs once without trapping again.
+        } else if self.hardware {
             let _ = s.poke_user(tid, debugreg_offset(7), 0);
             s.single_step(tid)?;
             let slots: Vec<usize> = (0..self.addrs.len()).collect();
@@ -209,10 +239,20 @@ pub fn trap_inactive(v: &View, guarded: &[Guarded], entries: &[Entry], timeout: 
             });
         }
         // Held threads stay where they are; everyone else runs with the breakpoints armed.
+        // Hardware breakpoints (perf events, gone with us if we are killed) are preferred to
+        // `int3` bytes (which a killed tool leaves behind): when the entries fit, the exits
+        // take the slots left and threads whose exit gets none are followed by polling.
         let mut addrs: Vec<u64> = entry_addrs.iter().copied().collect();
-        for e in active.values().flatten() {
-            if !addrs.contains(&e.ret) {
-                addrs.push(e.ret);
+        let fits = addrs.len() <= HW_BREAKPOINTS;
+        for e in active.values_mut() {
+            let Some(x) = *e else { continue };
+            if addrs.contains(&x.ret) {
+                continue;
+            }
+            if fits && addrs.len() == HW_BREAKPOINTS {
+                *e = None;
+            } else {
+                addrs.push(x.ret);
             }
         }
         let poll = active.values().any(|e| e.is_none());
@@ -222,7 +262,7 @@ pub fn trap_inactive(v: &View, guarded: &[Guarded], entries: &[Entry], timeout: 
         // Whatever happened: every thread stopped, no breakpoint trap left queued, every
         // breakpoint gone.
         let stop = s.stop_running(Duration::from_secs(10)).and_then(|_| consume_queued_traps(&mut s, &bps));
-        let disarm = bps.disarm_all(v, &s);
+        let disarm = bps.disarm_all(v, &mut s);
         round?;
         stop?;
         disarm?;
@@ -244,7 +284,7 @@ fn consume_queued_traps(s: &mut Stopped, bps: &Breakpoints) -> Result<()> {
                 break;
             }
             trapped = false;
-            match s.run_until_stop(tid, false)? {
+            match s.run_until_stop(tid, crate::ptrace::Resume::Cont)? {
                 WaitStatus::Stopped(_, Signal::SIGTRAP) => {
                     bps.hit(s, tid)?;
                     trapped = true;
@@ -311,7 +351,7 @@ fn run_round(
             WaitStatus::Stopped(_, sig) => s.resume_with(tid, sig)?,
             WaitStatus::PtraceEvent(..) => {
                 // A new thread (or a clone event of its parent): give it the breakpoints.
-                if bps.hardware && !bps.armed.contains(&tid) {
+                if bps.hardware && !bps.armed.contains_key(&tid) {
                     bps.arm_thread(s, tid)?;
                 }
                 s.resume(tid)?;
