@@ -164,7 +164,7 @@ fn saw_breakpoint(pid: i32, entries: &[(String, u64)], limit: Duration) -> bool 
 /// The tool is interrupted (SIGTERM / SIGINT, as when an agent is shut down) while it waits
 /// with its traps set: it must restore everything, exit with 1, and leave the target running
 /// its old code.
-fn interrupted_while_waiting(v: Variant, scenario: &str, sig: i32) {
+fn interrupted_while_waiting(v: Variant, scenario: &str, sig: i32, env: &[(&str, &str)]) {
     let old = compile(scenario, "v1", v);
     let bundle = build_bundle(&old, &compile(scenario, "v2", v), &[]);
     let mut t = Target::start(&old);
@@ -179,11 +179,7 @@ fn interrupted_while_waiting(v: Variant, scenario: &str, sig: i32) {
         }
     };
     let before = Untouched::take(t.pid);
-    let mut p = spawn_livepatch(apply_args(
-        t.pid,
-        &bundle,
-        &["--strategy", "trap", "--timeout", "60"],
-    ));
+    let mut p = spawn_livepatch_env(apply_args(t.pid, &bundle, &["--strategy", "trap", "--timeout", "60"]), env);
     if scenario == "many" {
         let entries = live_entries(t.pid, &old, &functions);
         if !saw_breakpoint(t.pid, &entries, Duration::from_secs(5)) {
@@ -220,12 +216,52 @@ fn interrupted_while_waiting(v: Variant, scenario: &str, sig: i32) {
 }
 
 fn hardware_breakpoints_restored_after_sigint(v: Variant) {
-    interrupted_while_waiting(v, "forever", libc::SIGINT);
+    interrupted_while_waiting(v, "forever", libc::SIGINT, &[]);
 }
 variant_tests!(hardware_breakpoints_restored_after_sigint => hardware_breakpoints_restored_after_sigint: o2_pie, o3_nopie);
 
+/// The same with debug registers written through ptrace (what the engine falls back to when
+/// the kernel refuses perf breakpoints): they must be cleared on the way out.
+fn debug_registers_restored_after_sigint(v: Variant) {
+    interrupted_while_waiting(v, "forever", libc::SIGINT, &[("LIVEPATCH_BREAKPOINTS", "debugreg")]);
+}
+variant_tests!(debug_registers_restored_after_sigint => debug_registers_restored_after_sigint: o2_pie);
+
+/// Hardware breakpoints are perf events held by the tool's descriptors: the tool waiting on
+/// a function that stays active holds some, and SIGKILLing it leaves none in the target (a
+/// call of the function afterwards would otherwise die of SIGTRAP).
+fn hardware_breakpoints_vanish_with_a_killed_tool(v: Variant) {
+    let old = compile("forever", "v1", v);
+    let bundle = build_bundle(&old, &compile("forever", "v2", v), &[]);
+    let mut t = Target::start(&old);
+    t.expect("call", "v1 served 1");
+    let before = text_snapshot(t.pid);
+    let mut p = spawn_livepatch(apply_args(t.pid, &bundle, &["--strategy", "trap", "--timeout", "60"]));
+    let perf_fds = |pid: i32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok()).filter(|l| l.to_string_lossy().contains("perf_event")).count())
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while perf_fds(p.pid()) == 0 {
+        assert!(p.is_running() && Instant::now() < deadline, "the tool never held a perf breakpoint");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    p.signal(libc::SIGKILL);
+    let run = p.finish(Duration::from_secs(30));
+    assert_eq!(run.signal, Some(libc::SIGKILL));
+    // The function is reached again: a breakpoint left behind would kill the target here.
+    t.expect("call", "v1 served 2");
+    t.expect("call", "v1 served 3");
+    // The region mapped before the wait stays as an orphan, removed by the next command.
+    assert_text_unchanged(&before, t.pid);
+    assert_debug_registers_clear(t.pid);
+    assert_not_traced(t.pid);
+}
+variant_tests!(hardware_breakpoints_vanish_with_a_killed_tool => hardware_breakpoints_vanish_with_a_killed_tool: o2_pie);
+
 fn software_breakpoints_restored_after_sigterm(v: Variant) {
-    interrupted_while_waiting(v, "many", libc::SIGTERM);
+    interrupted_while_waiting(v, "many", libc::SIGTERM, &[]);
 }
 variant_tests!(software_breakpoints_restored_after_sigterm => software_breakpoints_restored_after_sigterm: o2_pie, o3_nopie);
 

@@ -3,6 +3,7 @@
 //! TRAP_PERF), which we as its tracer see as a signal stop. Unlike debug registers written
 //! with ptrace, which stay in the thread after its tracer is gone, these vanish with the
 //! descriptor: a tool killed in the middle of a trap wait leaves no breakpoint behind.
+//! `LIVEPATCH_BREAKPOINTS=debugreg` forces debug registers (as when perf is refused).
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -27,7 +28,7 @@ static REFUSED: AtomicBool = AtomicBool::new(false);
 /// An execute breakpoint at `addr` in thread `tid`. Errors are the kernel's; the caller falls
 /// back to debug registers.
 pub fn breakpoint(tid: i32, addr: u64) -> std::io::Result<OwnedFd> {
-    if REFUSED.load(Ordering::Relaxed) {
+    if REFUSED.load(Ordering::Relaxed) || std::env::var_os("LIVEPATCH_BREAKPOINTS").is_some_and(|v| v == "debugreg") {
         return Err(std::io::Error::from_raw_os_error(libc::EPERM));
     }
     let mut attr = [0u8; ATTR_SIZE];

@@ -714,6 +714,15 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
+    spawn_livepatch_env(args, &[])
+}
+
+/// [`spawn_livepatch`] with extra environment variables.
+pub fn spawn_livepatch_env<I, S>(args: I, env: &[(&str, &str)]) -> Pending
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
     let args: Vec<String> = args
         .into_iter()
         .map(|a| a.as_ref().to_string_lossy().into_owned())
@@ -721,6 +730,7 @@ where
     let started = Instant::now();
     let mut child = Command::new(livepatch_bin())
         .args(&args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
