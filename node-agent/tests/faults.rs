@@ -321,6 +321,17 @@ enum Op {
 
 /// Kill the tool at `point` during `op` with `strategy`; `hold`: a worker sits inside f, so
 /// the trap strategy arms its breakpoints (and the wait strategy would wait).
+/// Each thread's blocked-signal mask (SigBlk).
+fn signal_masks(pid: i32) -> BTreeMap<i32, String> {
+    threads(pid)
+        .into_iter()
+        .filter_map(|tid| {
+            let st = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
+            Some((tid, st.lines().find_map(|l| l.strip_prefix("SigBlk:"))?.trim().to_string()))
+        })
+        .collect()
+}
+
 fn kill_at(point: &str, op: Op, strategy: &str, which: Which, hold: bool) {
     let s = scene();
     let mut sub = start(&s, which);
@@ -347,12 +358,22 @@ fn kill_at(point: &str, op: Op, strategy: &str, which: Which, hold: bool) {
             "20".into(),
         ],
     };
+    let masks0 = signal_masks(pid);
     let run = run_with_fault(args.clone(), point);
     assert_eq!(
         run.signal,
         Some(libc::SIGKILL),
         "LIVEPATCH_FAULT={point} was not reached: {run:?}"
     );
+    if point == "syscall" {
+        // The injected thread restored itself through rt_sigreturn: its signal mask too.
+        let masks = signal_masks(pid);
+        for (tid, m) in &masks0 {
+            if let Some(now) = masks.get(tid) {
+                assert_eq!(now, m, "thread {tid}: signal mask changed by a tool killed in an injected system call");
+            }
+        }
+    }
     let repro = format!(
         "reproduce: start {} (`{}` then{} `livepatch {}` with LIVEPATCH_FAULT={point}, then `round` to the target",
         s.old.display(),
