@@ -80,9 +80,13 @@ pub struct Gadgets {
 }
 
 impl Stopped {
+    fn new(pid: i32) -> Stopped {
+        Stopped { pid, threads: BTreeMap::new(), since: Instant::now(), fork_stops: BTreeSet::new(), fork_repair: Vec::new() }
+    }
+
     /// Stop every thread of the process, including threads created while stopping.
     pub fn all(proc: &Process, timeout: Duration) -> Result<Stopped> {
-        let mut s = Stopped { pid: proc.pid, threads: BTreeMap::new(), since: Instant::now(), fork_stops: BTreeSet::new(), fork_repair: Vec::new() };
+        let mut s = Stopped::new(proc.pid);
         let deadline = Instant::now() + timeout;
         let mut first = true;
         loop {
@@ -117,7 +121,7 @@ impl Stopped {
 
     /// Stop one thread (for injecting a syscall while the others keep running).
     pub fn one(proc: &Process, tid: i32, timeout: Duration) -> Result<Stopped> {
-        let mut s = Stopped { pid: proc.pid, threads: BTreeMap::new(), since: Instant::now(), fork_stops: BTreeSet::new(), fork_repair: Vec::new() };
+        let mut s = Stopped::new(proc.pid);
         if !s.seize(tid)? {
             return Err(Error::Process { pid: proc.pid, msg: format!("thread {tid} exited") });
         }
@@ -186,10 +190,6 @@ impl Stopped {
                 Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => {}
                 Ok(st) => {
                     if let Some(p) = st.pid() {
-                        if self.is_fork_child(p.as_raw(), &st) {
-                            self.fork_stops.insert(p.as_raw());
-                            continue;
-                        }
                         self.on_status(p.as_raw(), st)?;
                         spins = 0;
                         continue;
@@ -285,15 +285,10 @@ impl Stopped {
 
     /// Resume one thread and wait for its next stop; the stop status is returned.
     pub(crate) fn run_until_stop(&mut self, tid: i32, how: Resume) -> Result<WaitStatus> {
-        let r = match how {
-            Resume::Cont => ptrace::cont(pid(tid), None),
-            Resume::Step => ptrace::step(pid(tid), None),
-            Resume::Syscall => ptrace::syscall(pid(tid), None),
-        };
-        let what = match how {
-            Resume::Cont => "cont",
-            Resume::Step => "singlestep",
-            Resume::Syscall => "syscall",
+        let (r, what) = match how {
+            Resume::Cont => (ptrace::cont(pid(tid), None), "cont"),
+            Resume::Step => (ptrace::step(pid(tid), None), "singlestep"),
+            Resume::Syscall => (ptrace::syscall(pid(tid), None), "syscall"),
         };
         r.map_err(|e| Error::ptrace(what, tid, e))?;
         loop {
@@ -390,7 +385,7 @@ impl Stopped {
                             entered = Some(now.orig_rax);
                             // The thread is past any restore of a temporary signal mask
                             // (ppoll, pselect, sigsuspend) now: the frame gets the real one.
-                            if let Some(mask) = blocked_signals(self.pid, tid) {
+                            if let Some(mask) = signal_set(self.pid, tid, "SigBlk:") {
                                 mem.write(frame_sp + sigframe::SIGMASK_OFFSET as u64, &mask.to_le_bytes())?;
                             }
                             if kind == Injected::Call {
@@ -445,7 +440,7 @@ impl Stopped {
             ss: saved.ss as u16,
             orig_rax: saved.orig_rax,
         };
-        let mask = blocked_signals(self.pid, tid).unwrap_or(0);
+        let mask = signal_set(self.pid, tid, "SigBlk:").unwrap_or(0);
         let no_room = || Error::Process { pid: self.pid, msg: format!("no room on the stack of thread {tid} for the injection's restore frame") };
         let top = saved.rsp.checked_sub(INJECT_SCRATCH).ok_or_else(no_room)?;
         let frame = sigframe::build(top, &ctx, mask, &xstate, g.sigreturn).ok_or_else(no_room)?;
@@ -543,11 +538,7 @@ impl Stopped {
     /// Whether a SIGTRAP is queued for the thread (a breakpoint hit that has not been reported
     /// yet). Detaching with one queued would kill the target.
     pub fn sigtrap_pending(&self, tid: i32) -> bool {
-        let Ok(s) = std::fs::read_to_string(format!("/proc/{}/task/{tid}/status", self.pid)) else { return false };
-        s.lines()
-            .find_map(|l| l.strip_prefix("SigPnd:"))
-            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-            .is_some_and(|m| m & (1 << (libc::SIGTRAP - 1)) != 0)
+        signal_set(self.pid, tid, "SigPnd:").is_some_and(|m| m & (1 << (libc::SIGTRAP - 1)) != 0)
     }
 
     /// Every thread is stopped again from now on: the pause starts over.
@@ -632,10 +623,6 @@ impl Stopped {
                 Ok(st) => {
                     let Some(p) = st.pid() else { continue };
                     let tid = p.as_raw();
-                    if self.is_fork_child(tid, &st) {
-                        self.fork_stops.insert(tid);
-                        continue;
-                    }
                     match st {
                         WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
                             self.threads.remove(&tid);
@@ -743,17 +730,12 @@ impl Stopped {
         Ok(Some(child))
     }
 
-    /// A stop of a process the target forked (auto-attached by PTRACE_O_TRACEFORK), not of
-    /// one of its threads.
-    fn is_fork_child(&self, tid: i32, st: &WaitStatus) -> bool {
-        matches!(st, WaitStatus::Stopped(..) | WaitStatus::PtraceEvent(..)) && !self.threads.contains_key(&tid) && !is_task_of(self.pid, tid)
-    }
-
     /// waitpid(2), decoded as nix decodes it, except that a stop for a signal `Signal` cannot
     /// name (a real-time signal: the program's own, or glibc's SIGCANCEL/SIGSETXID) is no
     /// error (nix answers EINVAL, and the stop and its signal would be lost): the signal is
     /// kept as the thread's pending signal (delivered when it is resumed or detached) and the
-    /// stop is reported as `PtraceEvent(tid, SIGTRAP, 0)`, a stop with nothing to handle.
+    /// stop is reported as `PtraceEvent(tid, SIGTRAP, 0)`, a stop with nothing to handle. The
+    /// first stop of a forked child is taken aside and reported as `StillAlive`.
     fn wait(&mut self, who: Option<i32>, flags: WaitPidFlag) -> nix::Result<WaitStatus> {
         let mut status: libc::c_int = 0;
         // SAFETY: waitpid with a valid pointer to an int.
@@ -765,8 +747,10 @@ impl Stopped {
             return Ok(WaitStatus::StillAlive);
         }
         if libc::WIFSTOPPED(status) && !self.threads.contains_key(&r) && !is_task_of(self.pid, r) {
-            // A child the target forked (PTRACE_O_TRACEFORK): not one of our threads.
-            return WaitStatus::from_raw(pid(r), status);
+            // The first stop of a child the target forked (PTRACE_O_TRACEFORK), not one of our
+            // threads: kept for `take_fork_child`, and nothing to report.
+            self.fork_stops.insert(r);
+            return Ok(WaitStatus::StillAlive);
         }
         if libc::WIFSTOPPED(status) {
             let t = self.threads.entry(r).or_default();
@@ -852,10 +836,10 @@ fn traced_by_us(tid: i32) -> bool {
     tracer_of(tid) == Some(unsafe { libc::gettid() })
 }
 
-/// The thread's blocked signal mask (SigBlk in /proc).
-fn blocked_signals(tgid: i32, tid: i32) -> Option<u64> {
+/// A signal set of a thread from /proc (`key`: `SigPnd:` pending, `SigBlk:` blocked).
+fn signal_set(tgid: i32, tid: i32, key: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{tgid}/task/{tid}/status")).ok()?;
-    s.lines().find_map(|l| l.strip_prefix("SigBlk:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    s.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
 }
 
 /// Where XSAVE state component `i` ends in the standard format (CPUID leaf 0xD: EAX size,

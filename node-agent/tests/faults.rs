@@ -323,13 +323,7 @@ enum Op {
 /// the trap strategy arms its breakpoints (and the wait strategy would wait).
 /// Each thread's blocked-signal mask (SigBlk).
 fn signal_masks(pid: i32) -> BTreeMap<i32, String> {
-    threads(pid)
-        .into_iter()
-        .filter_map(|tid| {
-            let st = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
-            Some((tid, st.lines().find_map(|l| l.strip_prefix("SigBlk:"))?.trim().to_string()))
-        })
-        .collect()
+    threads(pid).into_iter().filter_map(|tid| Some((tid, task_status_field(pid, tid, "SigBlk:")?))).collect()
 }
 
 fn kill_at(point: &str, op: Op, strategy: &str, which: Which, hold: bool) {

@@ -57,17 +57,10 @@ impl Breakpoints {
                 self.arm_thread(s, tid)?;
             }
         } else {
+            let sites = self.addrs.iter().map(|&a| Ok((a, v.mem.read_vec(a, 1)?[0]))).collect::<Result<Vec<(u64, u8)>>>()?;
             // A child forked while the bytes are armed gets its original bytes back.
-            let mut sites = Vec::new();
-            for &a in &self.addrs {
-                sites.push((a, self.saved.get(&a).copied().map_or_else(|| v.mem.read_vec(a, 1).map(|b| b[0]), Ok)?));
-            }
-            s.trace_forks(Some(sites))?;
-            for &a in &self.addrs {
-                if self.saved.contains_key(&a) {
-                    continue;
-                }
-                let orig = v.mem.read_vec(a, 1)?[0];
+            s.trace_forks(Some(sites.clone()))?;
+            for (a, orig) in sites {
                 v.mem.write(a, &[INT3])?;
                 self.saved.insert(a, orig);
             }
@@ -93,6 +86,11 @@ impl Breakpoints {
         s.poke_user(tid, debugreg_offset(7), dr7_execute(&slots))?;
         self.armed.insert(tid, None);
         Ok(())
+    }
+
+    /// Whether `tid` holds our breakpoints as perf events.
+    fn perf_armed(&self, tid: i32) -> bool {
+        matches!(self.armed.get(&tid), Some(Some(_)))
     }
 
     fn disarm_thread(&mut self, s: &Stopped, tid: i32) {
@@ -128,9 +126,9 @@ impl Breakpoints {
     /// Which of our breakpoints a SIGTRAP stop of `tid` is; rewinds rip past an int3.
     fn hit(&self, s: &Stopped, tid: i32) -> Result<Option<u64>> {
         let mut regs = s.regs(tid)?;
-        if let Some(Some(_)) = self.armed.get(&tid) {
+        if self.perf_armed(tid) {
             let perf = s.siginfo(tid).is_some_and(|i| i.si_code == perf::TRAP_PERF);
-            return Ok(self.addrs.iter().copied().find(|a| perf && *a == regs.rip));
+            return Ok((perf && self.addrs.contains(&regs.rip)).then_some(regs.rip));
         }
         if self.hardware {
             let dr6 = s.peek_user(tid, debugreg_offset(6)).unwrap_or(0);
@@ -149,7 +147,7 @@ impl Breakpoints {
 
     /// Run `tid` past the breakpoint it stands on, then let it go.
     fn step_over(&mut self, v: &View, s: &mut Stopped, tid: i32, at: u64) -> Result<()> {
-        if let Some(Some(_)) = self.armed.get(&tid) {
+        if self.perf_armed(tid) {
             // The kernel set the resume flag (RF) on the way into the signal stop: the
             // instruction runs once without trapping again.
         } else if self.hardware {

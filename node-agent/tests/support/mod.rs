@@ -1025,17 +1025,17 @@ pub fn threads(pid: i32) -> Vec<i32> {
     out
 }
 
+/// A field of a thread's /proc status (`key` with its colon, e.g. `SigBlk:`), trimmed.
+pub fn task_status_field(pid: i32, tid: i32, key: &str) -> Option<String> {
+    let status = fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix(key)).map(|s| s.trim().to_string())
+}
+
 /// Fail if any thread of the process is still traced (the tool must detach when it ends).
 #[track_caller]
 pub fn assert_not_traced(pid: i32) {
     for tid in threads(pid) {
-        let status =
-            fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap_or_default();
-        let tracer = status
-            .lines()
-            .find_map(|l| l.strip_prefix("TracerPid:"))
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default();
+        let tracer = task_status_field(pid, tid, "TracerPid:").unwrap_or_default();
         assert!(
             tracer.is_empty() || tracer == "0",
             "thread {tid} of pid {pid} is still traced by {tracer}"

@@ -18,12 +18,11 @@ pub const SYSCALL_RET: [u8; 3] = [0x0f, 0x05, 0xc3];
 
 const UCONTEXT: usize = 8;
 const SIGCONTEXT: usize = UCONTEXT + 40;
-const SIGMASK: usize = UCONTEXT + 296;
 /// sizeof(struct rt_sigframe)
 pub const FRAME_LEN: usize = 8 + 304 + 128;
 /// Offset of the signal mask from the frame's start (rewritten once the thread's mask is known
 /// for sure, see the injection).
-pub const SIGMASK_OFFSET: usize = SIGMASK;
+pub const SIGMASK_OFFSET: usize = UCONTEXT + 296;
 
 const UC_FP_XSTATE: u64 = 1;
 const UC_SIGCONTEXT_SS: u64 = 2;
@@ -175,7 +174,7 @@ pub fn build(top: u64, ctx: &Context, sigmask: u64, xstate: &XState, restorer: u
     f[SIGCONTEXT + 144..SIGCONTEXT + 146].copy_from_slice(&c.cs.to_le_bytes());
     f[SIGCONTEXT + 150..SIGCONTEXT + 152].copy_from_slice(&c.ss.to_le_bytes());
     put(&mut f, SIGCONTEXT + 184, fp_at);
-    put(&mut f, SIGMASK, sigmask);
+    put(&mut f, SIGMASK_OFFSET, sigmask);
     let mut bytes = f;
     bytes.resize((fp_at - sp) as usize, 0);
     bytes.extend_from_slice(&fp);
@@ -246,7 +245,7 @@ mod tests {
         assert_eq!(u64_at(SIGCONTEXT + 13 * 8), 9);
         assert_eq!(u64_at(SIGCONTEXT + 15 * 8), 0x7fff_0000);
         assert_eq!(u64_at(SIGCONTEXT + 16 * 8), 0x4010);
-        assert_eq!(u64_at(SIGMASK), 0x4000);
+        assert_eq!(u64_at(SIGMASK_OFFSET), 0x4000);
         let fp = u64_at(SIGCONTEXT + 184);
         assert_eq!(fp % 64, 0);
         let fo = (fp - f.base) as usize;
