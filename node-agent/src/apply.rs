@@ -4,7 +4,7 @@
 //! the region is unmapped.
 use crate::arch::x86_64::{jmp_rel32, JUMP_LEN};
 use crate::bundle::{Bundle, FunctionKind};
-use crate::error::{Error, Result};
+use crate::error::{Error, RefusalKind, Result};
 use crate::fixup::{self, Layout};
 use crate::jump::{Jumps, Site};
 use crate::map;
@@ -66,7 +66,11 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &Options) -> Result<Report> {
         return Err(Error::BuildIdMismatch { pid, expected: m.target.build_id.clone(), found: running });
     }
     if let Some(reason) = &m.refusal {
-        return Err(Error::Refused { reason: format!("{reason} (recorded when the bundle was built)"), restart_required: true });
+        return Err(Error::Refused {
+            kind: m.refusal_kind.unwrap_or(RefusalKind::Recorded),
+            reason: format!("{reason} (recorded when the bundle was built)"),
+            restart_required: true,
+        });
     }
     let mem = ProcMem::open(pid)?;
     let maps = proc.maps()?;
@@ -123,6 +127,7 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &Options) -> Result<Report> {
         live_code[..n].copy_from_slice(&original[..n]);
         if Some(hex::encode(Sha256::digest(&live_code))) != f.old_digest {
             return Err(Error::Refused {
+                kind: RefusalKind::CodeMismatch,
                 reason: format!(
                     "the code of `{}` in process {pid} differs from the executable the bundle was built against (digest mismatch); the bundle does not fit this process",
                     f.name
@@ -159,14 +164,19 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &Options) -> Result<Report> {
             .map(|(f, at, original, current)| Entry {
                 name: f.name.clone(),
                 entry: *at,
-                target: layout.mirror(f.new_svma),
+                target: layout.entry_target(f),
                 original: hex::encode(original),
                 previous: hex::encode(current),
                 old_start: *at,
                 old_len: f.old_size,
             })
             .collect(),
-        code: m.functions.iter().map(|f| CodeRange { name: f.name.clone(), start: layout.mirror(f.new_svma), len: f.new_size }).collect(),
+        code: m
+            .functions
+            .iter()
+            .map(|f| CodeRange { name: f.name.clone(), start: layout.mirror(f.new_svma), len: f.new_size })
+            .chain(layout.thunk_ranges().map(|(n, start, len)| CodeRange { name: n.to_string(), start, len }))
+            .collect(),
     };
     let enc = header.encode();
     if enc.len() as u64 > layout.header_len {
@@ -251,7 +261,7 @@ fn resolve_imports(proc: &Process, mem: &ProcMem, maps: &[crate::process::Mappin
             continue;
         }
         let s = fixup::find_live_symbol(proc.pid, maps, *exe_ino, name).ok_or_else(|| {
-            Error::refused(format!("the new code calls `{name}`, which no library loaded in process {} defines", proc.pid))
+            Error::refused_kind(RefusalKind::MissingSymbol, format!("the new code calls `{name}`, which no library loaded in process {} defines", proc.pid))
         })?;
         let addr = if s.ifunc {
             // An indirect function: ask its resolver, in the target, for the implementation.

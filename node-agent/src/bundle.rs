@@ -79,6 +79,10 @@ pub struct Function {
     pub old_digest: Option<String>,
     pub new_svma: u64,
     pub new_size: u64,
+    /// Caller-saved registers the new body clobbers and the old one left intact: the entry
+    /// goes through a thunk that keeps them for callers compiled against the old body (IPA-RA).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preserve: Vec<String>,
 }
 
 impl Function {
@@ -143,6 +147,9 @@ pub struct Manifest {
     /// restart, so a cluster can flag exactly the pods that need one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refusal: Option<String>,
+    /// The kind of that refusal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal_kind: Option<crate::error::RefusalKind>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -273,6 +280,13 @@ impl Bundle {
             if f.kind != FunctionKind::Added && (f.old_svma.is_none() || f.old_digest.is_none()) {
                 return bad(format!("function {} lacks its old address or digest", f.name));
             }
+            if !f.preserve.is_empty() {
+                use crate::extract::regs::RegSet;
+                let ok = RegSet::from_names(&f.preserve).is_some_and(|r| r.minus(RegSet::CALLER_SAVED).is_empty() && r.names().iter().all(|n| n.strip_prefix("xmm").is_none_or(|x| x.parse::<u8>().is_ok_and(|x| x < 16))));
+                if !ok || f.kind != FunctionKind::Changed {
+                    return bad(format!("function {} names registers to preserve that no thunk can keep: {}", f.name, f.preserve.join(" ")));
+                }
+            }
             if f.old_size > MAX_FUNCTION {
                 return bad(format!("function {} claims {} bytes of old code (over the {} byte limit)", f.name, f.old_size, MAX_FUNCTION));
             }
@@ -336,10 +350,12 @@ mod tests {
                 old_digest: Some("00".into()),
                 new_svma: 0x1100,
                 new_size: 32,
+                preserve: vec![],
             }],
             fixups: vec![Fixup { at: 0x1101, kind: RefKind::PcRel, next_ip: 0x1105, addend: 0, target: Target::Old { svma: 0x2000, name: "g".into() } }],
             changed_data: vec![],
             refusal: None,
+            refusal_kind: None,
         };
         (m, blob)
     }

@@ -5,11 +5,46 @@ use std::path::PathBuf;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Why an update cannot be applied live: the kind a program acts on (the reason text is for
+/// people). Every refusal carries one, in errors and in `--json` output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum RefusalKind {
+    /// A global's size changed, or the new code needs state the running process lacks.
+    DataLayout,
+    /// The bundle was built for another executable.
+    BuildIdMismatch,
+    /// The live code differs from the executable the bundle was built against.
+    CodeMismatch,
+    /// The old function is too short for the jump and nothing can hold a trampoline.
+    FunctionTooShort,
+    /// A reference of the new code cannot be bound to the running process.
+    UnsupportedReference,
+    /// The new body breaks the register contract its unpatched callers rely on, and no thunk can fix it.
+    RegisterContract,
+    /// A symbol the new code needs is defined by no loaded library.
+    MissingSymbol,
+    /// Refused when the bundle was built (`build --record-refusal`); the recorded kind is unknown.
+    Recorded,
+}
+
+impl RefusalKind {
+    /// What to do about it, in one sentence.
+    pub fn advice(self) -> &'static str {
+        match self {
+            RefusalKind::DataLayout | RefusalKind::RegisterContract | RefusalKind::FunctionTooShort | RefusalKind::UnsupportedReference | RefusalKind::Recorded => {
+                "restart the process on the fixed executable (offline update)"
+            }
+            RefusalKind::BuildIdMismatch | RefusalKind::CodeMismatch => "build the bundle from the exact executable the process runs",
+            RefusalKind::MissingSymbol => "restart the process so it loads the libraries the fix needs",
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The change cannot be applied to a live process; an offline restart is needed.
     #[error("refused: {reason}")]
-    Refused { reason: String, restart_required: bool },
+    Refused { kind: RefusalKind, reason: String, restart_required: bool },
 
     /// The bundle was built for another executable.
     #[error("refused: build id mismatch: the bundle was built for build id {expected}, but process {pid} runs {found}; build the bundle from the exact executable the process runs (livepatch build --old <that file>)")]
@@ -57,8 +92,17 @@ impl Error {
         }
     }
 
-    pub fn refused(reason: impl Into<String>) -> Self {
-        Error::Refused { reason: reason.into(), restart_required: true }
+    pub fn refused_kind(kind: RefusalKind, reason: impl Into<String>) -> Self {
+        Error::Refused { kind, reason: reason.into(), restart_required: true }
+    }
+
+    /// The typed kind of a refusal (`None` for other errors).
+    pub fn refusal_kind(&self) -> Option<RefusalKind> {
+        match self {
+            Error::Refused { kind, .. } => Some(*kind),
+            Error::BuildIdMismatch { .. } => Some(RefusalKind::BuildIdMismatch),
+            _ => None,
+        }
     }
 
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {

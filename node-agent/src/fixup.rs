@@ -15,6 +15,9 @@ use std::collections::{BTreeMap, HashMap};
 
 pub const PAGE: u64 = 4096;
 
+/// General registers in the thunk's numbering (iced's order).
+const REG_NAMES: [&str; 16] = ["rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"];
+
 pub fn page_up(x: u64) -> u64 {
     x.div_ceil(PAGE) * PAGE
 }
@@ -34,6 +37,18 @@ pub struct Layout {
     pub bias: u64,
     stubs: BTreeMap<String, u64>,
     slots: Vec<(Target, u64)>,
+    /// Register-preserving entry thunks: function name -> (offset in the tail, bytes, saved
+    /// general registers, saved xmm registers).
+    thunks: BTreeMap<String, Thunk>,
+}
+
+#[derive(Debug, Clone)]
+struct Thunk {
+    offset: u64,
+    len: u64,
+    gprs: Vec<u8>,
+    xmms: Vec<u8>,
+    target_svma: u64,
 }
 
 impl Layout {
@@ -61,7 +76,27 @@ impl Layout {
         for (i, s) in slots.iter_mut().enumerate() {
             s.1 = stub_bytes + i as u64 * 8;
         }
-        let tail_len = page_up(stub_bytes + slots.len() as u64 * 8);
+        let mut thunks = BTreeMap::new();
+        let mut at = stub_bytes + slots.len() as u64 * 8;
+        for f in m.functions.iter().filter(|f| !f.preserve.is_empty()) {
+            let mut gprs = Vec::new();
+            let mut xmms = Vec::new();
+            for r in &f.preserve {
+                match (REG_NAMES.iter().position(|n| n == r), r.strip_prefix("xmm").and_then(|x| x.parse::<u8>().ok())) {
+                    (Some(i), _) => gprs.push(i as u8),
+                    (None, Some(x)) if x < 16 => xmms.push(x),
+                    // The bundle reader validates the names; an unknown one keeps the thunk
+                    // from being placed and apply fails at `entry_target`.
+                    _ => {}
+                }
+            }
+            // Size with a dummy placement: the encoding's length does not depend on the distance.
+            let len = x86_64::preserve_thunk(&gprs, &xmms, 0, 0).map(|b| b.len() as u64).unwrap_or(0);
+            at = at.div_ceil(16) * 16;
+            thunks.insert(f.name.clone(), Thunk { offset: at, len, gprs, xmms, target_svma: f.new_svma });
+            at += len;
+        }
+        let tail_len = page_up(at);
         Layout {
             base: 0,
             len: header_len + m.span.len + tail_len,
@@ -73,7 +108,21 @@ impl Layout {
             bias,
             stubs,
             slots,
+            thunks,
         }
+    }
+
+    /// Where the jump at the old entry of `f` leads: its register thunk, else the new code.
+    pub fn entry_target(&self, f: &crate::bundle::Function) -> u64 {
+        match self.thunks.get(&f.name) {
+            Some(t) => self.tail + t.offset,
+            None => self.mirror(f.new_svma),
+        }
+    }
+
+    /// Live ranges of the entry thunks (code of the patch that the stack check must guard).
+    pub fn thunk_ranges(&self) -> impl Iterator<Item = (&str, u64, u64)> {
+        self.thunks.iter().map(|(n, t)| (n.as_str(), self.tail + t.offset, t.len))
     }
 
     pub fn place(&mut self, base: u64) {
@@ -120,6 +169,13 @@ pub fn build_image(bundle: &Bundle, l: &Layout, imports: &HashMap<String, u64>) 
         };
         let at = off(l.tail) + *o as usize;
         img[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    }
+    for t in l.thunks.values() {
+        let at = l.tail + t.offset;
+        let code = x86_64::preserve_thunk(&t.gprs, &t.xmms, at, l.mirror(t.target_svma))
+            .ok_or_else(|| Error::Other(format!("register thunk at {at:#x} cannot reach its function")))?;
+        let o = off(at);
+        img[o..o + code.len()].copy_from_slice(&code);
     }
     for f in &bundle.manifest.fixups {
         let t = live_target(&f.target, l, imports)?.wrapping_add(f.addend as u64);

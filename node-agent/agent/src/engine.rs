@@ -49,14 +49,22 @@ pub struct Failure {
 
 impl Failure {
     pub fn of(e: &livepatch::Error) -> Self {
+        use livepatch::error::RefusalKind;
         use livepatch::Error as E;
         let message = e.to_string();
         let (reason, kind, retryable) = match e {
             E::BuildIdMismatch { .. } => ("BuildIDMismatch", "build_id_mismatch", false),
             E::Blocked(_) => ("ProcedureActive", "engine_blocked", true),
-            E::Refused { restart_required: true, reason } if reason.contains("data layout") => ("DataLayoutChanged", "engine_refused", false),
-            E::Refused { restart_required: true, .. } => ("LiveUpdateRefused", "engine_refused", false),
-            E::Refused { restart_required: false, .. } => ("BundleDoesNotFit", "engine_refused", false),
+            E::Refused { kind, .. } => match kind {
+                RefusalKind::DataLayout => ("DataLayoutChanged", "engine_refused", false),
+                RefusalKind::BuildIdMismatch => ("BuildIDMismatch", "build_id_mismatch", false),
+                RefusalKind::CodeMismatch => ("BundleDoesNotFit", "engine_refused", false),
+                RefusalKind::FunctionTooShort
+                | RefusalKind::UnsupportedReference
+                | RefusalKind::RegisterContract
+                | RefusalKind::MissingSymbol
+                | RefusalKind::Recorded => ("LiveUpdateRefused", "engine_refused", false),
+            },
             E::Ptrace { errno: nix_errno, .. } if *nix_errno as i32 == libc::EPERM => ("PermissionDenied", "permission", false),
             E::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => ("PermissionDenied", "permission", false),
             E::Process { .. } => ("ProcessError", "engine_other", true),

@@ -221,6 +221,57 @@ pub fn import_stub(target: u64) -> [u8; STUB_LEN] {
     b
 }
 
+/// A thunk that enters a patched function keeping the registers `gprs` (iced numbering,
+/// 0 = rax .. 15 = r15) and `xmms` (0..15) as the caller had them: push, save, `call target`,
+/// restore, pop, `ret`. The stack stays 16-byte aligned at the call. `at` is the thunk's
+/// address; `None` when the target is out of `call rel32` reach.
+pub fn preserve_thunk(gprs: &[u8], xmms: &[u8], at: u64, target: u64) -> Option<Vec<u8>> {
+    let mut b = Vec::with_capacity(32 + gprs.len() * 4 + xmms.len() * 20);
+    for &r in gprs {
+        if r >= 8 {
+            b.push(0x41);
+        }
+        b.push(0x50 + (r & 7));
+    }
+    // Entry: rsp = 8 (mod 16); after k pushes and `sub s`: 8 - 8k - s = 0 (mod 16).
+    let pad = if gprs.len() % 2 == 0 { 8 } else { 0 };
+    let frame = 16 * xmms.len() as u32 + pad;
+    if frame > 0 {
+        b.extend_from_slice(&[0x48, 0x81, 0xec]); // sub rsp, imm32
+        b.extend_from_slice(&frame.to_le_bytes());
+    }
+    let movdqu = |b: &mut Vec<u8>, op: u8, x: u8, disp: u32| {
+        b.push(0xf3);
+        if x >= 8 {
+            b.push(0x44); // REX.R
+        }
+        b.extend_from_slice(&[0x0f, op, 0x84 | ((x & 7) << 3), 0x24]); // [rsp + disp32]
+        b.extend_from_slice(&disp.to_le_bytes());
+    };
+    for (i, &x) in xmms.iter().enumerate() {
+        movdqu(&mut b, 0x7f, x, 16 * i as u32);
+    }
+    let call_at = at + b.len() as u64;
+    let rel = i32::try_from(target as i128 - (call_at as i128 + 5)).ok()?;
+    b.push(0xe8);
+    b.extend_from_slice(&rel.to_le_bytes());
+    for (i, &x) in xmms.iter().enumerate() {
+        movdqu(&mut b, 0x6f, x, 16 * i as u32);
+    }
+    if frame > 0 {
+        b.extend_from_slice(&[0x48, 0x81, 0xc4]); // add rsp, imm32
+        b.extend_from_slice(&frame.to_le_bytes());
+    }
+    for &r in gprs.iter().rev() {
+        if r >= 8 {
+            b.push(0x41);
+        }
+        b.push(0x58 + (r & 7));
+    }
+    b.push(0xc3);
+    Some(b)
+}
+
 /// Whether a byte is padding between functions (so a jump may run into it).
 pub fn is_padding(b: u8) -> bool {
     b == INT3 || b == 0x90 || b == 0x00
@@ -310,6 +361,33 @@ mod tests {
     #[test]
     fn invalid_code_is_an_error() {
         assert!(decode_refs(&[0x06], 0).is_err()); // push es: invalid in 64-bit mode
+    }
+
+    #[test]
+    fn preserve_thunk_decodes_and_aligns() {
+        use iced_x86::Formatter;
+        let code = preserve_thunk(&[1, 2, 9], &[0, 12], 0x1000, 0x2000).unwrap();
+        let mut d = Decoder::with_ip(64, &code, 0x1000, DecoderOptions::NONE);
+        let mut f = iced_x86::NasmFormatter::new();
+        let mut text = Vec::new();
+        for i in d.iter() {
+            let mut s = String::new();
+            f.format(&i, &mut s);
+            text.push(s);
+            if i.mnemonic() == Mnemonic::Call {
+                assert_eq!(i.near_branch_target(), 0x2000);
+            }
+        }
+        assert_eq!(text.first().unwrap(), "push rcx");
+        assert!(text.contains(&"sub rsp,20h".to_string()), "{text:?}"); // 3 pushes (odd): 32 bytes, no pad
+        assert!(text.iter().any(|t| t.starts_with("movdqu [rsp+10h],xmm12")), "{text:?}");
+        assert!(text.iter().any(|t| t.starts_with("movdqu xmm0,[rsp]")), "{text:?}");
+        assert_eq!(&text[text.len() - 4..], &["pop r9", "pop rdx", "pop rcx", "ret"]);
+        // Two pushes (even): 8 bytes of padding keep the call aligned.
+        let code = preserve_thunk(&[1, 2], &[], 0, 0x100).unwrap();
+        let text: Vec<_> = Decoder::with_ip(64, &code, 0, DecoderOptions::NONE).iter().map(|i| { let mut s = String::new(); f.format(&i, &mut s); s }).collect();
+        assert_eq!(text[2], "sub rsp,8");
+        assert!(preserve_thunk(&[], &[], 0, 1 << 40).is_none());
     }
 
     #[test]

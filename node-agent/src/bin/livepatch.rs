@@ -23,6 +23,8 @@ enum Cmd {
     Diff {
         old: PathBuf,
         new: PathBuf,
+        #[command(flatten)]
+        source: SourceArgs,
         #[arg(long)]
         json: bool,
     },
@@ -37,6 +39,8 @@ enum Cmd {
         /// Only these functions (repeatable); default: every changed function.
         #[arg(long = "function")]
         functions: Vec<String>,
+        #[command(flatten)]
+        source: SourceArgs,
         /// If the update cannot be applied live, still write a bundle that records why; applying
         /// it refuses (exit 3) and flags the process for an offline restart.
         #[arg(long)]
@@ -142,30 +146,77 @@ fn main() -> ExitCode {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
     }
+    let json = cli.cmd.json();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let code = e.downcast_ref::<livepatch::Error>().map(|e| e.exit_code()).unwrap_or(1);
+            let engine = e.downcast_ref::<livepatch::Error>();
+            let code = engine.map(|e| e.exit_code()).unwrap_or(1);
             eprintln!("livepatch: {e:#}");
+            if json {
+                // The machine-readable verdict: scripts act on `refusal_kind`, never on the text.
+                let kind = engine.and_then(|e| e.refusal_kind());
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "error": format!("{e:#}"),
+                        "exit_code": code,
+                        "refusal_kind": kind,
+                        "restart_required": engine.is_some_and(|e| e.restart_required()),
+                        "advice": kind.map(|k| k.advice()),
+                    })
+                );
+            }
             ExitCode::from(code as u8)
         }
     }
 }
 
+impl Cmd {
+    fn json(&self) -> bool {
+        match self {
+            Cmd::Diff { json, .. } | Cmd::Build { json, .. } | Cmd::Inspect { json, .. } | Cmd::Apply { json, .. } | Cmd::Status { json, .. } | Cmd::Revert { json, .. } => *json,
+            _ => false,
+        }
+    }
+}
+
+/// The changed set from the fix's source.
+#[derive(clap::Args)]
+struct SourceArgs {
+    /// The fix as a unified diff (git diff, quilt, debian/patches): patch exactly the functions
+    /// holding code of its changed lines (found through NEW's DWARF line table).
+    #[arg(long = "source-diff")]
+    source_diff: Option<PathBuf>,
+    /// NEW's separate debug file (default: NEW itself, then /usr/lib/debug/.build-id/).
+    #[arg(long = "debug-file", requires = "source_diff")]
+    debug_file: Option<PathBuf>,
+}
+
+impl SourceArgs {
+    fn input(&self) -> anyhow::Result<Option<extract::SourceInput>> {
+        self.source_diff
+            .as_ref()
+            .map(|p| extract::SourceInput::from_diff_file(p, self.debug_file.clone()).with_context(|| format!("reading the source diff {}", p.display())))
+            .transpose()
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Diff { old, new, json } => {
+        Cmd::Diff { old, new, source, json } => {
             let (o, n) = (ElfFile::open(&old)?, ElfFile::open(&new)?);
-            let d = extract::diff(&o, &n)?;
+            let d = extract::diff_with_source(&o, &n, source.input()?.as_ref())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&d)?);
             } else {
                 print_diff(&d);
             }
         }
-        Cmd::Build { old, new, output, functions, record_refusal, json } => {
+        Cmd::Build { old, new, output, functions, source, record_refusal, json } => {
             let (o, n) = (ElfFile::open(&old)?, ElfFile::open(&new)?);
-            let (manifest, blob, _) = extract::build(&o, &n, &extract::BuildOptions { functions, record_refusal })?;
+            let opts = extract::BuildOptions { functions, record_refusal, source: source.input()? };
+            let (manifest, blob, _) = extract::build(&o, &n, &opts)?;
             if let Some(r) = &manifest.refusal {
                 eprintln!("livepatch: warning: this update cannot be applied live ({r}); the bundle records the refusal, and applying it flags the process for an offline restart");
             }
@@ -316,6 +367,23 @@ fn print_diff(d: &extract::Diff) {
     }
     for a in &d.added_data {
         println!("new data  {} ({} bytes)", a.name, a.size);
+    }
+    if let Some(src) = &d.source {
+        println!("source diff:");
+        for e in &src.patched {
+            println!("  patch     {}: {}", e.name, e.reason);
+        }
+        for e in &src.not_patched {
+            println!("  not       {}: {}", e.name, e.reason);
+        }
+        if !src.lines_without_code.is_empty() {
+            println!("  changed lines with no code (macros, types, declarations): {}", src.lines_without_code.join(", "));
+        }
+        for f in &src.files_not_compiled {
+            println!("  not compiled into NEW: {f}");
+        }
+    } else if !d.changed_functions.is_empty() {
+        println!("(without --source-diff every function whose machine code differs is patched; with it, only those holding changed lines)");
     }
     if let Some(r) = d.layout_refusals().first() {
         println!("=> cannot be applied live: `{}` changed layout; an offline restart is needed", r.name);

@@ -352,7 +352,7 @@ async fn after_an_agent_restart_nothing_is_applied_twice() {
 #[tokio::test]
 async fn data_layout_refusal_is_restart_required_and_labels_the_pod() {
     let setup = Setup::new();
-    *setup.engine.fail_apply.lock().unwrap() = Some(|| livepatch::Error::refused("data layout changed: variable `orders` grew from 8 to 16 bytes"));
+    *setup.engine.fail_apply.lock().unwrap() = Some(|| livepatch::Error::refused_kind(livepatch::error::RefusalKind::DataLayout, "data layout changed: variable `orders` grew from 8 to 16 bytes"));
     let task = setup.task("Apply", 2, None);
     let t = task.clone();
     let bundle = setup.bundle.clone();

@@ -11,7 +11,7 @@
 use crate::arch::x86_64::{self, CodeRef, RefKind, JUMP_LEN};
 use crate::bundle::*;
 use crate::elf::{ElfFile, GotSlot, SymKind, Symbol};
-use crate::error::{Error, Result};
+use crate::error::{Error, RefusalKind, Result};
 use goblin::elf::reloc::*;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -47,6 +47,45 @@ pub struct Diff {
     pub changed_data: Vec<DataChange>,
     pub added_data: Vec<Named>,
     pub reference_source: String,
+    /// How the source diff explains the machine-code differences (with `--source-diff`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourceExplanation>,
+}
+
+/// One function in or out of the patch, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct Explained {
+    pub name: String,
+    pub reason: String,
+}
+
+/// The changed set as the source diff defines it.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct SourceExplanation {
+    /// Functions holding code of changed lines: these are patched.
+    pub patched: Vec<Explained>,
+    /// Functions whose machine code differs without a changed line in them: compiler choices.
+    pub not_patched: Vec<Explained>,
+    /// Changed lines that produced no code (macros, declarations, types, comments). A changed
+    /// macro changes the functions using it without a changed line in them: check `not_patched`.
+    pub lines_without_code: Vec<String>,
+    /// Files of the diff not compiled into NEW.
+    pub files_not_compiled: Vec<String>,
+}
+
+/// A source diff and where NEW's debug info is.
+#[derive(Debug, Clone, Default)]
+pub struct SourceInput {
+    pub changes: Vec<source::FileChange>,
+    /// NEW's separate debug file; default: NEW itself, else `/usr/lib/debug/.build-id/xx/yyyy.debug`.
+    pub debug_file: Option<std::path::PathBuf>,
+}
+
+impl SourceInput {
+    pub fn from_diff_file(path: &std::path::Path, debug_file: Option<std::path::PathBuf>) -> Result<SourceInput> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(format!("reading source diff {}", path.display()), e))?;
+        Ok(SourceInput { changes: source::parse_unified_diff(&text)?, debug_file })
+    }
 }
 
 impl Diff {
@@ -155,7 +194,7 @@ fn function_refs(elf: &ElfFile, f: &Symbol) -> Result<Vec<CodeRef>> {
                 }
             }
             if !covered && !matches!(r.kind, R_X86_64_NONE) {
-                return Err(Error::refused(format!(
+                return Err(Error::refused_kind(RefusalKind::UnsupportedReference, format!(
                     "function {}: relocation of type {} at {:#x} does not match any decoded operand",
                     f.name, r.kind, r.at
                 )));
@@ -167,6 +206,18 @@ fn function_refs(elf: &ElfFile, f: &Symbol) -> Result<Vec<CodeRef>> {
         refs.retain(|r| !is_absolute(r.kind) || r.jump_table || (!elf.pie && r.target >= lo && r.target < hi));
     }
     Ok(refs)
+}
+
+/// Functions of `elf` that call or jump to `target` directly.
+fn direct_callers(elf: &ElfFile, target: u64) -> Vec<&Symbol> {
+    elf.functions()
+        .filter(|f| !f.contains(target))
+        .filter(|f| {
+            elf.read(f.addr, f.size as usize)
+                .and_then(|code| x86_64::decode_refs(code, f.addr).ok())
+                .is_some_and(|refs| refs.iter().any(|r| r.is_branch && !r.is_mem && r.target == target))
+        })
+        .collect()
 }
 
 fn relocs_in(elf: &ElfFile, lo: u64, hi: u64) -> &[crate::elf::Reloc] {
@@ -185,6 +236,9 @@ fn describe(elf: &ElfFile, f: &Symbol, r: &CodeRef) -> String {
     if r.kind == RefKind::TpOff32 {
         if t == 0 {
             return "tp".into(); // reads the thread pointer itself
+        }
+        if is_tcb_field(t as i64) {
+            return format!("tcb+{t}");
         }
         return match tls_symbol(elf, t as i64) {
             Some((s, off)) => format!("tls:{}+{off}", elf.stable_key(s)),
@@ -293,6 +347,12 @@ fn anon_end(elf: &ElfFile, t: u64, sec: &crate::elf::Section) -> u64 {
         }
     }
     end.max(t + 1)
+}
+
+/// A thread-pointer offset at or above the thread pointer: a field of the thread control block
+/// (x86-64 TLS variant II puts every TLS block below the thread pointer), not a variable.
+fn is_tcb_field(tpoff: i64) -> bool {
+    (0..0x1000).contains(&tpoff)
 }
 
 fn tls_symbol(elf: &ElfFile, tpoff: i64) -> Option<(&Symbol, i64)> {
@@ -447,13 +507,81 @@ pub struct BuildOptions {
     /// When the update cannot be applied live, still write a bundle that records why (no
     /// code); applying it refuses and asks for an offline restart.
     pub record_refusal: bool,
+    /// Take the changed set from this source diff instead of from every machine-code difference.
+    pub source: Option<SourceInput>,
+}
+
+/// NEW's debug info: NEW itself when it has `.debug_line`, else the given or build-id file.
+fn open_debug(new: &ElfFile, input: &SourceInput) -> Result<Option<ElfFile>> {
+    if let Some(p) = &input.debug_file {
+        let d = ElfFile::open(p)?;
+        if d.build_id.is_some() && d.build_id != new.build_id {
+            return Err(Error::Elf { path: p.clone(), msg: format!("is the debug file of another build (build id {}, NEW has {})", d.build_id_hex().unwrap_or_default(), new.build_id_hex().unwrap_or_default()) });
+        }
+        return Ok(Some(d));
+    }
+    if new.section(".debug_line").is_some() {
+        return Ok(None);
+    }
+    if let Some(id) = new.build_id_hex().filter(|id| id.len() > 2) {
+        let p = std::path::PathBuf::from(format!("/usr/lib/debug/.build-id/{}/{}.debug", &id[..2], &id[2..]));
+        if p.exists() {
+            return Ok(Some(ElfFile::open(&p)?));
+        }
+    }
+    Err(Error::Elf {
+        path: new.path.clone(),
+        msg: "has no debug info and no debug file was found: a source diff needs the line table of the new build (build with -g, or pass --debug-file)".into(),
+    })
+}
+
+/// Compare OLD and NEW, and explain the differences with a source diff when one is given.
+pub fn diff_with_source(old: &ElfFile, new: &ElfFile, input: Option<&SourceInput>) -> Result<Diff> {
+    let mut d = diff(old, new)?;
+    if let Some(input) = input {
+        let debug = open_debug(new, input)?;
+        let sc = source::changed_functions(new, debug.as_ref(), &input.changes)?;
+        d.source = Some(explain(new, &d, &sc));
+    }
+    Ok(d)
+}
+
+fn explain(new: &ElfFile, d: &Diff, sc: &source::SourceChanges) -> SourceExplanation {
+    let mut e = SourceExplanation::default();
+    let name_at = |a: u64| new.functions().find(|f| f.addr == a).map(|f| f.name.clone());
+    let mut in_set = BTreeSet::new();
+    for (addr, hit) in &sc.functions {
+        let Some(name) = name_at(*addr) else { continue };
+        let changed = d.changed_functions.iter().any(|c| c.name == name);
+        let added = d.added_functions.iter().any(|c| c.name == name);
+        if changed || added {
+            in_set.insert(name.clone());
+            let inl = if hit.line == 0 { String::new() } else { format!("{}:{} changed", hit.file, hit.line) };
+            e.patched.push(Explained { name, reason: if added { format!("new function; {inl}") } else { inl } });
+        } else {
+            e.not_patched.push(Explained { name, reason: format!("{}:{} changed, but the machine code is the same", hit.file, hit.line) });
+        }
+    }
+    for c in &d.changed_functions {
+        if !in_set.contains(&c.name) {
+            e.not_patched.push(Explained { name: c.name.clone(), reason: "no changed source line in its code: a compiler choice (register allocation, inlining, layout), not patched".into() });
+        }
+    }
+    for a in &d.added_functions {
+        if !in_set.contains(&a.name) {
+            e.not_patched.push(Explained { name: a.name.clone(), reason: "new in NEW without a changed line (a compiler-made clone); carried only if patched code calls it".into() });
+        }
+    }
+    e.lines_without_code = sc.lines_without_code.iter().map(|h| format!("{}:{}", h.file, h.line)).collect();
+    e.files_not_compiled = sc.files_not_compiled.clone();
+    e
 }
 
 /// Build a bundle patching OLD into NEW.
 pub fn build(old: &ElfFile, new: &ElfFile, opts: &BuildOptions) -> Result<(Manifest, Vec<u8>, Diff)> {
     match build_live(old, new, opts) {
-        Err(Error::Refused { reason, restart_required: true }) if opts.record_refusal => {
-            let d = diff(old, new)?;
+        Err(Error::Refused { kind, reason, restart_required: true }) if opts.record_refusal => {
+            let d = diff_with_source(old, new, opts.source.as_ref())?;
             let build_id = old.build_id_hex().ok_or_else(|| Error::Elf { path: old.path.clone(), msg: "has no GNU build id".into() })?;
             let manifest = Manifest {
                 format_version: FORMAT_VERSION,
@@ -468,6 +596,7 @@ pub fn build(old: &ElfFile, new: &ElfFile, opts: &BuildOptions) -> Result<(Manif
                 fixups: vec![],
                 changed_data: d.changed_data.clone(),
                 refusal: Some(reason),
+                refusal_kind: Some(kind),
             };
             Ok((manifest, Vec::new(), d))
         }
@@ -476,21 +605,19 @@ pub fn build(old: &ElfFile, new: &ElfFile, opts: &BuildOptions) -> Result<(Manif
 }
 
 fn build_live(old: &ElfFile, new: &ElfFile, opts: &BuildOptions) -> Result<(Manifest, Vec<u8>, Diff)> {
-    let d = diff(old, new)?;
+    let d = diff_with_source(old, new, opts.source.as_ref())?;
     let build_id = old.build_id_hex().ok_or_else(|| Error::Elf {
         path: old.path.clone(),
         msg: "has no GNU build id; link with -Wl,--build-id so a bundle can be tied to it".into(),
     })?;
     if let Some(dc) = d.layout_refusals().first() {
-        return Err(Error::refused(format!(
+        return Err(Error::refused_kind(RefusalKind::DataLayout, format!(
             "data layout changed: variable `{}` {}; a live update cannot convert the state of a running process, an offline restart is needed",
             dc.name, dc.note
         )));
     }
     let mut b = Builder::new(old, new, &d);
-    let selected: Vec<String> = if opts.functions.is_empty() {
-        d.changed_functions.iter().map(|c| c.name.clone()).collect()
-    } else {
+    let selected: Vec<String> = if !opts.functions.is_empty() {
         for name in &opts.functions {
             if !d.changed_functions.iter().any(|c| &c.name == name) {
                 let exists = new.functions().any(|f| &f.name == name);
@@ -502,13 +629,21 @@ fn build_live(old: &ElfFile, new: &ElfFile, opts: &BuildOptions) -> Result<(Mani
             }
         }
         opts.functions.clone()
+    } else if let Some(src) = &d.source {
+        src.patched.iter().map(|c| c.name.clone()).collect()
+    } else {
+        d.changed_functions.iter().map(|c| c.name.clone()).collect()
     };
+    if selected.is_empty() && d.source.is_some() {
+        return Err(Error::Other("no function holds code of a changed source line: nothing to patch (see `livepatch diff --source-diff` for what differs and why)".into()));
+    }
     if selected.is_empty() {
         return Err(Error::Other("no function changed between the two executables: nothing to patch".into()));
     }
     for name in &selected {
         let nf = new.functions().find(|f| &f.name == name).expect("changed function exists");
-        b.include(nf, FunctionKind::Changed);
+        let kind = if d.added_functions.iter().any(|a| &a.name == name) { FunctionKind::Added } else { FunctionKind::Changed };
+        b.include(nf, kind);
         // Split-off cold parts travel with their function.
         let cold = format!("{name}.cold");
         for c in new.functions().filter(|c| c.name == cold || c.name.starts_with(&format!("{cold}."))) {
@@ -584,19 +719,24 @@ impl<'a> Builder<'a> {
             // The thread pointer itself: the code adds offsets to it that only relocations
             // show. They are right as long as every thread-local variable keeps its offset.
             if self.new.relocs.is_empty() && !same_tls_layout(self.old, self.new) {
-                return Err(Error::refused(format!(
+                return Err(Error::refused_kind(RefusalKind::DataLayout, format!(
                     "function {} computes thread-local addresses and the thread-local layout changed; an offline restart is needed (or build with -Wl,--emit-relocs)",
                     f.name
                 )));
             }
             return Ok(());
         }
+        if r.kind == RefKind::TpOff32 && is_tcb_field(r.target as i64) {
+            // The stack canary (%fs:0x28), the pointer guard (%fs:0x30), the TCB self pointer:
+            // fields of the thread control block at ABI-fixed offsets, the same in every process.
+            return Ok(());
+        }
         if r.kind == RefKind::TpOff32 {
             let (ns, off) = tls_symbol(self.new, r.target as i64).ok_or_else(|| {
-                Error::refused(format!("function {}: thread-local access at {:#x} matches no TLS variable", f.name, r.ip))
+                Error::refused_kind(RefusalKind::UnsupportedReference, format!("function {}: thread-local access at {:#x} matches no TLS variable", f.name, r.ip))
             })?;
             let os = self.o.matching(ns).filter(|os| os.size == ns.size).ok_or_else(|| {
-                Error::refused(format!(
+                Error::refused_kind(RefusalKind::DataLayout, format!(
                     "function {} uses thread-local variable `{}` which the running executable lacks (or has with another size); an offline restart is needed",
                     f.name, ns.name
                 ))
@@ -636,7 +776,7 @@ impl<'a> Builder<'a> {
         }
         if let Some(slot) = self.new.got.get(&t).cloned() {
             if !r.is_mem || r.is_lea {
-                return Err(Error::refused(format!("function {} takes the address of a GOT entry at {:#x}", f.name, r.ip)));
+                return Err(Error::refused_kind(RefusalKind::UnsupportedReference, format!("function {} takes the address of a GOT entry at {:#x}", f.name, r.ip)));
             }
             let target = match slot {
                 GotSlot::Symbol(name) => match self.old.got_for(&name) {
@@ -661,7 +801,7 @@ impl<'a> Builder<'a> {
         match (&target, r.kind) {
             (Target::Mirror { .. }, RefKind::PcRel | RefKind::PcRel8) => {}
             (_, RefKind::PcRel8) => {
-                return Err(Error::refused(format!(
+                return Err(Error::refused_kind(RefusalKind::UnsupportedReference, format!(
                     "function {}: a short branch at {:#x} leaves the patched code and cannot be redirected",
                     f.name, r.ip
                 )))
@@ -699,7 +839,7 @@ impl<'a> Builder<'a> {
                     if let Some(lib) = new.copies.get(&s.addr) {
                         return match self.old.copies.iter().find(|(_, n)| *n == lib) {
                             Some((a, _)) => Ok(Target::Old { svma: a + off, name: lib.clone() }),
-                            None => Err(Error::refused(format!(
+                            None => Err(Error::refused_kind(RefusalKind::DataLayout, format!(
                                 "{who} uses library variable `{lib}` which the running executable does not copy; an offline restart is needed"
                             ))),
                         };
@@ -708,11 +848,11 @@ impl<'a> Builder<'a> {
                     if writable {
                         return match os {
                             Some(os) if os.size == s.size => Ok(Target::Old { svma: os.addr + off, name: s.name.clone() }),
-                            Some(os) => Err(Error::refused(format!(
+                            Some(os) => Err(Error::refused_kind(RefusalKind::DataLayout, format!(
                                 "data layout changed: {who} uses variable `{}` whose size changed from {} to {} bytes; an offline restart is needed",
                                 s.name, os.size, s.size
                             ))),
-                            None => Err(Error::refused(format!(
+                            None => Err(Error::refused_kind(RefusalKind::DataLayout, format!(
                                 "{who} needs variable `{}` which the running executable lacks in writable memory; new state cannot be added live, an offline restart is needed",
                                 s.name
                             ))),
@@ -752,19 +892,19 @@ impl<'a> Builder<'a> {
             }
             Some(sec) if sec.is_exec() => {
                 let _ = from;
-                Err(Error::refused(format!("{who} refers to code at {t:#x} in {} that belongs to no function", sec.name)))
+                Err(Error::refused_kind(RefusalKind::UnsupportedReference, format!("{who} refers to code at {t:#x} in {} that belongs to no function", sec.name)))
             }
-            Some(sec) => Err(Error::refused(format!(
+            Some(sec) => Err(Error::refused_kind(RefusalKind::DataLayout, format!(
                 "{who} refers to unnamed writable data at {t:#x} in {}; it cannot be bound to the running process, an offline restart is needed",
                 sec.name
             ))),
-            None => Err(Error::refused(format!("{who} refers to {t:#x}, outside the executable"))),
+            None => Err(Error::refused_kind(RefusalKind::UnsupportedReference, format!("{who} refers to {t:#x}, outside the executable"))),
         }
     }
 
     fn carry(&mut self, lo: u64, hi: u64, who: &str) -> Result<()> {
         if self.new.read(lo, (hi - lo) as usize).is_none() {
-            return Err(Error::refused(format!("{who}: data at {lo:#x} has no bytes in the file")));
+            return Err(Error::refused_kind(RefusalKind::UnsupportedReference, format!("{who}: data at {lo:#x} has no bytes in the file")));
         }
         let e = self.rodata.entry(lo).or_insert(hi);
         *e = (*e).max(hi);
@@ -786,7 +926,7 @@ impl<'a> Builder<'a> {
             n += 1;
         }
         if n == 0 {
-            return Err(Error::refused(format!("function {}: jump table at {table:#x} could not be read", f.name)));
+            return Err(Error::refused_kind(RefusalKind::UnsupportedReference, format!("function {}: jump table at {table:#x} could not be read", f.name)));
         }
         self.carry(table, table + n * 8, &format!("function {}", f.name))
     }
@@ -815,7 +955,8 @@ impl<'a> Builder<'a> {
             if kind == FunctionKind::Changed {
                 self.check_jump_room(os.unwrap())?;
             }
-            functions.push(Function { name: f.name.clone(), kind, old_svma, old_size, old_digest, new_svma: f.addr, new_size: f.size });
+            let preserve = if kind == FunctionKind::Changed { self.register_contract(os.unwrap(), f)? } else { Vec::new() };
+            functions.push(Function { name: f.name.clone(), kind, old_svma, old_size, old_digest, new_svma: f.addr, new_size: f.size, preserve });
         }
         // Merge overlapping read-only chunks, then carry them.
         let mut merged: Vec<(u64, u64)> = Vec::new();
@@ -828,7 +969,7 @@ impl<'a> Builder<'a> {
         for (lo, hi) in merged {
             // A chunk overlapping a carried function would be carried twice; functions win.
             if pieces.iter().any(|p| lo < p.svma + p.len && p.svma < hi) {
-                return Err(Error::refused(format!("read-only data at {lo:#x} overlaps patched code")));
+                return Err(Error::refused_kind(RefusalKind::UnsupportedReference, format!("read-only data at {lo:#x} overlaps patched code")));
             }
             let bytes = self.new.read(lo, (hi - lo) as usize).expect("checked in carry");
             pieces.push(Piece { name: format!("rodata@{lo:#x}"), kind: PieceKind::Rodata, svma: lo, len: hi - lo, blob: blob.len() as u64 });
@@ -853,8 +994,41 @@ impl<'a> Builder<'a> {
             fixups,
             changed_data: self.diff.changed_data.clone(),
             refusal: None,
+            refusal_kind: None,
         };
         Ok((manifest, blob))
+    }
+
+    /// Registers the entry thunk must keep for unpatched callers (empty: jump straight in).
+    fn register_contract(&self, os: &Symbol, nf: &Symbol) -> Result<Vec<String>> {
+        // Only direct callers can rely on the old body's clobbers (IPA-RA), and only for
+        // registers they use.
+        let callers = direct_callers(self.old, os.addr);
+        let used = callers.iter().fold(regs::RegSet::default(), |u, c| u.union(regs::used_by(self.old, c)));
+        let extra = regs::RegSet(regs::extra_clobbers(self.old, os, self.new, nf).0 & used.0);
+        if extra.is_empty() {
+            return Ok(Vec::new());
+        }
+        let names = extra.names();
+        if names.iter().any(|n| n.strip_prefix("xmm").and_then(|x| x.parse::<u32>().ok()).is_some_and(|x| x >= 16)) {
+            return Err(Error::refused_kind(
+                RefusalKind::RegisterContract,
+                format!("the new `{}` clobbers {} which the old one left intact, and the thunk that would keep them for its callers does not handle xmm16-31; patch its callers too (--function) or restart offline", nf.name, names.join(" ")),
+            ));
+        }
+        if let Some(ip) = regs::reads_caller_frame(self.new, nf) {
+            let callers = callers.iter().map(|c| c.name.clone()).collect::<Vec<_>>();
+            return Err(Error::refused_kind(
+                RefusalKind::RegisterContract,
+                format!(
+                    "the new `{}` clobbers {} which the old one left intact, and it reads its caller's frame (stack arguments or va_start at {ip:#x}), so no thunk can keep those registers for its callers ({}); patch the callers too (--function) or restart offline",
+                    nf.name,
+                    names.join(" "),
+                    if callers.is_empty() { "none called directly".to_string() } else { callers.join(", ") }
+                ),
+            ));
+        }
+        Ok(names)
     }
 
     /// The jump needs JUMP_LEN bytes at the old entry: the function itself or padding after it.
@@ -869,7 +1043,7 @@ impl<'a> Builder<'a> {
         if padding_ok {
             return Ok(());
         }
-        Err(Error::refused(format!(
+        Err(Error::refused_kind(RefusalKind::FunctionTooShort, format!(
             "function `{}` is {} bytes long, too short for the {JUMP_LEN}-byte jump, and no padding follows it; an offline restart is needed (or mark it noinline and give it a larger body)",
             os.name, os.size
         )))
@@ -877,6 +1051,9 @@ impl<'a> Builder<'a> {
 }
 
 use x86_64 as x;
+
+pub mod regs;
+pub mod source;
 
 #[cfg(test)]
 mod tests {
