@@ -1,5 +1,6 @@
-//! The core updates, in all twelve builds (-O0 / -O2 / -O3 -fomit-frame-pointer, PIE and
-//! non-PIE, with and without --emit-relocs): a plain body change, a global counter whose state
+//! The core updates, in all twelve builds with the live-patching flags (-O0 / -O2 / -O3
+//! -fomit-frame-pointer, PIE and non-PIE, with and without --emit-relocs) and in the four real
+//! builds (Debian hardening at -O2, -Os, -O2 -flto, plain -O2; changed set from the source diff): a plain body change, a global counter whose state
 //! survives, new string literals and libc calls, a jump table, thread-local data, a changed
 //! callee called by a changed caller, and an unchanged callee.
 //!
@@ -23,8 +24,7 @@ fn update_and_revert(
     reverted: &dyn Fn(&mut Target),
 ) {
     let old = compile(scenario, "v1", v);
-    let new = compile(scenario, "v2", v);
-    let bundle = build_bundle(&old, &new, &[]);
+    let bundle = build_scenario_bundle(scenario, "v1", "v2", v);
     let mut t = Target::start(&old);
     before(&mut t);
 
@@ -71,6 +71,7 @@ fn plain_body_change(v: Variant) {
     );
 }
 matrix_tests!(plain_body_change => plain_body_change);
+real_build_tests!(plain_body_change_real => plain_body_change);
 
 fn global_counter_survives(v: Variant) {
     update_and_revert(
@@ -95,6 +96,7 @@ fn global_counter_survives(v: Variant) {
     );
 }
 matrix_tests!(global_counter_survives => global_counter_survives);
+real_build_tests!(global_counter_survives_real => global_counter_survives);
 
 fn new_literals_and_libc_calls(v: Variant) {
     update_and_revert(
@@ -123,6 +125,7 @@ fn new_literals_and_libc_calls(v: Variant) {
     );
 }
 matrix_tests!(new_literals_and_libc_calls => new_literals_and_libc_calls);
+real_build_tests!(new_literals_and_libc_calls_real => new_literals_and_libc_calls);
 
 /// The commands of the jump-table checks: every case, the default, a negative argument.
 fn jumptable_commands() -> Vec<String> {
@@ -161,6 +164,7 @@ fn jump_table(v: Variant) {
     );
 }
 matrix_tests!(jump_table => jump_table);
+real_build_tests!(jump_table_real => jump_table);
 
 fn thread_local_data(v: Variant) {
     update_and_revert(
@@ -187,6 +191,7 @@ fn thread_local_data(v: Variant) {
     );
 }
 matrix_tests!(thread_local_data => thread_local_data);
+real_build_tests!(thread_local_data_real => thread_local_data);
 
 fn changed_callee_of_changed_caller(v: Variant) {
     update_and_revert(
@@ -210,6 +215,7 @@ fn changed_callee_of_changed_caller(v: Variant) {
     );
 }
 matrix_tests!(changed_callee_of_changed_caller => changed_callee_of_changed_caller);
+real_build_tests!(changed_callee_of_changed_caller_real => changed_callee_of_changed_caller);
 
 fn unchanged_callee(v: Variant) {
     update_and_revert(
@@ -235,3 +241,4 @@ fn unchanged_callee(v: Variant) {
     );
 }
 matrix_tests!(unchanged_callee => unchanged_callee);
+real_build_tests!(unchanged_callee_real => unchanged_callee);

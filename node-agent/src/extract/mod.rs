@@ -208,6 +208,33 @@ fn function_refs(elf: &ElfFile, f: &Symbol) -> Result<Vec<CodeRef>> {
     Ok(refs)
 }
 
+/// A clone made by IPA-SRA (`.isra.`) or partial inlining (`.part.`) has a calling convention
+/// private to its callers, chosen from its body: when its body changes, callers whose code
+/// changed too may pass other values, so they are patched with it.
+fn add_private_convention_callers(new: &ElfFile, d: &mut Diff) {
+    let Some(src) = d.source.as_ref() else { return };
+    let mut selected: Vec<String> = src.patched.iter().map(|e| e.name.clone()).collect();
+    let mut i = 0;
+    while i < selected.len() {
+        let name = selected[i].clone();
+        i += 1;
+        if !(name.contains(".isra.") || name.contains(".part.")) {
+            continue;
+        }
+        let Some(f) = new.functions().find(|f| f.name == name) else { continue };
+        for c in direct_callers(new, f.addr) {
+            let changed = d.changed_functions.iter().any(|x| x.name == c.name);
+            if changed && !selected.contains(&c.name) && !c.name.contains(".cold") {
+                selected.push(c.name.clone());
+                if let Some(src) = d.source.as_mut() {
+                    src.not_patched.retain(|e| e.name != c.name);
+                    src.patched.push(Explained { name: c.name.clone(), reason: format!("calls `{name}`, a clone whose private calling convention follows its changed body") });
+                }
+            }
+        }
+    }
+}
+
 /// Functions of `elf` that call or jump to `target` directly.
 fn direct_callers(elf: &ElfFile, target: u64) -> Vec<&Symbol> {
     elf.functions()
@@ -542,6 +569,7 @@ pub fn diff_with_source(old: &ElfFile, new: &ElfFile, input: Option<&SourceInput
         let debug = open_debug(new, input)?;
         let sc = source::changed_functions(new, debug.as_ref(), &input.changes)?;
         d.source = Some(explain(new, &d, &sc));
+        add_private_convention_callers(new, &mut d);
     }
     Ok(d)
 }
@@ -616,7 +644,6 @@ fn build_live(old: &ElfFile, new: &ElfFile, opts: &BuildOptions) -> Result<(Mani
             dc.name, dc.note
         )));
     }
-    let mut b = Builder::new(old, new, &d);
     let selected: Vec<String> = if !opts.functions.is_empty() {
         for name in &opts.functions {
             if !d.changed_functions.iter().any(|c| &c.name == name) {
@@ -640,6 +667,7 @@ fn build_live(old: &ElfFile, new: &ElfFile, opts: &BuildOptions) -> Result<(Mani
     if selected.is_empty() {
         return Err(Error::Other("no function changed between the two executables: nothing to patch".into()));
     }
+    let mut b = Builder::new(old, new, &d);
     for name in &selected {
         let nf = new.functions().find(|f| &f.name == name).expect("changed function exists");
         let kind = if d.added_functions.iter().any(|a| &a.name == name) { FunctionKind::Added } else { FunctionKind::Changed };
