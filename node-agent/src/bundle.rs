@@ -119,6 +119,20 @@ pub struct Fixup {
     pub target: Target,
 }
 
+/// An instruction of the new code that reads or writes a library variable the running
+/// executable never copied: it is moved to a detour that reaches the library's own definition
+/// through an address slot (the library is out of 32-bit reach of the region).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Detour {
+    /// NEW SVMA of the instruction.
+    pub at: u64,
+    pub len: u64,
+    /// The library's dynamic symbol.
+    pub symbol: String,
+    /// Offset of the access inside the variable.
+    pub offset: i64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DataChange {
     pub name: String,
@@ -150,6 +164,9 @@ pub struct Manifest {
     /// The kind of that refusal.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refusal_kind: Option<crate::error::RefusalKind>,
+    /// Instructions moved to detours (library variables without a copy in OLD).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub detours: Vec<Detour>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -273,6 +290,11 @@ impl Bundle {
         if m.functions.iter().all(|f| !f.has_entry_jump()) {
             return bad("bundle replaces no function".into());
         }
+        for d in &m.detours {
+            if !(crate::arch::x86_64::JUMP_LEN as u64..=15).contains(&d.len) || !in_span(d.at, d.len) || !self.covered(d.at, d.len) || d.symbol.is_empty() {
+                return bad(format!("detour at {:#x} ({} bytes, `{}`) is not an instruction of the carried code", d.at, d.len, d.symbol));
+            }
+        }
         for f in &m.functions {
             if !in_span(f.new_svma, f.new_size) || !self.covered(f.new_svma, f.new_size) {
                 return bad(format!("function {} has no code in the bundle", f.name));
@@ -356,6 +378,7 @@ mod tests {
             changed_data: vec![],
             refusal: None,
             refusal_kind: None,
+            detours: vec![],
         };
         (m, blob)
     }

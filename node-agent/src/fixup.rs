@@ -40,6 +40,8 @@ pub struct Layout {
     /// Register-preserving entry thunks: function name -> (offset in the tail, bytes, saved
     /// general registers, saved xmm registers).
     thunks: BTreeMap<String, Thunk>,
+    /// Offset in the tail of the library-variable detours (one `DETOUR_LEN` each, in order).
+    detours_at: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -72,6 +74,12 @@ impl Layout {
                 _ => {}
             }
         }
+        for d in &m.detours {
+            let of = Target::Import { name: d.symbol.clone() };
+            if !slots.iter().any(|(t, _)| *t == of) {
+                slots.push((of, 0));
+            }
+        }
         let stub_bytes = stubs.len() as u64 * STUB_LEN as u64;
         for (i, s) in slots.iter_mut().enumerate() {
             s.1 = stub_bytes + i as u64 * 8;
@@ -96,6 +104,9 @@ impl Layout {
             thunks.insert(f.name.clone(), Thunk { offset: at, len, gprs, xmms, target_svma: f.new_svma });
             at += len;
         }
+        at = at.div_ceil(16) * 16;
+        let detours_at = at;
+        at += m.detours.len() as u64 * x86_64::DETOUR_LEN as u64;
         let tail_len = page_up(at);
         Layout {
             base: 0,
@@ -109,6 +120,7 @@ impl Layout {
             stubs,
             slots,
             thunks,
+            detours_at,
         }
     }
 
@@ -176,6 +188,21 @@ pub fn build_image(bundle: &Bundle, l: &Layout, imports: &HashMap<String, u64>) 
             .ok_or_else(|| Error::Other(format!("register thunk at {at:#x} cannot reach its function")))?;
         let o = off(at);
         img[o..o + code.len()].copy_from_slice(&code);
+    }
+    for (i, d) in bundle.manifest.detours.iter().enumerate() {
+        let stub = l.tail + l.detours_at + (i * x86_64::DETOUR_LEN) as u64;
+        let slot = live_target(&Target::Slot { of: Box::new(Target::Import { name: d.symbol.clone() }) }, l, imports)?;
+        let ip = l.mirror(d.at);
+        let o = off(ip);
+        let len = d.len as usize;
+        let insn = img.get(o..o + len).ok_or_else(|| Error::Bundle(format!("detour at {:#x} lies outside the image", d.at)))?.to_vec();
+        let code = x86_64::library_detour(&insn, ip, stub, slot, d.offset)
+            .ok_or_else(|| Error::Bundle(format!("the instruction at {:#x} that uses `{}` cannot be moved to a detour", d.at, d.symbol)))?;
+        let so = off(stub);
+        img[so..so + code.len()].copy_from_slice(&code);
+        let jmp = x86_64::jmp_rel32(ip, stub).ok_or_else(|| Error::Other("detour out of reach".into()))?;
+        img[o..o + x86_64::JUMP_LEN].copy_from_slice(&jmp);
+        img[o + x86_64::JUMP_LEN..o + len].fill(0x90);
     }
     for f in &bundle.manifest.fixups {
         let t = live_target(&f.target, l, imports)?.wrapping_add(f.addend as u64);

@@ -242,3 +242,29 @@ fn unchanged_callee(v: Variant) {
 }
 matrix_tests!(unchanged_callee => unchanged_callee);
 real_build_tests!(unchanged_callee_real => unchanged_callee);
+
+fn library_variables_without_a_copy(v: Variant) {
+    update_and_revert(
+        v,
+        "libdata",
+        &["probe"],
+        &[],
+        &|t| {
+            t.expect("call", "v1 probe");
+        },
+        &|t| {
+            // optind and program_invocation_short_name live in libc; v1 never copied them.
+            let name = t.exe.file_name().unwrap().to_string_lossy().chars().take(15).collect::<String>();
+            let got = t.ask("call");
+            assert!(got.starts_with("v2 probe ") && got.ends_with(" optind=2"), "{got}: {}", t.context());
+            let shown = got.trim_start_matches("v2 probe ").trim_end_matches(" optind=2");
+            assert!(t.exe.file_name().unwrap().to_string_lossy().starts_with(shown) && !shown.is_empty(), "{shown} vs {name}");
+            t.expect("call", &format!("v2 probe {shown} optind=3"));
+        },
+        &|t| {
+            t.expect("call", "v1 probe");
+        },
+    );
+}
+matrix_tests!(library_variables_without_a_copy => library_variables_without_a_copy);
+real_build_tests!(library_variables_without_a_copy_real => library_variables_without_a_copy);

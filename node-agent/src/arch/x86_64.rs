@@ -272,6 +272,58 @@ pub fn preserve_thunk(gprs: &[u8], xmms: &[u8], at: u64, target: u64) -> Option<
     Some(b)
 }
 
+/// Room reserved for one library-variable detour (see [`library_detour`]).
+pub const DETOUR_LEN: usize = 80;
+
+/// A detour for one instruction of carried code whose memory operand names a variable that
+/// lives in a library, out of 32-bit reach: step over the red zone, borrow a register the
+/// instruction does not use, load the variable's address from `slot`, run the instruction with
+/// the operand `[scratch + offset]`, give everything back and jump to the next instruction.
+/// Flags are untouched (only `lea`, `push`, `pop`, `mov` run besides the instruction).
+/// `None` when the instruction cannot be moved (it uses the stack pointer or has an index).
+pub fn library_detour(insn_bytes: &[u8], insn_ip: u64, stub_at: u64, slot: u64, offset: i64) -> Option<Vec<u8>> {
+    use iced_x86::{Code, Encoder, InstructionInfoFactory, MemoryOperand};
+    let mut d = Decoder::with_ip(64, insn_bytes, insn_ip, DecoderOptions::NONE);
+    let insn = d.decode();
+    if insn.is_invalid() || insn.len() != insn_bytes.len() {
+        return None;
+    }
+    let has_mem = (0..insn.op_count()).any(|i| insn.op_kind(i) == OpKind::Memory);
+    if !has_mem || !matches!(insn.memory_base(), Register::RIP | Register::None) || insn.memory_index() != Register::None {
+        return None;
+    }
+    if !matches!(insn.flow_control(), FlowControl::Next) || insn.stack_pointer_increment() != 0 {
+        return None;
+    }
+    let used: Vec<Register> = InstructionInfoFactory::new().info(&insn).used_registers().iter().map(|u| u.register().full_register()).collect();
+    if used.contains(&Register::RSP) {
+        return None;
+    }
+    let scratch = [Register::R11, Register::R10, Register::R9, Register::R8, Register::RCX, Register::RDX, Register::RSI, Register::RDI, Register::RAX]
+        .into_iter()
+        .find(|r| !used.contains(r))?;
+    let mut moved = insn;
+    moved.set_memory_base(scratch);
+    moved.set_memory_displacement64(offset as u64);
+    moved.set_memory_displ_size(if i8::try_from(offset).is_ok() { 1 } else { 4 });
+    let seq = [
+        Instruction::with2(Code::Lea_r64_m, Register::RSP, MemoryOperand::with_base_displ(Register::RSP, -128)).ok()?,
+        Instruction::with1(Code::Push_r64, scratch).ok()?,
+        Instruction::with2(Code::Mov_r64_rm64, scratch, MemoryOperand::with_base_displ(Register::RIP, slot as i64)).ok()?,
+        moved,
+        Instruction::with1(Code::Pop_r64, scratch).ok()?,
+        Instruction::with2(Code::Lea_r64_m, Register::RSP, MemoryOperand::with_base_displ(Register::RSP, 128)).ok()?,
+        Instruction::with_branch(Code::Jmp_rel32_64, insn_ip + insn.len() as u64).ok()?,
+    ];
+    let mut enc = Encoder::new(64);
+    let mut ip = stub_at;
+    for i in &seq {
+        ip += enc.encode(i, ip).ok()? as u64;
+    }
+    let out = enc.take_buffer();
+    (out.len() <= DETOUR_LEN).then_some(out)
+}
+
 /// Whether a byte is padding between functions (so a jump may run into it).
 pub fn is_padding(b: u8) -> bool {
     b == INT3 || b == 0x90 || b == 0x00
@@ -388,6 +440,39 @@ mod tests {
         let text: Vec<_> = Decoder::with_ip(64, &code, 0, DecoderOptions::NONE).iter().map(|i| { let mut s = String::new(); f.format(&i, &mut s); s }).collect();
         assert_eq!(text[2], "sub rsp,8");
         assert!(preserve_thunk(&[], &[], 0, 1 << 40).is_none());
+    }
+
+    #[test]
+    fn library_detour_moves_a_load() {
+        use iced_x86::Formatter;
+        // mov rdi, [rip+0x2e17] at 0x1222 (7 bytes): a load of a copy-relocated `stderr`.
+        let insn = [0x48, 0x8b, 0x3d, 0x17, 0x2e, 0, 0];
+        let code = library_detour(&insn, 0x1222, 0x9000, 0x9800, 0).unwrap();
+        let mut f = iced_x86::NasmFormatter::new();
+        let text: Vec<String> = Decoder::with_ip(64, &code, 0x9000, DecoderOptions::NONE)
+            .iter()
+            .map(|i| {
+                let mut s = String::new();
+                f.format(&i, &mut s);
+                s
+            })
+            .collect();
+        assert_eq!(text[0], "lea rsp,[rsp-80h]");
+        assert_eq!(text[1], "push r11");
+        assert_eq!(text[2], "mov r11,[9800h]");
+        assert_eq!(text[3], "mov rdi,[r11]");
+        assert_eq!(text[4], "pop r11");
+        assert_eq!(text[5], "lea rsp,[rsp+80h]");
+        assert_eq!(text[6], "jmp 0000000000001229h");
+        // A store with an offset, and a scratch register the instruction does not use.
+        // mov [rip+0x10], r11d
+        let insn = [0x44, 0x89, 0x1d, 0x10, 0, 0, 0];
+        let code = library_detour(&insn, 0x1000, 0x9000, 0x9800, 8).unwrap();
+        let text: Vec<String> = Decoder::with_ip(64, &code, 0x9000, DecoderOptions::NONE).iter().map(|i| { let mut s = String::new(); f.format(&i, &mut s); s }).collect();
+        assert_eq!(text[1], "push r10");
+        assert_eq!(text[3], "mov [r10+8],r11d");
+        // push qword [rip+x] moves the stack: refused.
+        assert!(library_detour(&[0xff, 0x35, 0, 0, 0, 0], 0x1000, 0x9000, 0x9800, 0).is_none());
     }
 
     #[test]

@@ -625,6 +625,7 @@ pub fn build(old: &ElfFile, new: &ElfFile, opts: &BuildOptions) -> Result<(Manif
                 changed_data: d.changed_data.clone(),
                 refusal: Some(reason),
                 refusal_kind: Some(kind),
+                detours: vec![],
             };
             Ok((manifest, Vec::new(), d))
         }
@@ -696,11 +697,12 @@ struct Builder<'a> {
     /// Anonymous items whose pointer words were already bound.
     anon_scanned: BTreeSet<u64>,
     fixups: Vec<Fixup>,
+    detours: Vec<Detour>,
 }
 
 impl<'a> Builder<'a> {
     fn new(old: &'a ElfFile, new: &'a ElfFile, diff: &'a Diff) -> Self {
-        Builder { old, new, o: Side::new(old), diff, funcs: BTreeMap::new(), queue: Vec::new(), rodata: BTreeMap::new(), anon_scanned: BTreeSet::new(), fixups: Vec::new() }
+        Builder { old, new, o: Side::new(old), diff, funcs: BTreeMap::new(), queue: Vec::new(), rodata: BTreeMap::new(), anon_scanned: BTreeSet::new(), fixups: Vec::new(), detours: Vec::new() }
     }
 
     fn include(&mut self, f: &'a Symbol, kind: FunctionKind) {
@@ -825,6 +827,10 @@ impl<'a> Builder<'a> {
             self.fixups.push(fix(target));
             return Ok(());
         }
+        if let Some(d) = self.library_variable_detour(f, r)? {
+            self.detours.push(d);
+            return Ok(());
+        }
         let target = self.classify_addr(t, Some(f), &format!("function {}", f.name))?;
         match (&target, r.kind) {
             (Target::Mirror { .. }, RefKind::PcRel | RefKind::PcRel8) => {}
@@ -837,6 +843,23 @@ impl<'a> Builder<'a> {
             _ => self.fixups.push(fix(target)),
         }
         Ok(())
+    }
+
+    /// A memory access to a library variable that NEW copies (copy relocation) and OLD does
+    /// not: the library's own definition is the live one, reached through a detour.
+    fn library_variable_detour(&self, f: &Symbol, r: &CodeRef) -> Result<Option<Detour>> {
+        let Some(s) = self.new.symbol_at(r.target).filter(|s| s.kind == SymKind::Object) else { return Ok(None) };
+        let Some(lib) = self.new.copies.get(&s.addr) else { return Ok(None) };
+        if self.old.copies.values().any(|n| n == lib) {
+            return Ok(None);
+        }
+        if !r.is_mem || r.is_branch || !matches!(r.kind, RefKind::PcRel | RefKind::Abs32S) {
+            return Err(Error::refused_kind(
+                RefusalKind::UnsupportedReference,
+                format!("function {} uses library variable `{lib}` at {:#x} in a way no detour can carry (the running executable has no copy of it); an offline restart is needed", f.name, r.ip),
+            ));
+        }
+        Ok(Some(Detour { at: r.ip, len: r.next_ip - r.ip, symbol: lib.clone(), offset: (r.target - s.addr) as i64 }))
     }
 
     /// What a NEW address (outside PLT/GOT) is in the live process.
@@ -1023,6 +1046,7 @@ impl<'a> Builder<'a> {
             changed_data: self.diff.changed_data.clone(),
             refusal: None,
             refusal_kind: None,
+            detours: self.detours,
         };
         Ok((manifest, blob))
     }
