@@ -459,7 +459,7 @@ mod tests {
             .collect();
         assert_eq!(text[0], "lea rsp,[rsp-80h]");
         assert_eq!(text[1], "push r11");
-        assert_eq!(text[2], "mov r11,[9800h]");
+        assert_eq!(text[2], "mov r11,[rel 9800h]");
         assert_eq!(text[3], "mov rdi,[r11]");
         assert_eq!(text[4], "pop r11");
         assert_eq!(text[5], "lea rsp,[rsp+80h]");
