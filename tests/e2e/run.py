@@ -878,7 +878,7 @@ def s_start(t):
     """Node, 2 operator replicas and the agent, as the chart's pod templates, with the SA tokens."""
     for b in ("livepatch-operator", "node-agent", "livepatch"):
         if not os.access(os.path.join(BIN, b), os.X_OK):
-            raise Fail(f"{BIN}/{b} missing: cargo build --release --locked -p livepatch-operator -p livepatch-agent -p node-agent")
+            raise Fail(f"{BIN}/{b} missing: cargo build --release --locked -p livepatch-operator -p node-agent -p livepatch-cli")
     t.kubelet = Kubelet(t.kube, t.containers, t.targets, t.work)
     t.kubelet.create_node()
     for v in ("v1", "v2", "v3"):

@@ -19,7 +19,7 @@ use std::{
 };
 
 use livepatch::{apply, bundle::Bundle, elf::ElfFile, watchpoint::Strategy};
-use livepatch_agent::{
+use node_agent::{
     discovery::{Discovery, Query},
     engine::{self, LiveEngine, Outcome},
 };
@@ -43,7 +43,7 @@ int main(void) {
 "#;
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().unwrap()
 }
 
 fn sh(cmd: &mut Command) -> (bool, String) {
@@ -249,7 +249,7 @@ fn patches_a_container_found_by_container_id_and_pod_uid() {
     // Discovery: by container id (as the pod status writes it) and pod UID.
     let discovery = Discovery::default();
     let query = Query {
-        container_id: livepatch_agent::discovery::parse_container_id(&format!("containerd://{id}")).unwrap(),
+        container_id: node_agent::discovery::parse_container_id(&format!("containerd://{id}")).unwrap(),
         pod_uid: pod_uid.clone(),
         build_id: Some(bundle.manifest.target.build_id.clone()),
         path: Some("/usr/local/bin/app".into()),
@@ -269,7 +269,7 @@ fn patches_a_container_found_by_container_id_and_pod_uid() {
     let refused = discovery.find(&other).unwrap();
     assert!(refused.targets.is_empty() && refused.other_pod.iter().any(|s| s.pid == task_pid), "{refused:?}");
     // The host process is never attributed to the container, even when asked for by PID.
-    let forged = livepatch_agent::discovery::Target { pid: host_pid, ..target.clone() };
+    let forged = node_agent::discovery::Target { pid: host_pid, ..target.clone() };
     assert!(discovery.recheck(&forged, &query).is_err());
 
     step("discovery checks done");

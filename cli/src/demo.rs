@@ -1,9 +1,9 @@
 //! `livepatch demo`: compile a small service in two versions with the system C compiler, run
 //! the old one, update it live, show its output change and the pause, revert, clean up.
-use crate::apply;
-use crate::bundle::Bundle;
-use crate::elf::ElfFile;
-use crate::extract;
+use livepatch::apply;
+use livepatch::bundle::Bundle;
+use livepatch::elf::ElfFile;
+use livepatch::extract;
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -129,10 +129,10 @@ fn run_in(dir: &Path) -> Result<()> {
     );
     while rx.try_recv().is_ok() {}
     show(3)?;
-    let st = crate::status::status(pid)?;
+    let st = livepatch::status::status(pid)?;
     println!("== status read back from the process: {} patch(es): {}", st.stacked, st.patches.iter().map(|p| p.patch_id.as_str()).collect::<Vec<_>>().join(", "));
 
-    let rv = crate::revert::revert(pid, false, Default::default(), Duration::from_secs(10))?;
+    let rv = livepatch::revert::revert(pid, false, Default::default(), Duration::from_secs(10))?;
     println!("== reverted {} (process stopped for {} us):", rv.reverted.join(", "), rv.pause_us);
     while rx.try_recv().is_ok() {}
     show(2)?;

@@ -1,4 +1,6 @@
 //! The `livepatch` command line: the engine, locally, with no cluster.
+mod demo;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use livepatch::bundle::Bundle;
@@ -333,7 +335,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let b = Bundle::parse(&bytes)?;
             println!("good signature: {} (patch {} sha256 {}) signed by key {} ({})", bundle.display(), b.patch_id(), b.digest, ok.key_id, ok.key_name);
         }
-        Cmd::Demo { keep } => livepatch::demo::run(keep)?,
+        Cmd::Demo { keep } => demo::run(keep)?,
     }
     Ok(())
 }

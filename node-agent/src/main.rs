@@ -11,7 +11,7 @@ use std::{
 };
 
 use clap::Parser;
-use livepatch_agent::{
+use node_agent::{
     controller::{self, Context},
     discovery::Discovery,
     engine::LiveEngine,
