@@ -250,8 +250,16 @@ impl ElfFile {
         };
         let mut got = HashMap::new();
         let mut copies = HashMap::new();
+        // Only slots of the GOT are GOT entries: a RELATIVE or 64 relocation also patches
+        // pointers inside data (`.data.rel.ro` tables, vtables), which code addresses as data.
+        let got_sections: Vec<(u64, u64)> =
+            sections.iter().filter(|s| s.name == ".got" || s.name == ".got.plt").map(|s| (s.addr, s.addr.saturating_add(s.size))).collect();
+        let in_got = |a: u64| got_sections.iter().any(|(lo, hi)| a >= *lo && a < *hi);
         for r in elf.dynrelas.iter().chain(elf.pltrelocs.iter()).chain(elf.dynrels.iter()) {
             use goblin::elf::reloc::*;
+            if r.r_type != R_X86_64_COPY && !got_sections.is_empty() && !in_got(r.r_offset) {
+                continue;
+            }
             match r.r_type {
                 R_X86_64_GLOB_DAT | R_X86_64_JUMP_SLOT | R_X86_64_64 if r.r_sym != 0 => {
                     got.insert(r.r_offset, GotSlot::Symbol(dynname(r.r_sym)));

@@ -69,6 +69,10 @@ pub enum Error {
     #[error("{context}: {source}")]
     Io { context: String, #[source] source: std::io::Error },
 
+    /// The two builds run the same code: there is no update to make.
+    #[error("nothing to patch: {0}")]
+    NothingToPatch(String),
+
     #[error("{0}")]
     Other(String),
 }

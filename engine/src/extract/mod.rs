@@ -662,11 +662,19 @@ fn build_live(old: &ElfFile, new: &ElfFile, opts: &BuildOptions) -> Result<(Mani
     } else {
         d.changed_functions.iter().map(|c| c.name.clone()).collect()
     };
-    if selected.is_empty() && d.source.is_some() {
-        return Err(Error::Other("no function holds code of a changed source line: nothing to patch (see `livepatch diff --source-diff` for what differs and why)".into()));
+    if let (true, Some(src)) = (selected.is_empty(), &d.source) {
+        let same = src.not_patched.iter().filter(|e| e.reason.contains("machine code is the same")).count();
+        let why = if same > 0 {
+            format!("the fix's changed lines compile to the same machine code as before in {same} function(s) of this build (the running code already behaves as fixed)")
+        } else if !src.files_not_compiled.is_empty() && src.lines_without_code.is_empty() {
+            format!("the fix changes only files not compiled into this executable ({})", src.files_not_compiled.join(", "))
+        } else {
+            "no function holds code of a changed source line".to_string()
+        };
+        return Err(Error::NothingToPatch(format!("{why}; see `livepatch diff --source-diff` for what differs and why")));
     }
     if selected.is_empty() {
-        return Err(Error::Other("no function changed between the two executables: nothing to patch".into()));
+        return Err(Error::NothingToPatch("no function changed between the two executables".into()));
     }
     let mut b = Builder::new(old, new, &d);
     for name in &selected {

@@ -1,0 +1,317 @@
+#!/usr/bin/env python3
+"""Apply every security fix of the corpus (tests/corpus/build.sh) live to a running nginx.
+
+For each pair (one Debian security patch, one build variant) under the corpus cache:
+
+  1. start the OLD nginx (master + 2 workers) serving a static directory on 127.0.0.1,
+  2. keep it under a bounded load (keep-alive HTTP clients in threads),
+  3. `livepatch build --old OLD --new NEW --source-diff fix.patch` (the patch file exactly as
+     Debian ships it in debian/patches),
+  4. `livepatch apply --pid P` to the master and every worker, then `livepatch status --pid P`,
+  5. stop the load and check: no failed request, requests served after the update, every
+     process alive and reporting the patch.
+
+The outcome of each pair is one of: applied, nothing-to-patch (the fix compiles to the same
+machine code in this build, or touches files not compiled in), refused (with its typed
+refusal kind), blocked, failed. Refusals and nothing-to-patch are answers; `failed` (a harmed
+target, a failed request, an apply that errors) makes this script exit 1.
+
+    tests/corpus/run.py [--livepatch target/release/livepatch] [--only NAME] [--json OUT]
+                        [--markdown OUT] [--variant hardened|lto]...
+"""
+import argparse
+import glob
+import http.client
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+CACHE = os.environ.get("LIVEPATCH_CACHE", os.path.expanduser("~/.cache/livepatch"))
+LOAD_THREADS = 4
+LOAD_MAX_SECONDS = 60  # hard bound of one load phase
+LOAD_MAX_REQUESTS = 200_000
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def children(pid):
+    out = []
+    for task in glob.glob(f"/proc/{pid}/task/*/children"):
+        try:
+            out += [int(x) for x in open(task).read().split()]
+        except OSError:
+            pass
+    return sorted(set(out))
+
+
+class Load:
+    """Keep-alive GET requests from a few threads until stopped (or the bounds are hit)."""
+
+    def __init__(self, port):
+        self.port = port
+        self.ok = 0
+        self.failed = []
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self.run, daemon=True) for _ in range(LOAD_THREADS)]
+        self.t0 = time.monotonic()
+
+    def start(self):
+        for t in self.threads:
+            t.start()
+
+    def run(self):
+        conn = None
+        paths = ["/", "/index.html", "/big.bin", "/missing"]
+        i = 0
+        while not self.stop.is_set() and time.monotonic() - self.t0 < LOAD_MAX_SECONDS:
+            with self.lock:
+                if self.ok + len(self.failed) >= LOAD_MAX_REQUESTS:
+                    return
+            path = paths[i % len(paths)]
+            i += 1
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+                conn.request("GET", path)
+                r = conn.getresponse()
+                body = r.read()
+                want = 404 if path == "/missing" else 200
+                good = r.status == want and (path != "/big.bin" or len(body) == 256 * 1024)
+                with self.lock:
+                    if good:
+                        self.ok += 1
+                    else:
+                        self.failed.append(f"{path}: status {r.status}, {len(body)} bytes")
+            except (OSError, http.client.HTTPException) as e:
+                with self.lock:
+                    self.failed.append(f"{path}: {type(e).__name__}: {e}")
+                conn = None
+
+    def count(self):
+        with self.lock:
+            return self.ok
+
+    def finish(self):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=15)
+
+
+def livepatch(lp, *args):
+    r = subprocess.run([lp, *args], capture_output=True, text=True, timeout=300)
+    data = None
+    text = r.stdout.strip()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        # A human line before the JSON object: take the last line that is an object.
+        for line in reversed(text.splitlines()):
+            try:
+                v = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(v, dict):
+                data = v
+                break
+    if not isinstance(data, dict):
+        data = None
+    return r.returncode, data, r.stderr.strip()
+
+
+def start_nginx(exe, prefix, port):
+    root = os.path.join(prefix, "html")
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "index.html"), "w") as f:
+        f.write("<html><body>livepatch corpus</body></html>\n")
+    with open(os.path.join(root, "big.bin"), "wb") as f:
+        f.write(os.urandom(256 * 1024))
+    for n in ("index.html", "big.bin"):
+        os.chmod(os.path.join(root, n), 0o644)
+    os.chmod(root, 0o755)
+    user = pwd.getpwuid(os.getuid()).pw_name if os.getuid() != 0 else "nobody nogroup"
+    conf = open(os.path.join(HERE, "nginx.conf.in")).read()
+    for k, v in {"@PREFIX@": prefix, "@ROOT@": root, "@PORT@": str(port), "@USER@": user}.items():
+        conf = conf.replace(k, v)
+    if os.getuid() == 0:
+        os.chmod(prefix, 0o755)
+    with open(os.path.join(prefix, "nginx.conf"), "w") as f:
+        f.write(conf)
+    p = subprocess.Popen([exe, "-p", prefix, "-c", os.path.join(prefix, "nginx.conf"), "-e", os.path.join(prefix, "error.log")],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if p.poll() is not None:
+            raise RuntimeError(f"nginx exited at start: {p.stderr.read().decode(errors='replace')[-2000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            if len(children(p.pid)) >= 2:
+                return p
+        except OSError:
+            pass
+        time.sleep(0.05)
+    p.kill()
+    raise RuntimeError("nginx did not start listening within 20 s")
+
+
+def stop_nginx(p):
+    if p.poll() is None:
+        p.send_signal(signal.SIGQUIT)
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def run_pair(lp, pair_dir, keep_going):
+    manifest = json.load(open(os.path.join(pair_dir, "manifest.json")))
+    row = {"patch": manifest.get("name"), "cve": manifest.get("cve", []), "variant": manifest.get("variant"),
+           "subject": manifest.get("subject", "")}
+    old, new, fix = (os.path.join(pair_dir, n) for n in ("old", "new", "fix.patch"))
+    work = tempfile.mkdtemp(prefix="lp-corpus-")
+    os.chmod(work, 0o755)  # the workers run as nobody and serve files from here
+    try:
+        bundle = os.path.join(work, "fix.lpatch")
+        code, data, err = livepatch(lp, "build", "--old", old, "--new", new, "--source-diff", fix, "-o", bundle, "--json")
+        if code != 0:
+            msg = (data or {}).get("error") or err
+            if "nothing to patch" in (msg or ""):
+                row.update(outcome="nothing-to-patch", detail=msg)
+            elif code == 3:
+                row.update(outcome="refused", kind=(data or {}).get("refusal_kind"), detail=msg)
+            else:
+                row.update(outcome="failed", detail=f"build exit {code}: {msg}")
+            return row
+        row["functions"] = data.get("functions", [])
+        port = free_port()
+        prefix = os.path.join(work, "prefix")
+        os.makedirs(prefix, mode=0o755)
+        nginx = start_nginx(old, prefix, port)
+        try:
+            pids = [nginx.pid] + children(nginx.pid)
+            load = Load(port)
+            load.start()
+            # Let the workers be busy when the update lands.
+            while load.count() < 200 and time.monotonic() - load.t0 < 10:
+                time.sleep(0.01)
+            pauses, problems = [], []
+            for pid in pids:
+                c, rep, e = livepatch(lp, "apply", "--pid", str(pid), bundle, "--json", "--timeout", "30")
+                if c == 0 and rep:
+                    pauses.append(rep.get("pause_us", 0))
+                elif c == 3:
+                    row.update(outcome="refused", kind=(rep or {}).get("refusal_kind"), detail=(rep or {}).get("error") or e)
+                elif c == 4:
+                    row.update(outcome="blocked", detail=(rep or {}).get("error") or e)
+                else:
+                    problems.append(f"apply to {pid}: exit {c}: {(rep or {}).get('error') or e}")
+            served_at_apply = load.count()
+            t_end = time.monotonic() + 1.0
+            while time.monotonic() < t_end and load.count() < served_at_apply + 500:
+                time.sleep(0.01)
+            load.finish()
+            for pid in pids:
+                if not os.path.exists(f"/proc/{pid}"):
+                    problems.append(f"process {pid} is gone")
+                    continue
+                if row.get("outcome") in ("refused", "blocked"):
+                    continue
+                c, st, e = livepatch(lp, "status", "--pid", str(pid), "--json")
+                if c != 0 or not st or not st.get("patches"):
+                    problems.append(f"status of {pid}: exit {c}, {st or e}")
+            if nginx.poll() is not None:
+                problems.append(f"nginx master exited with {nginx.returncode}")
+            if load.failed:
+                problems.append(f"{len(load.failed)} failed requests, first: {load.failed[0]}")
+            if load.count() <= served_at_apply:
+                problems.append("no request served after the update")
+            row["requests"] = load.count()
+            row["processes"] = len(pids)
+            if pauses:
+                row["pause_us_median"] = int(statistics.median(pauses))
+                row["pause_us_max"] = max(pauses)
+            if problems:
+                row.update(outcome="failed", detail="; ".join(problems))
+            elif "outcome" not in row:
+                row["outcome"] = "applied"
+        finally:
+            stop_nginx(nginx)
+    except Exception as e:  # noqa: BLE001 - every pair reports, whatever happened
+        row.update(outcome="failed", detail=f"{type(e).__name__}: {e}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return row
+
+
+def markdown(rows):
+    out = ["| patch | CVE | build | outcome | functions | pause median / max (us) | requests |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        outcome = r["outcome"] + (f" ({r['kind']})" if r.get("kind") else "")
+        pause = f"{r['pause_us_median']} / {r['pause_us_max']}" if "pause_us_median" in r else "-"
+        out.append(f"| {r['patch']} | {', '.join(r['cve'])} | {r['variant']} | {outcome} | {', '.join(r.get('functions', [])) or '-'} | {pause} | {r.get('requests', '-')} |")
+    return "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--livepatch", default=os.path.join(ROOT, "target", "release", "livepatch"))
+    ap.add_argument("--only", action="append", default=[])
+    ap.add_argument("--variant", action="append", default=[])
+    ap.add_argument("--json")
+    ap.add_argument("--markdown")
+    ap.add_argument("--keep-going", action="store_true")
+    a = ap.parse_args()
+    if not os.access(a.livepatch, os.X_OK):
+        sys.exit(f"corpus: {a.livepatch} missing: cargo build --release -p livepatch-cli")
+    pairs = sorted(glob.glob(os.path.join(CACHE, "corpus", "nginx-*", "*", "*", "manifest.json")))
+    pairs = [os.path.dirname(p) for p in pairs]
+    if a.only:
+        pairs = [p for p in pairs if os.path.basename(os.path.dirname(p)) in a.only]
+    if a.variant:
+        pairs = [p for p in pairs if os.path.basename(p) in a.variant]
+    if not pairs:
+        sys.exit(f"corpus: no corpus pairs under {CACHE}/corpus: run tests/corpus/build.sh first")
+    rows = []
+    for p in pairs:
+        t0 = time.monotonic()
+        row = run_pair(a.livepatch, p, a.keep_going)
+        row["seconds"] = round(time.monotonic() - t0, 1)
+        rows.append(row)
+        print(f"corpus: {row['patch']:<22} {row['variant']:<9} {row['outcome']:<17} {row.get('kind') or ''} "
+              f"{','.join(row.get('functions', []))} {row.get('detail', '')[:300]}", flush=True)
+    counts = {}
+    for r in rows:
+        counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+    summary = {"pairs": len(rows), "counts": counts, "rows": rows}
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    if a.markdown:
+        with open(a.markdown, "w") as f:
+            f.write(markdown(rows) + "\n")
+    failed = counts.get("failed", 0)
+    print(f"corpus: {len(rows)} pairs: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    print(f"{len(rows) - failed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
