@@ -136,6 +136,9 @@ pub struct ElfFile {
     /// PLT sections as (start, end, entry size).
     pub plt_ranges: Vec<(u64, u64, u64)>,
     pub got: HashMap<u64, GotSlot>,
+    /// Every pointer word the dynamic linker writes (RELATIVE, 64, GLOB_DAT), anywhere:
+    /// data is compared by what its pointers designate, not by their link-time values.
+    pub dyn_pointers: std::collections::BTreeMap<u64, GotSlot>,
     /// Copy relocations: SVMA of the copy -> dynamic symbol.
     pub copies: HashMap<u64, String>,
     pub tls: Option<Tls>,
@@ -255,8 +258,18 @@ impl ElfFile {
         let got_sections: Vec<(u64, u64)> =
             sections.iter().filter(|s| s.name == ".got" || s.name == ".got.plt").map(|s| (s.addr, s.addr.saturating_add(s.size))).collect();
         let in_got = |a: u64| got_sections.iter().any(|(lo, hi)| a >= *lo && a < *hi);
+        let mut dyn_pointers = std::collections::BTreeMap::new();
         for r in elf.dynrelas.iter().chain(elf.pltrelocs.iter()).chain(elf.dynrels.iter()) {
             use goblin::elf::reloc::*;
+            match r.r_type {
+                R_X86_64_GLOB_DAT | R_X86_64_64 if r.r_sym != 0 => {
+                    dyn_pointers.insert(r.r_offset, GotSlot::Symbol(dynname(r.r_sym)));
+                }
+                R_X86_64_RELATIVE => {
+                    dyn_pointers.insert(r.r_offset, GotSlot::Local(r.r_addend.unwrap_or(0) as u64));
+                }
+                _ => {}
+            }
             if r.r_type != R_X86_64_COPY && !got_sections.is_empty() && !in_got(r.r_offset) {
                 continue;
             }
@@ -303,6 +316,7 @@ impl ElfFile {
             plt: HashMap::new(),
             plt_ranges: Vec::new(),
             got,
+            dyn_pointers,
             copies,
             tls,
             relocs,

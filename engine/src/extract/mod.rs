@@ -275,6 +275,11 @@ fn describe(elf: &ElfFile, f: &Symbol, r: &CodeRef) -> String {
     if f.contains(t) {
         return format!("self+{}", t - f.addr);
     }
+    if elf.pie && elf.symbol_at(t).is_none() && elf.section_at(t).is_some_and(|s| !s.is_exec() && !s.is_writable()) {
+        if let Some(targets) = relative_jump_table(elf, f, t) {
+            return format!("jump-table:{targets:?}");
+        }
+    }
     if let Some((_, name)) = elf.plt_entry(t) {
         return format!("plt:{name}");
     }
@@ -324,14 +329,28 @@ fn pointer_words(elf: &ElfFile, lo: u64, hi: u64) -> Vec<(u64, u64)> {
 
 /// Content of a read-only object with its pointer words replaced by what they point at.
 fn ro_fingerprint(elf: &ElfFile, s: &Symbol) -> String {
-    let bytes = elf.read(s.addr, s.size as usize).unwrap_or(&[]);
+    data_fingerprint(elf, s.addr, s.end())
+}
+
+/// Bytes of `[lo, hi)` with every pointer word (a dynamic relocation of a PIE, or an address
+/// inside the image of a non-PIE) replaced by what it designates: the same table in two
+/// builds has the same fingerprint however far the code moved.
+fn data_fingerprint(elf: &ElfFile, lo: u64, hi: u64) -> String {
+    let bytes = elf.read(lo, (hi - lo) as usize).unwrap_or(&[]);
     let mut h = Sha256::new();
-    let ptrs = pointer_words(elf, s.addr, s.end());
+    let mut ptrs: BTreeMap<u64, String> = pointer_words(elf, lo, hi).into_iter().map(|(a, v)| (a, describe_leaf(elf, v))).collect();
+    for (a, p) in elf.dyn_pointers.range(lo..hi) {
+        let what = match p {
+            GotSlot::Local(v) => describe_leaf(elf, *v),
+            GotSlot::Symbol(n) => format!("dyn:{n}"),
+        };
+        ptrs.insert(*a, what);
+    }
     let mut i = 0usize;
     while i < bytes.len() {
-        let a = s.addr + i as u64;
-        if let Some((_, v)) = ptrs.iter().find(|(p, _)| *p == a) {
-            h.update(describe_leaf(elf, *v).as_bytes());
+        let a = lo + i as u64;
+        if let Some(what) = ptrs.get(&a) {
+            h.update(what.as_bytes());
             i += 8;
         } else {
             h.update([bytes[i]]);
@@ -339,6 +358,22 @@ fn ro_fingerprint(elf: &ElfFile, s: &Symbol) -> String {
         }
     }
     hex::encode(&h.finalize()[..8])
+}
+
+/// A PIE jump table of `f` at `t`: 32-bit offsets from the table to targets inside `f`
+/// (`lea table(%rip); movslq (table,idx,4); add; jmp *`). Its bytes change whenever the code
+/// moves; what it means is the list of targets as offsets into `f`.
+fn relative_jump_table(elf: &ElfFile, f: &Symbol, t: u64) -> Option<Vec<u64>> {
+    let mut out = Vec::new();
+    while out.len() < 4096 {
+        let Some(w) = elf.read(t + 4 * out.len() as u64, 4) else { break };
+        let target = (t as i64).wrapping_add(i32::from_le_bytes(w.try_into().unwrap()) as i64) as u64;
+        if !f.contains(target) {
+            break;
+        }
+        out.push(target - f.addr);
+    }
+    (out.len() >= 2).then_some(out)
 }
 
 /// What an address is, without looking into objects (no recursion).
@@ -489,7 +524,7 @@ pub fn diff(old: &ElfFile, new: &ElfFile) -> Result<Diff> {
             Some(os) => {
                 let ob = old.read(os.addr, os.size as usize);
                 let nb = new.read(ns.addr, ns.size as usize);
-                if ob != nb && !holds_addresses(new, ns) {
+                if ob != nb && data_fingerprint(old, os.addr, os.end()) != data_fingerprint(new, ns.addr, ns.end()) && !holds_addresses(new, ns) {
                     d.changed_data.push(DataChange {
                         name: ns.name.clone(),
                         old_size: Some(os.size),
