@@ -77,7 +77,7 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Remove the newest patch (or all) from a process.
+    /// Remove the newest patch (or all) from a process; with nothing applied, say so (exit 0).
     Revert {
         #[arg(long)]
         pid: i32,
@@ -277,7 +277,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("no patches applied");
                 }
                 for p in &s.patches {
-                    println!("#{} {} [{}] region {} applied at {} (unix)", p.seq, p.patch_id, p.state, p.region, p.applied_at);
+                    println!("#{} {} [{}] region {} applied at {}", p.seq, p.patch_id, p.state, p.region, p.applied_at_rfc3339);
                     for e in &p.entries {
                         println!("    {:<32} {} -> {} {}", e.name, e.entry, e.target, e.state);
                     }
@@ -291,6 +291,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let r = livepatch::revert::revert(pid, all, strategy, secs(timeout)?)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
+            } else if r.reverted.is_empty() {
+                println!("nothing applied to process {pid}; nothing to revert");
             } else {
                 println!("reverted {} in process {pid}: {} (pause {} us); {} patch(es) remain", r.reverted.join(", "), r.functions.join(", "), r.pause_us, r.remaining);
             }

@@ -6,8 +6,9 @@
 //! "LPBUNDL\0"  u32 format version  u32 manifest length  manifest (JSON)
 //! u64 blob length  blob  sha256(everything before)
 //! ```
-//! The trailing digest is the bundle's identity (the patch id derives from it) and what a
-//! `LivePatch` spec pins with `sha256`.
+//! The sha256 of the whole file is what a `LivePatch` spec pins with `sha256` and what a
+//! signature signs. The patch id is a digest of what the patch does (see [`Bundle::patch_id`]):
+//! rebuilding the same fix elsewhere or later gives another file but the same patch.
 use crate::arch::x86_64::RefKind;
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -28,6 +29,7 @@ pub const MAX_FUNCTION: u64 = 16 << 20;
 pub struct TargetId {
     /// GNU build id (hex) of the executable the bundle applies to.
     pub build_id: String,
+    /// Where OLD was on the build machine: information only, not part of the patch id.
     pub path: Option<String>,
     pub pie: bool,
 }
@@ -148,6 +150,7 @@ pub struct Manifest {
     pub arch: String,
     pub target: TargetId,
     pub new_build_id: Option<String>,
+    /// Unix seconds of the build: information only, not part of the patch id.
     pub created_at: u64,
     /// Where the references were found: "emit-relocs" or "decoded".
     pub reference_source: String,
@@ -178,9 +181,29 @@ pub struct Bundle {
 }
 
 impl Bundle {
-    /// Short, stable identity of a patch.
+    /// Short, stable identity of a patch: a digest of what it does, not of the file. It covers
+    /// the manifest (target build id, functions with their old addresses, sizes and digests,
+    /// pieces, fixups, detours, ...) without what only describes the build (`created_at`, the
+    /// build machine's path of the old executable), and the code and data bytes. Two builds of
+    /// the same fix have the same id, so applying the second over the first is "already
+    /// applied"; their files (`digest`) differ.
     pub fn patch_id(&self) -> String {
-        patch_id_of(&self.digest)
+        let mut m = serde_json::to_value(&self.manifest).expect("manifest serialises");
+        if let serde_json::Value::Object(o) = &mut m {
+            o.remove("created_at");
+            if let Some(serde_json::Value::Object(t)) = o.get_mut("target") {
+                t.remove("path");
+            }
+        }
+        let mut canon = Vec::new();
+        canonical_json(&m, &mut canon);
+        let mut h = Sha256::new();
+        h.update(b"livepatch patch id\0");
+        h.update((canon.len() as u64).to_le_bytes());
+        h.update(&canon);
+        h.update(&self.blob);
+        let d = hex::encode(h.finalize());
+        format!("lp-{}", &d[..12])
     }
 
     pub fn piece_bytes(&self, p: &Piece) -> &[u8] {
@@ -249,8 +272,9 @@ impl Bundle {
             return Err(bad("blob length does not match the file size"));
         }
         let blob = body[mend + 8..].to_vec();
-        // The identity is the sha256 of the whole file: what `sha256sum` prints and what a
-        // LivePatch pins. The trailer only guards the body against corruption.
+        // The file digest is the sha256 of the whole file: what `sha256sum` prints, what a
+        // LivePatch pins and a signature signs. The trailer only guards the body against
+        // corruption.
         let b = Bundle { manifest, blob, digest: hex::encode(Sha256::digest(bytes)) };
         b.validate()?;
         Ok(b)
@@ -345,8 +369,37 @@ impl Bundle {
     }
 }
 
-pub fn patch_id_of(digest_hex: &str) -> String {
-    format!("lp-{}", &digest_hex[..digest_hex.len().min(12)])
+/// JSON with the keys of every object in sorted order, whatever map type serde_json was built
+/// with (feature unification must not change a patch id).
+fn canonical_json(v: &serde_json::Value, out: &mut Vec<u8>) {
+    use serde_json::Value;
+    match v {
+        Value::Object(o) => {
+            let mut keys: Vec<&String> = o.keys().collect();
+            keys.sort();
+            out.push(b'{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                serde_json::to_writer(&mut *out, k).expect("string serialises");
+                out.push(b':');
+                canonical_json(&o[k], out);
+            }
+            out.push(b'}');
+        }
+        Value::Array(a) => {
+            out.push(b'[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                canonical_json(x, out);
+            }
+            out.push(b']');
+        }
+        scalar => serde_json::to_writer(&mut *out, scalar).expect("scalar serialises"),
+    }
 }
 
 #[cfg(test)]
@@ -391,6 +444,47 @@ mod tests {
         assert_eq!(b.manifest, m);
         assert_eq!(b.blob, blob);
         assert!(b.patch_id().starts_with("lp-"));
+    }
+
+    #[test]
+    fn patch_id_is_what_the_patch_does() {
+        let (m, blob) = sample();
+        let id = |m: &Manifest, blob: &[u8]| Bundle::parse(&Bundle::to_bytes(m, blob)).unwrap();
+        let a = id(&m, &blob);
+        assert_eq!(a.patch_id().len(), 15, "{}", a.patch_id());
+        // Another build time and another path of the old executable: another file, same patch.
+        let mut later = m.clone();
+        later.created_at = 1_700_000_000;
+        later.target.path = Some("/home/ci/build/cart-v1".into());
+        let b = id(&later, &blob);
+        assert_ne!(a.digest, b.digest);
+        assert_eq!(a.patch_id(), b.patch_id());
+        // Anything the patch does changes the id.
+        let mut other = blob.clone();
+        other[3] = 0xcc;
+        assert_ne!(id(&m, &other).patch_id(), a.patch_id(), "code bytes");
+        let changes: [fn(&mut Manifest); 6] = [
+            |m| m.target.build_id = "abce".into(),
+            |m| m.functions[0].old_svma = Some(0x1101),
+            |m| m.functions[0].old_digest = Some("01".into()),
+            |m| m.functions[0].preserve = vec!["rax".into()],
+            |m| m.fixups[0].addend = 4,
+            |m| m.detours = vec![Detour { at: 0x1100, len: 7, symbol: "stderr".into(), offset: 0 }],
+        ];
+        for (i, change) in changes.iter().enumerate() {
+            let mut m2 = m.clone();
+            change(&mut m2);
+            let b2 = Bundle { manifest: m2, blob: blob.clone(), digest: String::new() };
+            assert_ne!(b2.patch_id(), a.patch_id(), "change {i}");
+        }
+    }
+
+    #[test]
+    fn canonical_json_sorts_keys() {
+        let v: serde_json::Value = serde_json::from_str(r#"{"b": [1, {"d": "x", "c": null}], "a": true}"#).unwrap();
+        let mut out = Vec::new();
+        canonical_json(&v, &mut out);
+        assert_eq!(String::from_utf8(out).unwrap(), r#"{"a":true,"b":[1,{"c":null,"d":"x"}]}"#);
     }
 
     #[test]

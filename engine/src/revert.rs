@@ -1,7 +1,7 @@
 //! Revert: the sequence backwards. The newest patch is removed (its entries get back the
 //! bytes they had before it), after the same activation check on the code being removed;
 //! `all` restores the original code. Works from the region headers alone, so it can undo what
-//! another livepatch process applied.
+//! another livepatch process applied. With nothing applied it succeeds and reverts nothing.
 use crate::arch::x86_64::{jmp_rel32, JUMP_LEN};
 use crate::error::{Error, Result};
 use crate::jump::{Jumps, Site};
@@ -38,7 +38,8 @@ pub fn revert(pid: i32, all: bool, strategy: Strategy, timeout: Duration) -> Res
     }
     let _ = map::close_leaked_memfds(pid, gadget);
     if live.is_empty() {
-        return Err(status::nothing_applied(pid));
+        // Idempotent: callers revert to make sure; an empty `reverted` says nothing was applied.
+        return Ok(Report { pid, reverted: vec![], functions: vec![], pause_us: 0, attempts: 0, remaining: 0, total_ms: t0.elapsed().as_millis() as u64 });
     }
     let removing: Vec<&Applied> = if all { live.clone() } else { vec![*live.last().unwrap()] };
     let mut sites: Vec<Site> = Vec::new();

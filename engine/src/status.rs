@@ -2,7 +2,7 @@
 //! the bytes at the old entries), so any `livepatch` process can answer, not only the one that
 //! applied.
 use crate::arch::x86_64::{decode_jmp_rel32, JUMP_LEN};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::process::{Mapping, MemoryReader, ProcMem, Process};
 use crate::region::{self, Header};
 use serde::Serialize;
@@ -24,7 +24,10 @@ pub struct EntryStatus {
 pub struct PatchStatus {
     pub patch_id: String,
     pub seq: u32,
+    /// Unix seconds.
     pub applied_at: u64,
+    /// The same instant in RFC 3339, UTC (`2024-05-01T12:00:00Z`).
+    pub applied_at_rfc3339: String,
     pub bundle_sha256: String,
     pub region: String,
     pub functions: Vec<String>,
@@ -101,6 +104,7 @@ pub fn status(pid: i32) -> Result<Status> {
             patch_id: a.header.patch_id.clone(),
             seq: a.header.seq,
             applied_at: a.header.applied_at,
+            applied_at_rfc3339: rfc3339_utc(a.header.applied_at),
             bundle_sha256: a.header.bundle_sha256.clone(),
             region: format!("{:#x}-{:#x}", a.mapping.start, a.mapping.end),
             functions: a.header.entries.iter().map(|e| e.name.clone()).collect(),
@@ -143,7 +147,59 @@ pub fn status(pid: i32) -> Result<Status> {
     Ok(Status { pid, build_id, patches, stacked, restart_recommended, warnings })
 }
 
-/// Error for "nothing to revert".
-pub fn nothing_applied(pid: i32) -> Error {
-    Error::Other(format!("no patch is applied to process {pid}"))
+/// Unix seconds as RFC 3339 in UTC, e.g. `2024-05-01T12:00:00Z`.
+pub fn rfc3339_utc(unix: u64) -> String {
+    let (days, rem) = (unix / 86_400, unix % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
+}
+
+/// The proleptic Gregorian date of a day count since 1970-01-01 (H. Hinnant's `civil_from_days`).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097); // [0, 146096]
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365; // [0, 399]
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // [0, 365]
+    let mp = (5 * doy + 2) / 153; // [0, 11], March first
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_of_unix_seconds() {
+        assert_eq!(rfc3339_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339_utc(951_782_400), "2000-02-29T00:00:00Z"); // a 400-year leap day
+        assert_eq!(rfc3339_utc(1_709_251_199), "2024-02-29T23:59:59Z");
+        assert_eq!(rfc3339_utc(1_714_564_800), "2024-05-01T12:00:00Z");
+        assert_eq!(rfc3339_utc(4_102_444_800), "2100-01-01T00:00:00Z"); // 2100 is no leap year
+        assert_eq!(rfc3339_utc(4_107_542_399), "2100-02-28T23:59:59Z");
+        assert_eq!(rfc3339_utc(4_107_542_400), "2100-03-01T00:00:00Z");
+    }
+
+    #[test]
+    fn civil_from_days_walks_the_calendar() {
+        // Day by day over 1970..2400 the date advances by exactly one calendar day.
+        let month_len = |y: i64, m: u32| match m {
+            2 if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
+            2 => 28,
+            4 | 6 | 9 | 11 => 30,
+            _ => 31,
+        };
+        let mut prev = civil_from_days(0);
+        assert_eq!(prev, (1970, 1, 1));
+        for z in 1..(430 * 366) {
+            let (y, m, d) = prev;
+            let next = if d < month_len(y, m) { (y, m, d + 1) } else if m < 12 { (y, m + 1, 1) } else { (y + 1, 1, 1) };
+            let got = civil_from_days(z);
+            assert_eq!(got, next, "day {z}");
+            prev = got;
+        }
+    }
 }

@@ -307,13 +307,12 @@ impl<'a> Work<'a> {
             ctx,
             api: Api::namespaced(ctx.client.clone(), ns),
             generation: task.metadata.generation.unwrap_or(0),
-            // What the agent recorded when it applied (exact), else the id the spec's digest
-            // gives (the bundle's own digest, as `livepatch build` prints it).
-            patch_id: task
-                .status
-                .as_ref()
-                .and_then(|s| s.patch_id.clone())
-                .unwrap_or_else(|| livepatch::bundle::patch_id_of(&task.spec.bundle.sha256.to_ascii_lowercase())),
+            // What the agent recorded when it applied, else (the bundle not fetched yet: the id
+            // is a digest of its content) the bundle named by the digest the spec pins.
+            patch_id: task.status.as_ref().and_then(|s| s.patch_id.clone()).unwrap_or_else(|| {
+                let sha = task.spec.bundle.sha256.to_ascii_lowercase();
+                format!("bundle sha256:{}", sha.get(..12).unwrap_or(&sha))
+            }),
             attempts: current_status(task).map(|s| s.attempts).unwrap_or(0),
         }
     }
@@ -526,12 +525,11 @@ impl<'a> Work<'a> {
             let (engine, discovery, query, bundle, opts) = (self.ctx.engine.clone(), self.ctx.discovery.clone(), query.clone(), bundle.clone(), opts.clone());
             let patch_id = self.patch_id.clone();
             let sha = self.task.spec.bundle.sha256.to_ascii_lowercase();
-            let sha_id = livepatch::bundle::patch_id_of(&sha);
             set.spawn_blocking(move || {
                 let _permit = permit;
                 match &bundle {
                     Some(bundle) => engine::apply_one(engine.as_ref(), &discovery, &query, &target, bundle, &opts),
-                    None => engine::revert_one(engine.as_ref(), &discovery, &query, &target, &[&patch_id, &sha_id], &sha, opts.strategy, opts.timeout),
+                    None => engine::revert_one(engine.as_ref(), &discovery, &query, &target, &patch_id, &sha, opts.strategy, opts.timeout),
                 }
             });
         }

@@ -166,10 +166,10 @@ pub fn apply_one(engine: &dyn Engine, discovery: &Discovery, query: &Query, targ
 }
 
 /// Revert the task's patch in one process if it is there and is the newest patch. The patch is
-/// recognised by its id (`ids`: the one recorded at apply time, the one the spec's digest gives)
-/// or by the bundle digest in its region header (`sha256`). Blocking.
+/// recognised by its id (`patch_id`: the one recorded at apply time) or by the bundle digest in its
+/// region header (`sha256`). Blocking.
 #[allow(clippy::too_many_arguments)]
-pub fn revert_one(engine: &dyn Engine, discovery: &Discovery, query: &Query, target: &Target, ids: &[&str], sha256: &str, strategy: Strategy, timeout: Duration) -> Outcome {
+pub fn revert_one(engine: &dyn Engine, discovery: &Discovery, query: &Query, target: &Target, patch_id: &str, sha256: &str, strategy: Strategy, timeout: Duration) -> Outcome {
     let pid = target.pid;
     if let Err(why) = discovery.recheck(target, query) {
         return Outcome::Gone { pid, why };
@@ -179,7 +179,7 @@ pub fn revert_one(engine: &dyn Engine, discovery: &Discovery, query: &Query, tar
         Err(e) => return Outcome::Failed { pid, failure: Failure::of(&e) },
     };
     let live = live_patches(&st);
-    let ours = |p: &status::PatchStatus| ids.contains(&p.patch_id.as_str()) || p.bundle_sha256.eq_ignore_ascii_case(sha256);
+    let ours = |p: &status::PatchStatus| p.patch_id == patch_id || p.bundle_sha256.eq_ignore_ascii_case(sha256);
     if !live.iter().any(|p| ours(p)) {
         return Outcome::Reverted { pid, was_applied: false, pause_us: 0 };
     }
@@ -190,7 +190,7 @@ pub fn revert_one(engine: &dyn Engine, discovery: &Discovery, query: &Query, tar
         return Outcome::Gone { pid, why };
     }
     match engine.revert_newest(pid, strategy, timeout) {
-        Ok(r) => Outcome::Reverted { pid, was_applied: true, pause_us: r.pause_us },
+        Ok(r) => Outcome::Reverted { pid, was_applied: !r.reverted.is_empty(), pause_us: r.pause_us },
         Err(e) => Outcome::Failed { pid, failure: Failure::of(&e) },
     }
 }

@@ -43,6 +43,8 @@ fn sha256(bytes: &[u8]) -> String {
 #[derive(Default)]
 struct FakeEngine {
     live: Mutex<HashMap<i32, Vec<String>>>,
+    /// The bundle digest a region header records, by patch id.
+    digests: Mutex<HashMap<String, String>>,
     calls: Mutex<Vec<String>>,
     fail_apply: Mutex<Option<fn() -> livepatch::Error>>,
 }
@@ -64,7 +66,8 @@ impl Engine for FakeEngine {
                 patch_id: id.clone(),
                 seq: i as u32 + 1,
                 applied_at: 0,
-                bundle_sha256: String::new(),
+                applied_at_rfc3339: status::rfc3339_utc(0),
+                bundle_sha256: self.digests.lock().unwrap().get(id).cloned().unwrap_or_default(),
                 region: String::new(),
                 functions: vec!["price".into()],
                 entries: vec![],
@@ -82,6 +85,7 @@ impl Engine for FakeEngine {
         let mut live = self.live.lock().unwrap();
         let list = live.entry(pid).or_default();
         list.push(bundle.patch_id());
+        self.digests.lock().unwrap().insert(bundle.patch_id(), bundle.digest.clone());
         Ok(apply::Report {
             pid,
             patch_id: bundle.patch_id(),
@@ -126,7 +130,11 @@ impl Setup {
         tree.process(4242, &layouts(ID, UID)[3].1, &exe, &root);
         tree.process(5555, &layouts(ID, OTHER_UID)[0].1, &exe, &root);
         let proc_root = tree.proc_root();
-        Setup { tree, engine: Arc::new(FakeEngine::default()), bundle: bundle_bytes(&build_id("/bin/true")), signatures: Default::default(), proc_root }
+        let (engine, bundle) = (Arc::new(FakeEngine::default()), bundle_bytes(&build_id("/bin/true")));
+        // Patches the tests put in a process were applied from this bundle.
+        let b = Bundle::parse(&bundle).unwrap();
+        engine.digests.lock().unwrap().insert(b.patch_id(), b.digest);
+        Setup { tree, engine, bundle, signatures: Default::default(), proc_root }
     }
 
     fn context(&self, client: Client) -> Arc<Context> {
@@ -427,12 +435,12 @@ async fn revert_removes_the_patch_from_the_running_process() {
     let setup = Setup::new();
     setup.engine.live.lock().unwrap().insert(4242, vec![setup.patch_id()]);
     let cid = format!("containerd://{ID}");
-    let task = setup.task("Revert", 2, Some(json!({"observedGeneration": 1, "phase": "Applied", "containerId": cid, "attempts": 1, "pids": [4242]})));
-    let t = task.clone();
     let patch_id = setup.patch_id();
+    let task = setup.task("Revert", 2, Some(json!({"observedGeneration": 1, "phase": "Applied", "containerId": cid, "attempts": 1, "pids": [4242], "patchId": patch_id})));
+    let t = task.clone();
     let (result, _) = reconcile_with(&setup, task, |mut h| async move {
         expect_get(&mut h, POD, pod_json(&cid, json!({}))).await;
-        // No bundle fetch for a revert: the patch id comes from the digest in the spec.
+        // No bundle fetch for a revert: the patch id is the one recorded when it was applied.
         let s = expect_status(&mut h, &t).await;
         assert_eq!(
             s,
