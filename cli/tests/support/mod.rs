@@ -602,7 +602,7 @@ pub struct Run {
 }
 
 impl Run {
-    fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         format!(
             "livepatch {}\n  exit code: {:?}, signal: {:?}, took {:?}\n  stdout:\n{}\n  stderr:\n{}",
             self.args.join(" "),

@@ -47,6 +47,10 @@ pub struct Diff {
     pub changed_data: Vec<DataChange>,
     pub added_data: Vec<Named>,
     pub reference_source: String,
+    /// Aggregate types (from DWARF, when both have it) whose layout changed: objects of them
+    /// may live in the process, so the update is refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changed_types: Vec<types::TypeChange>,
     /// How the source diff explains the machine-code differences (with `--source-diff`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source: Option<SourceExplanation>,
@@ -541,6 +545,9 @@ pub fn diff(old: &ElfFile, new: &ElfFile) -> Result<Diff> {
             None => d.added_data.push(Named { name: ns.name.clone(), addr: ns.addr, size: ns.size }),
         }
     }
+    if let (Some(ol), Some(nl)) = (types::layouts(old)?, types::layouts(new)?) {
+        d.changed_types = types::changed(&ol, &nl);
+    }
     Ok(d)
 }
 
@@ -674,6 +681,17 @@ fn build_live(old: &ElfFile, new: &ElfFile, opts: &BuildOptions) -> Result<(Mani
         path: old.path.clone(),
         msg: "has no GNU build id; link with -Wl,--build-id so a bundle can be tied to it".into(),
     })?;
+    if let Some(t) = d.changed_types.first() {
+        return Err(Error::refused_kind(
+            RefusalKind::DataLayout,
+            format!(
+                "data layout changed: {} ({}){}; objects of it may already live in the process, a live update cannot convert them, an offline restart is needed",
+                t.name,
+                t.summary,
+                if d.changed_types.len() > 1 { format!(" (and {} more types)", d.changed_types.len() - 1) } else { String::new() }
+            ),
+        ));
+    }
     if let Some(dc) = d.layout_refusals().first() {
         return Err(Error::refused_kind(RefusalKind::DataLayout, format!(
             "data layout changed: variable `{}` {}; a live update cannot convert the state of a running process, an offline restart is needed",
@@ -1149,6 +1167,7 @@ use x86_64 as x;
 
 pub mod regs;
 pub mod source;
+pub mod types;
 
 #[cfg(test)]
 mod tests {
