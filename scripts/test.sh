@@ -28,6 +28,8 @@ if [ $QUICK = 0 ]; then
 fi
 step cargo-test cargo test --workspace --release
 if [ $QUICK = 0 ]; then
+    # Debian's nginx security fixes applied live under load (tests/corpus; built by setup.sh).
+    step corpus python3 tests/corpus/run.py --json target/corpus.json --markdown target/corpus.md
     step cluster-smoke bash tests/cluster/smoke.sh
     step containerd-smoke bash tests/cluster/containerd-smoke.sh
     step chart bash tests/e2e/chart.sh
