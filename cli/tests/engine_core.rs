@@ -268,3 +268,50 @@ fn library_variables_without_a_copy(v: Variant) {
 }
 matrix_tests!(library_variables_without_a_copy => library_variables_without_a_copy);
 real_build_tests!(library_variables_without_a_copy_real => library_variables_without_a_copy);
+
+fn short_functions_through_a_trampoline(v: Variant) {
+    update_and_revert(
+        v,
+        "tiny",
+        &["inc", "dec"],
+        &["spacer"],
+        &|t| {
+            t.expect("call 5", "inc=6 dec=4");
+        },
+        &|t| {
+            t.expect("call 5", "inc=7 dec=3");
+            t.expect("call -1", "inc=1 dec=-3");
+        },
+        &|t| {
+            t.expect("call 5", "inc=6 dec=4");
+        },
+    );
+}
+matrix_tests!(short_functions_through_a_trampoline => short_functions_through_a_trampoline);
+real_build_tests!(short_functions_through_a_trampoline_real => short_functions_through_a_trampoline);
+
+/// Packed `-Os` code with no 5 bytes of padding within a short jump's reach: refused with the
+/// typed kind, and the target is untouched (the build refuses before any process is seen).
+#[test]
+fn short_function_without_room_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = |v: &str| {
+        let out = dir.path().join(format!("tiny-{v}"));
+        let r = std::process::Command::new("cc")
+            .args(["-g", "-Os", "-DLIVEPATCH_REAL_BUILD", "-DLIVEPATCH_NO_SPACER", "-pthread", "-Wl,--build-id", "-o"])
+            .arg(&out)
+            .arg(source("tiny", v))
+            .output()
+            .expect("cc");
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        out
+    };
+    let (old, new) = (exe("v1"), exe("v2"));
+    let diff = source_diff("tiny", "v1", "v2");
+    let (run, bundle) = try_build_bundle_args(&old, &new, &["--source-diff".into(), diff.display().to_string(), "--json".into()]);
+    assert_eq!(run.code, Some(3), "{}", run.describe());
+    let v: serde_json::Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(v["refusal_kind"], "FunctionTooShort", "{v}");
+    assert!(v["error"].as_str().unwrap().contains("no 5 bytes of padding between functions lie within the 127-byte reach"), "{v}");
+    assert!(!bundle.path.exists());
+}

@@ -2,7 +2,7 @@
 //! region (the target keeps running), then stop it, make sure no old code is active, write the
 //! jumps and let it go. Any failure leaves the target on its previous code and unstopped;
 //! the region is unmapped.
-use crate::arch::x86_64::{jmp_rel32, JUMP_LEN};
+use crate::arch::x86_64::{JUMP_LEN, SHORT_JUMP_LEN};
 use crate::bundle::{Bundle, FunctionKind};
 use crate::error::{Error, RefusalKind, Result};
 use crate::fixup::{self, Layout};
@@ -112,17 +112,22 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &Options) -> Result<Report> {
     let _ = map::close_leaked_memfds(pid, gadget);
 
     // Check the live old code against the bundle and note what each entry holds now.
+    // (function, entry, original bytes, current bytes, short jump to a trampoline)
     let mut entries = Vec::new();
+    // What an entry held before any patch: an earlier patch's header knows, else it is what is there.
+    let original_at = |at: u64, current: &[u8]| -> Vec<u8> {
+        live.iter()
+            .find_map(|a| a.header.entries.iter().find(|e| e.entry == at).and_then(|e| hex::decode(&e.original).ok()))
+            .unwrap_or_else(|| current.to_vec())
+    };
     for f in &m.functions {
         let Some(old_svma) = f.old_svma else { continue };
         let at = old_svma.checked_add(bias).ok_or_else(|| Error::Bundle("old address overflows".into()))?;
         let mut live_code = mem.read_vec(at, f.old_size as usize)?;
-        let current = mem.read_vec(at, JUMP_LEN)?;
+        let width = if f.trampoline.is_some() { SHORT_JUMP_LEN } else { JUMP_LEN };
+        let current = mem.read_vec(at, width)?;
         // The entry may carry an earlier patch's jump: compare with its original bytes.
-        let original = live
-            .iter()
-            .find_map(|a| a.header.entries.iter().find(|e| e.entry == at).and_then(|e| hex::decode(&e.original).ok()))
-            .unwrap_or_else(|| current.clone());
+        let original = original_at(at, &current);
         let n = live_code.len().min(original.len());
         live_code[..n].copy_from_slice(&original[..n]);
         if Some(hex::encode(Sha256::digest(&live_code))) != f.old_digest {
@@ -136,7 +141,13 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &Options) -> Result<Report> {
             });
         }
         if f.has_entry_jump() {
-            entries.push((f, at, original, current));
+            if let Some(t) = f.trampoline {
+                // The trampoline's 5-byte jump first: padding no thread runs, then the entry.
+                let t = t.checked_add(bias).ok_or_else(|| Error::Bundle("trampoline address overflows".into()))?;
+                let t_current = mem.read_vec(t, JUMP_LEN)?;
+                entries.push((f, t, original_at(t, &t_current), t_current, false));
+            }
+            entries.push((f, at, original, current, f.trampoline.is_some()));
         }
     }
 
@@ -161,14 +172,19 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &Options) -> Result<Report> {
         len: layout.len,
         entries: entries
             .iter()
-            .map(|(f, at, original, current)| Entry {
+            .map(|(f, at, original, current, short)| Entry {
                 name: f.name.clone(),
                 entry: *at,
-                target: layout.entry_target(f),
+                // A short entry jumps to its trampoline, which jumps to the new code.
+                target: match (short, f.trampoline) {
+                    (true, Some(t)) => t.wrapping_add(bias),
+                    _ => layout.entry_target(f),
+                },
                 original: hex::encode(original),
                 previous: hex::encode(current),
-                old_start: *at,
+                old_start: f.old_svma.unwrap_or(0).wrapping_add(bias),
                 old_len: f.old_size,
+                short: *short,
             })
             .collect(),
         code: m
@@ -187,8 +203,8 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &Options) -> Result<Report> {
         .entries
         .iter()
         .map(|e| {
-            let write = jmp_rel32(e.entry, e.target).ok_or_else(|| Error::Other(format!("`{}`: new code out of jump range", e.name)))?;
-            Ok(Site { name: e.name.clone(), at: e.entry, expect: hex::decode(&e.previous).expect("hex we wrote"), write: write.to_vec() })
+            let write = e.jump().ok_or_else(|| Error::Other(format!("`{}`: new code out of jump range", e.name)))?;
+            Ok(Site { name: e.name.clone(), at: e.entry, expect: hex::decode(&e.previous).expect("hex we wrote"), write })
         })
         .collect::<Result<_>>()?;
 
@@ -203,7 +219,12 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &Options) -> Result<Report> {
     let mut guarded = Vec::new();
     for f in m.functions.iter().filter(|f| f.kind != FunctionKind::Added) {
         let at = f.old_svma.unwrap() + bias;
-        let end = at + f.old_size.max(if f.has_entry_jump() { JUMP_LEN as u64 } else { 0 });
+        let jump = match (f.has_entry_jump(), f.trampoline) {
+            (false, _) => 0,
+            (true, Some(_)) => SHORT_JUMP_LEN,
+            (true, None) => JUMP_LEN,
+        };
+        let end = at + f.old_size.max(jump as u64);
         guarded.push(Guarded { name: f.name.clone(), start: at, end });
         for a in &live {
             for c in a.header.code.iter().filter(|c| c.name == f.name) {

@@ -85,6 +85,10 @@ pub struct Function {
     /// goes through a thunk that keeps them for callers compiled against the old body (IPA-RA).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub preserve: Vec<String>,
+    /// For an old function shorter than the 5-byte jump: an OLD address in the padding between
+    /// functions, within 127 bytes, that takes the 5-byte jump; the entry gets a 2-byte `jmp rel8`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trampoline: Option<u64>,
 }
 
 impl Function {
@@ -337,13 +341,23 @@ impl Bundle {
                 return bad(format!("function {} claims {} bytes of old code (over the {} byte limit)", f.name, f.old_size, MAX_FUNCTION));
             }
         }
-        // Two jumps must never share bytes: old functions that get one may not overlap.
-        let mut olds: Vec<(u64, u64, &str)> = m
-            .functions
-            .iter()
-            .filter(|f| f.has_entry_jump())
-            .filter_map(|f| f.old_svma.map(|a| (a, a.saturating_add(f.old_size.max(crate::arch::x86_64::JUMP_LEN as u64)), f.name.as_str())))
-            .collect();
+        // Two jumps must never share bytes: old functions that get one may not overlap, nor
+        // their trampolines (which must be in reach of their entry's `jmp rel8`).
+        use crate::arch::x86_64::{jmp_rel8, JUMP_LEN, SHORT_JUMP_LEN};
+        let mut olds: Vec<(u64, u64, &str)> = Vec::new();
+        for f in m.functions.iter().filter(|f| f.has_entry_jump()) {
+            let Some(a) = f.old_svma else { continue };
+            match f.trampoline {
+                Some(t) => {
+                    if jmp_rel8(a, t).is_none() || f.old_size >= JUMP_LEN as u64 {
+                        return bad(format!("function {} has a trampoline at {t:#x} it cannot use", f.name));
+                    }
+                    olds.push((a, a.saturating_add(f.old_size.max(SHORT_JUMP_LEN as u64)), f.name.as_str()));
+                    olds.push((t, t.saturating_add(JUMP_LEN as u64), f.name.as_str()));
+                }
+                None => olds.push((a, a.saturating_add(f.old_size.max(JUMP_LEN as u64)), f.name.as_str())),
+            }
+        }
         olds.sort();
         for w in olds.windows(2) {
             if w[1].0 < w[0].1 {
@@ -426,6 +440,7 @@ mod tests {
                 new_svma: 0x1100,
                 new_size: 32,
                 preserve: vec![],
+                trampoline: None,
             }],
             fixups: vec![Fixup { at: 0x1101, kind: RefKind::PcRel, next_ip: 0x1105, addend: 0, target: Target::Old { svma: 0x2000, name: "g".into() } }],
             changed_data: vec![],

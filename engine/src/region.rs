@@ -26,6 +26,30 @@ pub struct Entry {
     /// Live range of the original function.
     pub old_start: u64,
     pub old_len: u64,
+    /// A 2-byte `jmp rel8` (a function shorter than the 5-byte jump) to `target`, a trampoline
+    /// in the padding between functions that another entry of the same patch fills.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub short: bool,
+}
+
+impl Entry {
+    /// How many bytes the jump at `entry` takes.
+    pub fn width(&self) -> usize {
+        if self.short {
+            crate::arch::x86_64::SHORT_JUMP_LEN
+        } else {
+            crate::arch::x86_64::JUMP_LEN
+        }
+    }
+
+    /// The jump this entry writes; `None` when the target is out of reach.
+    pub fn jump(&self) -> Option<Vec<u8>> {
+        if self.short {
+            crate::arch::x86_64::jmp_rel8(self.entry, self.target).map(|b| b.to_vec())
+        } else {
+            crate::arch::x86_64::jmp_rel32(self.entry, self.target).map(|b| b.to_vec())
+        }
+    }
 }
 
 /// Code carried by the region (for activation checks on revert and stacking).
@@ -112,7 +136,7 @@ mod tests {
             seq: 2,
             base: 0x10000,
             len: 0x3000,
-            entries: vec![Entry { name: "f".into(), entry: 0x1000, target: 0x12000, original: "5548".into(), previous: "5548".into(), old_start: 0x1000, old_len: 10 }],
+            entries: vec![Entry { name: "f".into(), entry: 0x1000, target: 0x12000, original: "5548".into(), previous: "5548".into(), old_start: 0x1000, old_len: 10, short: false }],
             code: vec![CodeRange { name: "f".into(), start: 0x12000, len: 10 }],
         };
         let mem = Snapshot(vec![(0x10000, h.encode())]);

@@ -2,7 +2,6 @@
 //! bytes they had before it), after the same activation check on the code being removed;
 //! `all` restores the original code. Works from the region headers alone, so it can undo what
 //! another livepatch process applied. With nothing applied it succeeds and reverts nothing.
-use crate::arch::x86_64::{jmp_rel32, JUMP_LEN};
 use crate::error::{Error, Result};
 use crate::jump::{Jumps, Site};
 use crate::map;
@@ -49,11 +48,11 @@ pub fn revert(pid: i32, all: bool, strategy: Strategy, timeout: Duration) -> Res
             if sites.iter().any(|s| s.at == e.entry) {
                 continue; // a newer patch's entry already restores further back
             }
-            let now = mem.read_vec(e.entry, JUMP_LEN)?;
+            let now = mem.read_vec(e.entry, e.width())?;
             let corrupt = |_| Error::Other("corrupt region header".into());
             // `all`: back to the original; else to what was there before this patch.
             let write = hex::decode(if all { &e.original } else { &e.previous }).map_err(corrupt)?;
-            if jmp_rel32(e.entry, e.target).map(|j| j.to_vec()) != Some(now.clone()) {
+            if e.jump() != Some(now.clone()) {
                 // A livepatch process that died between two jumps (applying or reverting)
                 // leaves some entries on the bytes they had before this patch: nothing to
                 // undo there, the others are reverted.

@@ -1,7 +1,7 @@
 //! Status: what is applied to a process, read from the process itself (the region headers and
 //! the bytes at the old entries), so any `livepatch` process can answer, not only the one that
 //! applied.
-use crate::arch::x86_64::{decode_jmp_rel32, JUMP_LEN};
+use crate::arch::x86_64::decode_jump;
 use crate::error::Result;
 use crate::process::{Mapping, MemoryReader, ProcMem, Process};
 use crate::region::{self, Header};
@@ -67,8 +67,8 @@ pub fn applied(mem: &dyn MemoryReader, maps: &[Mapping]) -> (Vec<Applied>, Vec<S
     let referenced: Vec<bool> = out
         .iter()
         .map(|a| {
-            let into_me = |bytes: &[u8], at: u64| decode_jmp_rel32(at, bytes).is_some_and(|t| t >= a.header.base && t < a.header.base + a.header.len);
-            a.header.entries.iter().any(|e| mem.read_vec(e.entry, JUMP_LEN).is_ok_and(|b| into_me(&b, e.entry)))
+            let into_me = |bytes: &[u8], at: u64| decode_jump(at, bytes).is_some_and(|t| t >= a.header.base && t < a.header.base + a.header.len);
+            a.header.entries.iter().any(|e| mem.read_vec(e.entry, e.width()).is_ok_and(|b| into_me(&b, e.entry)))
                 || out.iter().any(|o| o.header.entries.iter().any(|e| hex::decode(&e.previous).is_ok_and(|b| into_me(&b, e.entry))))
         })
         .collect();
@@ -85,8 +85,11 @@ pub fn partly_switched(mem: &dyn MemoryReader, a: &Applied) -> bool {
 }
 
 pub fn entry_state(mem: &dyn MemoryReader, h: &Header, e: &region::Entry) -> &'static str {
-    match mem.read_vec(e.entry, JUMP_LEN).ok().and_then(|b| decode_jmp_rel32(e.entry, &b)) {
+    match mem.read_vec(e.entry, e.width()).ok().and_then(|b| decode_jump(e.entry, &b)) {
         Some(t) if t == e.target => "active",
+        // A short entry leads to its trampoline, outside the region: the trampoline's own
+        // entry tells whether this patch is the one in force.
+        Some(_) if e.short => "overridden",
         Some(t) if t < h.base || t >= h.base + h.len => "overridden",
         _ => "not-jumped",
     }

@@ -68,6 +68,8 @@ pub enum Flavour {
     Lto,
     /// Plain `gcc -g -O2` (the compiler's defaults: PIE on Debian).
     PlainO2,
+    /// Plain `gcc -g -Os`: no alignment padding between functions, no `endbr64`.
+    PlainOs,
 }
 
 /// One build of a target: optimisation, PIE or not, linked with `--emit-relocs` or not.
@@ -90,8 +92,13 @@ impl Variant {
 
     /// The builds as the world makes them (no live-patching flags, debug info kept); their
     /// bundles are built with `--source-diff`.
-    pub const REAL: [Variant; 4] =
-        [Variant::real(Flavour::Hardened), Variant::real(Flavour::Os), Variant::real(Flavour::Lto), Variant::real(Flavour::PlainO2)];
+    pub const REAL: [Variant; 5] = [
+        Variant::real(Flavour::Hardened),
+        Variant::real(Flavour::Os),
+        Variant::real(Flavour::Lto),
+        Variant::real(Flavour::PlainO2),
+        Variant::real(Flavour::PlainOs),
+    ];
 
     pub fn is_real(&self) -> bool {
         self.flavour != Flavour::LiveFlags
@@ -126,6 +133,7 @@ impl Variant {
             Flavour::Os => return "real_os".into(),
             Flavour::Lto => return "real_o2_lto".into(),
             Flavour::PlainO2 => return "real_o2".into(),
+            Flavour::PlainOs => return "real_os_plain".into(),
         }
         let opt = match self.opt {
             Opt::O0 => "o0",
@@ -180,6 +188,7 @@ impl Variant {
             Flavour::Os => return real(&["-Os"], true),
             Flavour::Lto => return real(&["-O2", "-flto=auto"], true),
             Flavour::PlainO2 => return real(&["-O2"], false),
+            Flavour::PlainOs => return real(&["-Os"], false),
         }
         let mut f = match self.opt {
             Opt::O0 => vec!["-O0"],
@@ -210,11 +219,12 @@ macro_rules! matrix_tests {
     };
 }
 
-/// Tests over the four real builds (`real_hardened`, `real_os`, `real_o2_lto`, `real_o2`).
+/// Tests over the five real builds (`real_hardened`, `real_os`, `real_o2_lto`, `real_o2`,
+/// `real_os_plain`).
 #[macro_export]
 macro_rules! real_build_tests {
     ($module:ident => $body:ident) => {
-        $crate::variant_tests!($module => $body: real_hardened, real_os, real_o2_lto, real_o2);
+        $crate::variant_tests!($module => $body: real_hardened, real_os, real_o2_lto, real_o2, real_os_plain);
     };
 }
 
@@ -1228,25 +1238,25 @@ pub fn assert_text_unchanged(before: &TextSnapshot, pid: i32) {
 pub fn assert_text_changed_only_at(before: &TextSnapshot, pid: i32, entries: &[(String, u64)]) {
     let after = text_snapshot(pid);
     let diffs = text_differences(before, &after);
-    let stray: Vec<(u64, u8, u8)> = diffs
-        .iter()
-        .copied()
-        .filter(|(a, _, _)| !entries.iter().any(|(_, e)| *a >= *e && *a < *e + 5))
-        .collect();
-    assert!(
-        stray.is_empty(),
-        "text of pid {pid} changed outside the jump sites {entries:x?}: {}",
-        describe_diffs(&stray)
-    );
     let all_maps = maps(pid);
+    // Each entry holds `jmp rel32` into a patch region, or (a function shorter than 5 bytes)
+    // `jmp rel8` to a trampoline in inter-function padding that holds the `jmp rel32`.
+    let mut sites: Vec<(u64, u64)> = Vec::new();
     for (name, entry) in entries {
         let b = read_mem(pid, *entry, 5);
-        assert_eq!(
-            b[0], 0xe9,
-            "{name} at {entry:#x} does not start with jmp rel32: {b:02x?}"
-        );
-        let rel = i32::from_le_bytes([b[1], b[2], b[3], b[4]]) as i64;
-        let dest = (*entry as i64 + 5 + rel) as u64;
+        let (long_at, short) = match b[0] {
+            0xe9 => (*entry, false),
+            0xeb => ((*entry as i64 + 2 + b[1] as i8 as i64) as u64, true),
+            _ => panic!("{name} at {entry:#x} does not start with a jump: {b:02x?}"),
+        };
+        if short {
+            sites.push((*entry, *entry + 2));
+        }
+        sites.push((long_at, long_at + 5));
+        let t = read_mem(pid, long_at, 5);
+        assert_eq!(t[0], 0xe9, "{name}: the jump at {long_at:#x} (entry {entry:#x}) is not jmp rel32: {t:02x?}");
+        let rel = i32::from_le_bytes([t[1], t[2], t[3], t[4]]) as i64;
+        let dest = (long_at as i64 + 5 + rel) as u64;
         let m = all_maps
             .iter()
             .find(|m| dest >= m.start && dest < m.end)
@@ -1256,6 +1266,16 @@ pub fn assert_text_changed_only_at(before: &TextSnapshot, pid: i32, entries: &[(
             "{name}'s jump goes to {dest:#x} in {m:?}, which is not read+execute"
         );
     }
+    let stray: Vec<(u64, u8, u8)> = diffs
+        .iter()
+        .copied()
+        .filter(|(a, _, _)| !sites.iter().any(|(lo, hi)| *a >= *lo && *a < *hi))
+        .collect();
+    assert!(
+        stray.is_empty(),
+        "text of pid {pid} changed outside the jump sites {entries:x?}: {}",
+        describe_diffs(&stray)
+    );
 }
 
 fn describe_diffs(d: &[(u64, u8, u8)]) -> String {

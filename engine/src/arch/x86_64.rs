@@ -201,6 +201,23 @@ pub fn jmp_rel32(from: u64, to: u64) -> Option<[u8; JUMP_LEN]> {
     Some(b)
 }
 
+/// Length of the short jump at the entry of a function shorter than [`JUMP_LEN`].
+pub const SHORT_JUMP_LEN: usize = 2;
+
+/// Encode `jmp rel8` at `from` to `to`; `None` when out of reach (±127 bytes).
+pub fn jmp_rel8(from: u64, to: u64) -> Option<[u8; SHORT_JUMP_LEN]> {
+    let rel = i8::try_from((to as i128) - (from as i128 + SHORT_JUMP_LEN as i128)).ok()?;
+    Some([0xeb, rel as u8])
+}
+
+/// The target of the jump (`jmp rel32` or `jmp rel8`) that `bytes` at `from` hold, if any.
+pub fn decode_jump(from: u64, bytes: &[u8]) -> Option<u64> {
+    match bytes {
+        [0xeb, rel, ..] => Some((from as i64 + SHORT_JUMP_LEN as i64 + *rel as i8 as i64) as u64),
+        _ => decode_jmp_rel32(from, bytes),
+    }
+}
+
 /// Decode a `jmp rel32` written by [`jmp_rel32`]; the target if `bytes` is one.
 pub fn decode_jmp_rel32(from: u64, bytes: &[u8]) -> Option<u64> {
     if bytes.len() < JUMP_LEN || bytes[0] != 0xe9 {
@@ -322,6 +339,23 @@ pub fn library_detour(insn_bytes: &[u8], insn_ip: u64, stub_at: u64, slot: u64, 
     }
     let out = enc.take_buffer();
     (out.len() <= DETOUR_LEN).then_some(out)
+}
+
+/// Whether `bytes` (at `ip`) are padding between functions: zero fill, or only NOP and `int3`
+/// instructions (the multi-byte NOPs assemblers align with included).
+pub fn is_padding_run(bytes: &[u8], ip: u64) -> bool {
+    if bytes.iter().all(|&b| b == 0 || b == INT3) {
+        return true;
+    }
+    let mut d = Decoder::with_ip(64, bytes, ip, DecoderOptions::NONE);
+    let mut insn = Instruction::default();
+    while d.can_decode() {
+        d.decode_out(&mut insn);
+        if insn.is_invalid() || !matches!(insn.mnemonic(), Mnemonic::Nop | Mnemonic::Int3) {
+            return false;
+        }
+    }
+    true
 }
 
 /// Whether a byte is padding between functions (so a jump may run into it).
@@ -473,6 +507,17 @@ mod tests {
         assert_eq!(text[3], "mov [r10+8],r11d");
         // push qword [rip+x] moves the stack: refused.
         assert!(library_detour(&[0xff, 0x35, 0, 0, 0, 0], 0x1000, 0x9000, 0x9800, 0).is_none());
+    }
+
+    #[test]
+    fn short_jump_roundtrip_and_reach() {
+        let b = jmp_rel8(0x1000, 0x1070).unwrap();
+        assert_eq!(b, [0xeb, 0x6e]);
+        assert_eq!(decode_jump(0x1000, &b), Some(0x1070));
+        assert_eq!(decode_jump(0x1000, &jmp_rel8(0x1000, 0x0f90).unwrap()), Some(0x0f90));
+        assert!(jmp_rel8(0x1000, 0x1000 + 2 + 128).is_none());
+        assert!(jmp_rel8(0x1000, 0x1000 + 2 - 129).is_none());
+        assert_eq!(decode_jump(0x1000, &jmp_rel32(0x1000, 0x5000).unwrap()), Some(0x5000));
     }
 
     #[test]

@@ -1047,6 +1047,8 @@ impl<'a> Builder<'a> {
         let mut pieces = Vec::new();
         let mut blob = Vec::new();
         let mut functions = Vec::new();
+        // OLD bytes the jumps of this bundle take (entries, spilled padding, trampolines).
+        let mut jump_bytes: Vec<(u64, u64)> = Vec::new();
         for (f, kind) in self.funcs.values() {
             let code = self.new.read(f.addr, f.size as usize).expect("function bytes were read before");
             pieces.push(Piece { name: f.name.clone(), kind: PieceKind::Code, svma: f.addr, len: f.size, blob: blob.len() as u64 });
@@ -1064,11 +1066,9 @@ impl<'a> Builder<'a> {
                 None => (None, 0, None),
             };
             let kind = if os.is_none() { FunctionKind::Added } else { *kind };
-            if kind == FunctionKind::Changed {
-                self.check_jump_room(os.unwrap())?;
-            }
+            let trampoline = if kind == FunctionKind::Changed { self.jump_room(os.unwrap(), &mut jump_bytes)? } else { None };
             let preserve = if kind == FunctionKind::Changed { self.register_contract(os.unwrap(), f)? } else { Vec::new() };
-            functions.push(Function { name: f.name.clone(), kind, old_svma, old_size, old_digest, new_svma: f.addr, new_size: f.size, preserve });
+            functions.push(Function { name: f.name.clone(), kind, old_svma, old_size, old_digest, new_svma: f.addr, new_size: f.size, preserve, trampoline });
         }
         // Merge overlapping read-only chunks, then carry them.
         let mut merged: Vec<(u64, u64)> = Vec::new();
@@ -1145,21 +1145,72 @@ impl<'a> Builder<'a> {
     }
 
     /// The jump needs JUMP_LEN bytes at the old entry: the function itself or padding after it.
-    fn check_jump_room(&self, os: &Symbol) -> Result<()> {
+    /// Shorter functions (`-Os` leaves no padding) get a 2-byte `jmp rel8` to a trampoline: 5
+    /// bytes of padding between two other functions, within 127 bytes. `used` holds the bytes
+    /// this bundle's jumps already take.
+    fn jump_room(&self, os: &Symbol, used: &mut Vec<(u64, u64)>) -> Result<Option<u64>> {
+        let free = |lo: u64, hi: u64, used: &[(u64, u64)]| !used.iter().any(|(a, b)| lo < *b && *a < hi);
         if os.size >= JUMP_LEN as u64 {
-            return Ok(());
+            used.push((os.addr, os.end()));
+            return Ok(None);
         }
         let pad_lo = os.end();
         let pad_hi = os.addr + JUMP_LEN as u64;
-        let padding_ok = self.old.read(pad_lo, (pad_hi - pad_lo) as usize).is_some_and(|b| b.iter().all(|&x| x::is_padding(x)))
-            && !self.old.symbols.iter().any(|s| s.addr >= pad_lo && s.addr < pad_hi && s.size > 0);
+        // Alignment padding after the function (NOPs of any length, int3, zero fill), up to the
+        // next symbol, must hold the rest of the jump.
+        let gap_end = self.old.symbols.iter().filter(|s| s.size > 0 && s.addr >= pad_lo).map(|s| s.addr).min().unwrap_or(pad_hi).max(pad_lo);
+        let padding_ok = gap_end >= pad_hi
+            && self.old.read(pad_lo, (gap_end - pad_lo).min(64) as usize).is_some_and(|b| x::is_padding_run(b, pad_lo) || b[..(pad_hi - pad_lo) as usize].iter().all(|&x| x::is_padding(x)))
+            && free(os.addr, pad_hi, used);
         if padding_ok {
-            return Ok(());
+            used.push((os.addr, pad_hi));
+            return Ok(None);
+        }
+        if os.size >= x::SHORT_JUMP_LEN as u64 {
+            if let Some(t) = self.trampoline_near(os, used) {
+                used.push((os.addr, os.end()));
+                used.push((t, t + JUMP_LEN as u64));
+                return Ok(Some(t));
+            }
         }
         Err(Error::refused_kind(RefusalKind::FunctionTooShort, format!(
-            "function `{}` is {} bytes long, too short for the {JUMP_LEN}-byte jump, and no padding follows it; an offline restart is needed (or mark it noinline and give it a larger body)",
+            "function `{}` is {} bytes long, too short for the {JUMP_LEN}-byte jump; no padding follows it and no 5 bytes of padding between functions lie within the 127-byte reach of a short jump; an offline restart is needed",
             os.name, os.size
         )))
+    }
+
+    /// 5 bytes of inter-function padding (only NOPs, `int3` or zero fill, covered by no symbol)
+    /// within `jmp rel8` reach of `os`'s entry.
+    fn trampoline_near(&self, os: &Symbol, used: &[(u64, u64)]) -> Option<u64> {
+        let sec = self.old.section_at(os.addr)?;
+        let lo = os.addr.saturating_sub(130).max(sec.addr);
+        let hi = (os.addr + 132).min(sec.addr + sec.size);
+        let syms: Vec<&Symbol> = self.old.symbols.iter().filter(|s| s.size > 0 && s.end() > lo && s.addr < hi).collect();
+        let covered = |a: u64| syms.iter().any(|s| s.contains(a));
+        let mut t = lo;
+        while t + JUMP_LEN as u64 <= hi {
+            let cand = t;
+            t += 1;
+            if x::jmp_rel8(os.addr, cand).is_none() || (cand..cand + JUMP_LEN as u64).any(covered) {
+                continue;
+            }
+            if used.iter().any(|(a, b)| cand < *b && *a < cand + JUMP_LEN as u64) {
+                continue;
+            }
+            // The whole gap around the candidate must be padding, so no code can jump into it.
+            let (mut g0, mut g1) = (cand, cand + JUMP_LEN as u64);
+            while g0 > sec.addr && !covered(g0 - 1) && g0 > lo {
+                g0 -= 1;
+            }
+            while g1 < hi && !covered(g1) {
+                g1 += 1;
+            }
+            let Some(bytes) = self.old.read(g0, (g1 - g0) as usize) else { continue };
+            if x::is_padding_run(bytes, g0) {
+                return Some(cand);
+            }
+        }
+        None
     }
 }
 

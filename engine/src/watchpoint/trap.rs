@@ -88,6 +88,16 @@ impl Breakpoints {
         Ok(())
     }
 
+    /// How the breakpoints are held: `int3` bytes, `perf` events, or `debugreg` (debug registers
+    /// written with ptrace, in some thread at least).
+    fn kind(&self) -> &'static str {
+        match (self.hardware, self.armed.values().all(Option::is_some)) {
+            (false, _) => "int3",
+            (true, true) => "perf",
+            (true, false) => "debugreg",
+        }
+    }
+
     /// Whether `tid` holds our breakpoints as perf events.
     fn perf_armed(&self, tid: i32) -> bool {
         matches!(self.armed.get(&tid), Some(Some(_)))
@@ -312,6 +322,8 @@ fn run_round(
     poll: bool,
 ) -> Result<()> {
     bps.arm_all(v, s)?;
+    // The tests wait for this line (LIVEPATCH_LOG=debug) before they interrupt a trap wait.
+    tracing::debug!(kind = bps.kind(), addrs = ?bps.addrs, "breakpoints armed");
     crate::fault::point("trap-armed");
     for tid in s.tids() {
         if !held.contains(&tid) {
