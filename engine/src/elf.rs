@@ -47,6 +47,15 @@ impl Symbol {
     }
 }
 
+/// A symbol name without the numbering LTO adds to promoted statics (`foo.lto_priv.3`): the
+/// number depends on the partition, not on the program.
+pub fn canonical_name(name: &str) -> &str {
+    match name.rfind(".lto_priv.") {
+        Some(i) if name[i + ".lto_priv.".len()..].bytes().all(|b| b.is_ascii_digit()) => &name[..i],
+        _ => name,
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Section {
     pub name: String,
@@ -361,11 +370,8 @@ impl ElfFile {
     /// else qualified by its source file.
     pub fn stable_key(&self, s: &Symbol) -> String {
         let dup = self.symbols.iter().filter(|o| o.name == s.name && o.kind == s.kind).take(2).count() > 1;
-        if dup {
-            s.key()
-        } else {
-            s.name.clone()
-        }
+        let key = if dup { s.key() } else { s.name.clone() };
+        canonical_name(&key).to_string()
     }
 
     /// Every address of unnamed, non-code data that some function refers to, sorted. Such
@@ -477,4 +483,15 @@ impl ElfFile {
 /// Read the GNU build id of an ELF file without keeping it.
 pub fn build_id_of(path: &Path) -> Result<Option<String>> {
     Ok(ElfFile::open(path)?.build_id_hex())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn lto_numbering_is_dropped() {
+        assert_eq!(super::canonical_name("ngx_signal_handler.lto_priv.0"), "ngx_signal_handler");
+        assert_eq!(super::canonical_name("HEX.13.lto_priv.12"), "HEX.13");
+        assert_eq!(super::canonical_name("x.lto_priv.a"), "x.lto_priv.a");
+        assert_eq!(super::canonical_name("main"), "main");
+    }
 }

@@ -129,6 +129,14 @@ impl<'a> Side<'a> {
                 return Some(v[0]);
             }
         }
+        // LTO numbers promoted statics by partition (`f.lto_priv.0` here, `f.lto_priv.1` there).
+        let canon = crate::elf::canonical_name(&s.name);
+        if canon != s.name {
+            let cands: Vec<&Symbol> = self.elf.symbols.iter().filter(|c| c.kind == s.kind && crate::elf::canonical_name(&c.name) == canon).collect();
+            if cands.len() == 1 {
+                return Some(cands[0]);
+            }
+        }
         // Static locals are numbered by the compiler (`counter.0`, `counter.1`): match the stem
         // when it is unique on both sides.
         let stem = strip_numeric_suffix(&s.name)?;
