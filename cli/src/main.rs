@@ -409,6 +409,15 @@ fn print_bundle(b: &Bundle) {
     for f in &m.functions {
         println!("  {:<9} {:<32} new {:#x}+{}  old {}", format!("{:?}", f.kind).to_lowercase(), f.name, f.new_svma, f.new_size,
             f.old_svma.map(|a| format!("{a:#x}+{}", f.old_size)).unwrap_or_else(|| "-".into()));
+        if !f.preserve.is_empty() {
+            println!("            entry thunk keeps {} for unpatched callers", f.preserve.join(" "));
+        }
+        if let Some(t) = f.trampoline {
+            println!("            short jump to a trampoline at {t:#x}");
+        }
+    }
+    for d in &m.detours {
+        println!("detour     {:#x}+{}: `{}`+{} (library variable, no copy in the running executable)", d.at, d.len, d.symbol, d.offset);
     }
     println!("pieces:");
     for p in &m.pieces {
