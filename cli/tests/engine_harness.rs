@@ -3,6 +3,8 @@
 //! the readers of /proc and of the debug registers).
 
 mod support;
+#[path = "../../tests/skip.rs"]
+mod skip;
 
 use std::fs;
 use support::*;
@@ -186,18 +188,19 @@ fn targets_have_the_code_shapes_the_tests_need() {
     }
 }
 
+/// `objdump -d` of `exe`; `None` only when objdump is missing and skipping is allowed.
 fn objdump_all(exe: &std::path::Path) -> Option<String> {
-    let out = std::process::Command::new("objdump")
+    if !skip::have("objdump") {
+        skip::missing("objdump is not installed: the code-shape checks need it", "apt-get install binutils");
+        return None;
+    }
+    let o = std::process::Command::new("objdump")
         .args(["-d", "--no-show-raw-insn"])
         .arg(exe)
-        .output();
-    match out {
-        Ok(o) if o.status.success() => Some(String::from_utf8_lossy(&o.stdout).into_owned()),
-        _ => {
-            eprintln!("objdump not available: code-shape checks skipped");
-            None
-        }
-    }
+        .output()
+        .unwrap_or_else(|e| panic!("objdump -d {}: {e}", exe.display()));
+    assert!(o.status.success(), "objdump -d {}: {}", exe.display(), String::from_utf8_lossy(&o.stderr));
+    Some(String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
 fn objdump_function(exe: &std::path::Path, function: &str) -> Option<String> {

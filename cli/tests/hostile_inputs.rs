@@ -7,6 +7,8 @@
 //! The table is printed (`--nocapture`) as the one in `docs/safety.md`.
 
 mod support;
+#[path = "../../tests/skip.rs"]
+mod skip;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -104,14 +106,6 @@ fn cc(out: &Path, cc: &str, src: &Path, extra: &[&str]) -> bool {
         .arg(src)
         .status()
         .map(|s| s.success())
-        .unwrap_or(false)
-}
-
-fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {cmd}")])
-        .output()
-        .map(|o| o.status.success())
         .unwrap_or(false)
 }
 
@@ -262,7 +256,7 @@ fn hostile_input_table() {
     if cc(&st1, "cc", &source("faults", "v1"), &["-static"]) && cc(&st2, "cc", &source("faults", "v2"), &["-static"]) {
         elf_case("static glibc executable (cc -static)", &st1, &st2, 3, vec!["refused", ".plt", "belongs to no function"]);
     } else {
-        eprintln!("note: no static glibc (libc.a) here: row skipped");
+        skip::missing("cannot link a static glibc executable (cc -static): no libc.a", "apt-get install libc6-dev");
     }
 
     // --- target processes ---
@@ -354,9 +348,8 @@ fn stripped_running_executable_is_patched() {
 /// built, applied, reverted like glibc ones.
 #[test]
 fn musl_executables_are_patched() {
-    if !have("musl-gcc") {
-        eprintln!("note: musl-gcc not installed (scripts/setup.sh installs musl-tools): skipped");
-        return;
+    if !skip::have("musl-gcc") {
+        return skip::missing("musl-gcc is not installed", "apt-get install musl-tools");
     }
     let dir = tempfile::tempdir().unwrap();
     for (name, extra) in [("musl-dynamic", vec!["-fPIE", "-pie"]), ("musl-static", vec!["-static"])] {

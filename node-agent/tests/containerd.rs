@@ -7,8 +7,8 @@
 //! Needs root (containerd, ptrace). The test starts the project's private containerd itself
 //! (`scripts/containerd.sh start`) and stops it again if it started it; if containerd or runc is
 //! missing it installs the distribution's packages (`apt-get install containerd runc`) and fails
-//! if that does not work. Run as non-root it fails too, unless `LIVEPATCH_SKIP_CONTAINER_TESTS=1`
-//! says to skip it (printed as SKIPPED): it never passes silently without a container.
+//! if that does not work. Run as non-root it fails too, unless `LIVEPATCH_ALLOW_SKIP=1` says to
+//! skip it (printed as SKIPPED): it never passes silently without a container.
 
 use std::{
     fs,
@@ -23,6 +23,9 @@ use node_agent::{
     discovery::{Discovery, Query},
     engine::{self, LiveEngine, Outcome},
 };
+
+#[path = "../../tests/skip.rs"]
+mod skip;
 
 const NS: &str = "livepatch-agent-test";
 
@@ -52,19 +55,15 @@ fn sh(cmd: &mut Command) -> (bool, String) {
     (out.status.success(), text)
 }
 
-fn have(bin: &str) -> bool {
-    Command::new("sh").arg("-c").arg(format!("command -v {bin}")).stdout(Stdio::null()).status().is_ok_and(|s| s.success())
-}
-
 /// containerd and runc from the distribution's packages, installed if missing.
 fn ensure_containerd() {
-    if have("containerd") && have("runc") && have("ctr") {
+    if skip::have("containerd") && skip::have("runc") && skip::have("ctr") {
         return;
     }
     eprintln!("containerd/runc missing: installing the distribution's packages");
     let (_, update) = sh(Command::new("apt-get").arg("update"));
     let (ok, out) = sh(Command::new("apt-get").args(["install", "-y", "--no-install-recommends", "containerd", "runc"]).env("DEBIAN_FRONTEND", "noninteractive"));
-    assert!(ok && have("containerd") && have("runc"), "cannot install containerd and runc:\n{update}\n{out}");
+    assert!(ok && skip::have("containerd") && skip::have("runc"), "cannot install containerd and runc:\n{update}\n{out}");
 }
 
 /// Everything to undo, undone on drop (also when an assertion fails).
@@ -176,13 +175,8 @@ fn wait_for(path: &Path, from: usize, needle: &str) -> Vec<String> {
 fn patches_a_container_found_by_container_id_and_pod_uid() {
     let t0 = Instant::now();
     let step = |what: &str| eprintln!("[{:>6.2} s] {what}", t0.elapsed().as_secs_f64());
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        if std::env::var("LIVEPATCH_SKIP_CONTAINER_TESTS").as_deref() == Ok("1") {
-            eprintln!("SKIPPED: the container test needs root (LIVEPATCH_SKIP_CONTAINER_TESTS=1)");
-            return;
-        }
-        panic!("the container test needs root (containerd, ptrace); set LIVEPATCH_SKIP_CONTAINER_TESTS=1 to skip it explicitly");
+    if !skip::root() {
+        return skip::missing("the container test needs root (containerd, ptrace)", "run the tests as root");
     }
     ensure_containerd();
     let script = repo_root().join("scripts/containerd.sh");
@@ -306,12 +300,12 @@ fn patches_a_container_found_by_container_id_and_pod_uid() {
     // Revert: the container prints v1 again.
     let before = output(&out_path).len();
     let patch_id = bundle.patch_id();
-    match engine::revert_one(&LiveEngine, &discovery, &query, &target, &[&patch_id], &bundle.digest, Strategy::Trap, Duration::from_secs(30)) {
+    match engine::revert_one(&LiveEngine, &discovery, &query, &target, &patch_id, &bundle.digest, Strategy::Trap, Duration::from_secs(30)) {
         Outcome::Reverted { was_applied: true, .. } => {}
         other => panic!("revert: {other:?}"),
     }
     wait_for(&out_path, before + 1, "hello from v1");
-    match engine::revert_one(&LiveEngine, &discovery, &query, &target, &[&patch_id], &bundle.digest, Strategy::Trap, Duration::from_secs(30)) {
+    match engine::revert_one(&LiveEngine, &discovery, &query, &target, &patch_id, &bundle.digest, Strategy::Trap, Duration::from_secs(30)) {
         Outcome::Reverted { was_applied: false, .. } => {}
         other => panic!("second revert: {other:?}"),
     }

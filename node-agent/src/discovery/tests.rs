@@ -9,6 +9,9 @@
 use super::*;
 use std::os::unix::fs::symlink;
 
+#[path = "../../../tests/skip.rs"]
+mod skip;
+
 pub(crate) const ID: &str = "4f2c8e1d9a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d";
 pub(crate) const OTHER_ID: &str = "9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b3a2f1e0d9c8b7a6f5e4d3c2b1a0f9e8d";
 pub(crate) const UID: &str = "ba9860c8-36e9-4b0b-8461-d09d639b09c8";
@@ -459,22 +462,19 @@ fn spawn_with_pid(pid: i32, exe: &Path) -> std::io::Result<i32> {
     Ok(r as i32)
 }
 
-/// Real processes in real cgroups, on this machine's `/proc` (root only; skipped, saying why,
-/// otherwise): discovery and the re-check find exactly the process placed in the container's
+/// Real processes in real cgroups, on this machine's `/proc` (needs root, a writable cgroup
+/// hierarchy and clone3 with set_tid; without them it fails unless LIVEPATCH_ALLOW_SKIP=1): discovery and the re-check find exactly the process placed in the container's
 /// cgroup under the pod's UID, and refuse a host process, a process of another pod (another
 /// namespace's, say), a process of the same container id under another pod's UID, all running
 /// the same executable, and finally a PID reused by a new process (same PID, same cgroup, same
 /// executable: only the start time differs).
 #[test]
 fn real_processes_host_other_pod_and_pid_reuse() {
-    // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: needs root (cgroups, clone3 with set_tid)");
-        return;
+    if !skip::root() {
+        return skip::missing("the real-process discovery test needs root (cgroups, clone3 with set_tid)", "run the tests as root");
     }
     let Some(mut cg) = TestCgroups::new() else {
-        eprintln!("skipped: no writable cgroup hierarchy");
-        return;
+        return skip::missing("no writable cgroup hierarchy under /sys/fs/cgroup", "run as root on a host or privileged container with cgroupfs mounted read-write");
     };
     // Ids of this run only (another run of this test at the same time has its own).
     let n = unique();
@@ -543,6 +543,6 @@ fn real_processes_host_other_pod_and_pid_reuse() {
             assert_eq!(found.targets[0].pid, pid);
             assert!(found.targets[0].start_time > target.start_time);
         }
-        Err(e) => eprintln!("PID reuse on real processes skipped: clone3 with set_tid: {e} (the captured-tree test covers it)"),
+        Err(e) => skip::missing(&format!("PID reuse on real processes: clone3 with set_tid failed: {e}"), "run as root in the initial PID namespace on Linux 5.5 or later"),
     }
 }
