@@ -6,7 +6,8 @@
 //!   all switched within a few seconds with `--strategy trap`;
 //! - a function that never returns: exit 4, the target keeps its old code;
 //! - more than four functions at once (software breakpoints: only four debug registers);
-//! - after success, timeout and error (the tool interrupted by SIGTERM/SIGINT while it waits)
+//! - after success, timeout and error (the tool interrupted by SIGTERM/SIGINT while it waits,
+//!   once its breakpoints are armed: its debug log says so and the target shows them)
 //!   every breakpoint byte is restored (the text, read from /proc/PID/mem, is what it was
 //!   except the 5-byte jumps on success) and DR7 is zero in every thread (read with ptrace
 //!   after the tool has exited), and no thread is left traced or stopped.
@@ -16,6 +17,10 @@
 #[macro_use]
 mod support;
 
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use support::*;
 
@@ -148,23 +153,100 @@ fn software_breakpoints_restored_after_timeout(v: Variant) {
 }
 variant_tests!(software_breakpoints_restored_after_timeout => software_breakpoints_restored_after_timeout: o2_pie, o3_nopie);
 
-/// Wait until a software breakpoint (0xcc) shows at one of `entries`, up to `limit`; returns
-/// whether one was seen. Only an observation: the test goes on either way.
-fn saw_breakpoint(pid: i32, entries: &[(String, u64)], limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if entries.iter().any(|(_, e)| read_mem(pid, *e, 1)[0] == 0xcc) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(10));
+/// The perf events a process holds (hardware breakpoints of the trap strategy).
+fn perf_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok()).filter(|l| l.to_string_lossy().contains("perf_event")).count())
+        .unwrap_or(0)
+}
+
+/// `livepatch ARGS...` with its debug log (`LIVEPATCH_LOG`) read line by line while it runs, so
+/// a test can wait for what the tool did before acting.
+struct Logged {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    log: Vec<String>,
+}
+
+impl Logged {
+    fn spawn(args: &[String], env: &[(&str, &str)]) -> Logged {
+        let mut child = Command::new(livepatch_bin())
+            .args(args)
+            .envs(env.iter().copied())
+            .env("LIVEPATCH_LOG", "livepatch=debug")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", livepatch_bin()));
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Logged { child, lines, log: Vec::new() }
     }
-    false
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// The first log line containing `needle`; fails after `limit` or if the tool's log ends.
+    #[track_caller]
+    fn wait_for(&mut self, needle: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(l) => {
+                    self.log.push(l.clone());
+                    if l.contains(needle) {
+                        return l;
+                    }
+                }
+                Err(e) => panic!("no {needle:?} in the tool's log ({e:?}):\n{}", self.log.join("\n")),
+            }
+        }
+    }
+
+    /// Wait for the exit (kill and fail after `limit`): the status and the whole log.
+    fn finish(mut self, limit: Duration) -> (ExitStatus, String) {
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(st) = self.child.try_wait().expect("waiting for livepatch") {
+                break st;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("livepatch did not finish within {limit:?} (killed):\n{}", self.log.join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        // The reader thread ends with the pipe.
+        self.log.extend(self.lines.iter());
+        (status, self.log.join("\n"))
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// The tool is interrupted (SIGTERM / SIGINT, as when an agent is shut down) while it waits
 /// with its traps set: it must restore everything, exit with 1, and leave the target running
-/// its old code.
-fn interrupted_while_waiting(v: Variant, scenario: &str, sig: i32, env: &[(&str, &str)]) {
+/// its old code. The signal comes only once the breakpoints are armed, as `kind` (`int3`,
+/// `perf`, `debugreg`): the tool logs it, and the target shows it (int3 bytes at the entries,
+/// perf event descriptors held by the tool, or the tool tracing every thread to hold the
+/// debug registers).
+fn interrupted_while_waiting(v: Variant, scenario: &str, sig: i32, env: &[(&str, &str)], kind: &str) {
     let old = compile(scenario, "v1", v);
     let bundle = build_bundle(&old, &compile(scenario, "v2", v), &[]);
     let mut t = Target::start(&old);
@@ -179,28 +261,30 @@ fn interrupted_while_waiting(v: Variant, scenario: &str, sig: i32, env: &[(&str,
         }
     };
     let before = Untouched::take(t.pid);
-    let mut p = spawn_livepatch_env(apply_args(t.pid, &bundle, &["--strategy", "trap", "--timeout", "60"]), env);
-    if scenario == "many" {
-        let entries = live_entries(t.pid, &old, &functions);
-        if !saw_breakpoint(t.pid, &entries, Duration::from_secs(5)) {
-            eprintln!("note: no int3 seen at the entries of {functions:?} before the signal");
+    let mut p = Logged::spawn(&apply_args(t.pid, &bundle, &["--strategy", "trap", "--timeout", "60"]), env);
+    let armed = p.wait_for("breakpoints armed", Duration::from_secs(20));
+    assert!(armed.contains(&format!("kind=\"{kind}\"")), "breakpoints armed, but not as {kind}: {armed}");
+    match kind {
+        "int3" => {
+            let entries = live_entries(t.pid, &old, &functions);
+            assert!(
+                entries.iter().any(|(_, e)| read_mem(t.pid, *e, 1)[0] == 0xcc),
+                "the tool says it armed int3 breakpoints, but no entry of {functions:?} holds one"
+            );
         }
-    } else {
-        // Hardware breakpoints cannot be watched from here while the tool is attached:
-        // give it the time to set them (not synchronisation; the checks hold either way).
-        std::thread::sleep(Duration::from_millis(1000));
+        "perf" => assert!(perf_fds(p.pid()) > 0, "the tool says it armed perf breakpoints, but holds no perf event"),
+        _ => {
+            for tid in threads(t.pid) {
+                let tracer = task_status_field(t.pid, tid, "TracerPid:");
+                assert_eq!(tracer, Some(p.pid().to_string()), "thread {tid} is not traced by the tool holding its debug registers");
+            }
+        }
     }
-    assert!(
-        p.is_running(),
-        "apply ended before the signal although the function stays active"
-    );
-    p.signal(sig);
-    let run = p.finish(Duration::from_secs(30));
-    assert_eq!(
-        run.signal, None,
-        "livepatch died of signal {sig} instead of cleaning up: {run:?}"
-    );
-    run.assert_code(1);
+    // SAFETY: kill() of our own child with a valid signal.
+    unsafe { libc::kill(p.pid(), sig) };
+    let (exit, log) = p.finish(Duration::from_secs(30));
+    assert_eq!(exit.signal(), None, "livepatch died of signal {sig} instead of cleaning up:\n{log}");
+    assert_eq!(exit.code(), Some(1), "livepatch interrupted by signal {sig}:\n{log}");
     before.check(t.pid);
     match scenario {
         "forever" => {
@@ -216,14 +300,14 @@ fn interrupted_while_waiting(v: Variant, scenario: &str, sig: i32, env: &[(&str,
 }
 
 fn hardware_breakpoints_restored_after_sigint(v: Variant) {
-    interrupted_while_waiting(v, "forever", libc::SIGINT, &[]);
+    interrupted_while_waiting(v, "forever", libc::SIGINT, &[], "perf");
 }
 variant_tests!(hardware_breakpoints_restored_after_sigint => hardware_breakpoints_restored_after_sigint: o2_pie, o3_nopie);
 
 /// The same with debug registers written through ptrace (what the engine falls back to when
 /// the kernel refuses perf breakpoints): they must be cleared on the way out.
 fn debug_registers_restored_after_sigint(v: Variant) {
-    interrupted_while_waiting(v, "forever", libc::SIGINT, &[("LIVEPATCH_BREAKPOINTS", "debugreg")]);
+    interrupted_while_waiting(v, "forever", libc::SIGINT, &[("LIVEPATCH_BREAKPOINTS", "debugreg")], "debugreg");
 }
 variant_tests!(debug_registers_restored_after_sigint => debug_registers_restored_after_sigint: o2_pie);
 
@@ -237,11 +321,6 @@ fn hardware_breakpoints_vanish_with_a_killed_tool(v: Variant) {
     t.expect("call", "v1 served 1");
     let before = text_snapshot(t.pid);
     let mut p = spawn_livepatch(apply_args(t.pid, &bundle, &["--strategy", "trap", "--timeout", "60"]));
-    let perf_fds = |pid: i32| {
-        std::fs::read_dir(format!("/proc/{pid}/fd"))
-            .map(|d| d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok()).filter(|l| l.to_string_lossy().contains("perf_event")).count())
-            .unwrap_or(0)
-    };
     let deadline = Instant::now() + Duration::from_secs(20);
     while perf_fds(p.pid()) == 0 {
         assert!(p.is_running() && Instant::now() < deadline, "the tool never held a perf breakpoint");
@@ -261,7 +340,7 @@ fn hardware_breakpoints_vanish_with_a_killed_tool(v: Variant) {
 variant_tests!(hardware_breakpoints_vanish_with_a_killed_tool => hardware_breakpoints_vanish_with_a_killed_tool: o2_pie);
 
 fn software_breakpoints_restored_after_sigterm(v: Variant) {
-    interrupted_while_waiting(v, "many", libc::SIGTERM, &[]);
+    interrupted_while_waiting(v, "many", libc::SIGTERM, &[], "int3");
 }
 variant_tests!(software_breakpoints_restored_after_sigterm => software_breakpoints_restored_after_sigterm: o2_pie, o3_nopie);
 
