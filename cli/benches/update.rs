@@ -1,7 +1,9 @@
-//! Figures of an update, measured by the targets themselves (`cargo bench -p node-agent`).
+//! Figures of an update, measured by the targets themselves (`cargo bench -p livepatch-cli`).
 //!
 //! * pause: the longest gap each target observes in its own loop during apply/revert cycles,
-//!   against the pause the tool reports (1, 8, 64 threads), next to the gap seen with no update;
+//!   against the pause the tool reports (1, 8, 64 threads), next to the gap seen with no update
+//!   and to the floor (the least any update does while the target is stopped, same run), with
+//!   the ratios to that floor;
 //! * time to patched: from the command's start to the target's first new output;
 //! * call overhead: calls per second of a tiny function before and after patching, one run;
 //! * many processes: 50 and 200 copies patched by concurrent invocations, total time and the
@@ -162,15 +164,23 @@ fn main() {
     let b = bundle.to_str().unwrap();
     println!("machine: {} cores; {cycles} apply/revert cycles per row\n", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
 
-    println!("| threads | target gap, no update (median / worst) | target gap during update (median / worst) | tool-reported pause (median / worst) |");
-    println!("|---|---|---|---|");
+    // The floor: what any live update must do at the least while the target is stopped (seize
+    // and interrupt every thread, read each one's registers and the top of its stack, write 5
+    // bytes, let every thread go), measured on the same target in the same run.
+    let tiny_svma = symbol_addr(&v1, "tiny");
+    println!("| threads | target gap, no update (median / worst) | floor: pause / target gap (median) | livepatch: pause (median / worst) | livepatch: target gap (median / worst) | pause / floor | gap / floor |");
+    println!("|---|---|---|---|---|---|---|");
     for n in [1usize, 8, 64] {
         let mut t = Target::spawn(&v1, &["gap", &n.to_string()]);
-        let (mut base, mut gaps, mut pauses) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut base, mut gaps, mut pauses, mut fpause, mut fgap) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let at = load_bias(t.child.id() as i32, &v1) + tiny_svma;
         for _ in 0..cycles {
             t.ask("reset");
             std::thread::sleep(Duration::from_millis(20));
             base.push(t.ask("gap").parse::<f64>().unwrap());
+            t.ask("reset");
+            fpause.push(floor_probe(t.child.id() as i32, at).as_secs_f64() * 1e6);
+            fgap.push(t.ask("gap").parse::<f64>().unwrap());
             for op in ["apply", "revert"] {
                 t.ask("reset");
                 let r = if op == "apply" { run_tool(&["apply", "--pid", &t.pid(), b, "--json"]) } else { run_tool(&["revert", "--pid", &t.pid(), "--json"]) };
@@ -181,7 +191,13 @@ fn main() {
         let (bm, bw) = stats(&mut base);
         let (gm, gw) = stats(&mut gaps);
         let (pm, pw) = stats(&mut pauses);
-        println!("| {n} | {bm:.0} / {bw:.0} us | {gm:.0} / {gw:.0} us | {pm:.0} / {pw:.0} us |");
+        let (fpm, _) = stats(&mut fpause);
+        let (fgm, _) = stats(&mut fgap);
+        println!(
+            "| {n} | {bm:.0} / {bw:.0} us | {fpm:.0} / {fgm:.0} us | {pm:.0} / {pw:.0} us | {gm:.0} / {gw:.0} us | {:.2} | {:.2} |",
+            pm / fpm,
+            gm / fgm
+        );
     }
 
     println!("\n| time to patched (command start to first new output) | wait | trap |");
@@ -263,6 +279,64 @@ fn main() {
         println!("| {n} | {:.2} s ({:.1} ms per process) | {:.1} MiB |", total.as_secs_f64(), total.as_secs_f64() * 1e3 / n as f64, peak_kb as f64 / 1024.0);
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Address of a function in the file (its SVMA).
+fn symbol_addr(exe: &Path, name: &str) -> u64 {
+    let elf = livepatch::elf::ElfFile::open(exe).expect("read the target");
+    let addr = elf.functions().find(|f| f.name == name).map(|f| f.addr);
+    addr.unwrap_or_else(|| panic!("no {name} in {}", exe.display()))
+}
+
+/// Load bias of `exe` in process `pid` (PIE: where its offset-0 mapping starts).
+fn load_bias(pid: i32, exe: &Path) -> u64 {
+    let exe = std::fs::canonicalize(exe).unwrap();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    for l in maps.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() >= 6 && f[2] == "00000000" && Path::new(f[5]) == exe {
+            return u64::from_str_radix(f[0].split('-').next().unwrap(), 16).unwrap();
+        }
+    }
+    panic!("{} not mapped in {pid}", exe.display());
+}
+
+/// The least a live update does while the target is stopped: seize and interrupt every thread,
+/// collect the stops, read each thread's registers and the top of its stack, write 5 bytes (the
+/// ones already there) at `at`, detach. Returns the time from the first seize to the last detach.
+fn floor_probe(pid: i32, at: u64) -> Duration {
+    use std::os::unix::fs::FileExt;
+    let tids: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
+    let mem = std::fs::OpenOptions::new().read(true).write(true).open(format!("/proc/{pid}/mem")).unwrap();
+    let t0 = Instant::now();
+    // SAFETY: plain ptrace requests on threads of our own child, with null or valid pointers.
+    unsafe {
+        for &t in &tids {
+            assert_eq!(libc::ptrace(libc::PTRACE_SEIZE, t, 0usize, 0usize), 0, "seize {t}");
+        }
+        for &t in &tids {
+            libc::ptrace(libc::PTRACE_INTERRUPT, t, 0usize, 0usize);
+        }
+        for &t in &tids {
+            let mut st = 0;
+            libc::waitpid(t, &mut st, libc::__WALL);
+        }
+    }
+    let mut top = [0u8; 64];
+    for &t in &tids {
+        // SAFETY: user_regs_struct is plain data; PTRACE_GETREGS fills it for a stopped tracee.
+        let mut regs: libc::user_regs_struct = unsafe { std::mem::zeroed() };
+        unsafe { libc::ptrace(libc::PTRACE_GETREGS, t, 0usize, &mut regs as *mut _ as usize) };
+        let _ = mem.read_at(&mut top, regs.rsp);
+    }
+    let mut entry = [0u8; 5];
+    mem.read_at(&mut entry, at).unwrap();
+    mem.write_at(&entry, at).unwrap();
+    for &t in &tids {
+        // SAFETY: detaching a thread we seized, letting it go with no signal.
+        unsafe { libc::ptrace(libc::PTRACE_DETACH, t, 0usize, 0usize) };
+    }
+    t0.elapsed()
 }
 
 /// Wait for a child and return its exit code and peak RSS (KiB).
