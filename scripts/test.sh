@@ -26,7 +26,7 @@ step() {  # step NAME CMD...
 if [ $QUICK = 0 ]; then
     step setup bash scripts/setup.sh
 fi
-step cargo-test cargo test --workspace --release
+step cargo-test cargo test --workspace --release --no-fail-fast
 if [ $QUICK = 0 ]; then
     # Debian's nginx security fixes applied live under load (tests/corpus; built by setup.sh).
     step corpus python3 tests/corpus/run.py --json target/corpus.json --markdown target/corpus.md
