@@ -24,6 +24,8 @@
 #                                       cached or still in the archive, else the newest one there)
 #              LIVEPATCH_CORPUS_VARIANTS  default "hardened lto"
 #              LIVEPATCH_CORPUS_JOBS    make -j (default and maximum 2)
+#              LIVEPATCH_CORPUS_DNSMASQ  0: do not run build-dnsmasq.sh (the corpus's second daemon,
+#                                       which sources this script for its helpers) after nginx
 #
 # Idempotent and safe to run concurrently (one flock; a pair is built in a temporary directory and
 # moved in last, so an interrupted run never leaves a pair that looks cached). Needs root the first
@@ -48,6 +50,7 @@ JOBS="${LIVEPATCH_CORPUS_JOBS:-2}"
 [ "$JOBS" -ge 1 ] 2>/dev/null || JOBS=2
 [ "$JOBS" -le 2 ] || JOBS=2
 SRC_LIST=/etc/apt/sources.list.d/livepatch-src.sources
+LOCK_NAME=.lock   # under $CACHE; each package's script has its own
 
 log() { echo "corpus: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -254,6 +257,53 @@ prepare_variant() {
                cat "$SRCDIR/debian/patches/series"; } | sha256sum | cut -c1-16)"
 }
 
+# Write the pair of security patch $1, variant $2 from the work tree $3 (for is_compiled) and the
+# binaries $4/<series position>; uses secs[] of the caller. Moved into place last.
+write_pair() {
+    local i="$1" variant="$2" tree="$3" states="$4" gccv; gccv="$(gcc_version)"
+    local dst tmp name cves=() files=() funcs=() f
+    dst="$(pair_dir "$i" "$variant")"; name="$(patch_name "$i")"
+    tmp="$OUT/.tmp-$name-$variant.$$"
+    rm -rf "$tmp"; mkdir -p "$tmp"
+    cp "$states/$i" "$tmp/old"; cp "$states/$((i + 1))" "$tmp/new"
+    cp "$(patch_file "$i")" "$tmp/fix.patch"
+    read -r -a cves <<<"$(patch_cves "$i")"
+    mapfile -t files < <(patch_files "$i")
+    mapfile -t funcs < <(patch_functions "$i")
+    local compiled=()
+    for f in "${files[@]}"; do
+        case "$f" in *.c) is_compiled "$tree" "$f" && compiled+=("$f") ;; esac
+    done
+    {
+        echo "{"
+        echo "  \"package\": $(json_str "$PKG"),"
+        echo "  \"debian_version\": $(json_str "$VERSION"),"
+        echo "  \"upstream_version\": $(json_str "$(basename "$SRCDIR" | sed "s/^$PKG-//")"),"
+        echo "  \"patch\": $(json_str "${SERIES[$i]}"),"
+        echo "  \"name\": $(json_str "$name"),"
+        echo "  \"series_index\": $i,"
+        echo "  \"patches_before\": $(json_list "${SERIES[@]:0:$i}"),"
+        echo "  \"cve\": $(json_list "${cves[@]}"),"
+        echo "  \"subject\": $(json_str "$(patch_subject "$i")"),"
+        echo "  \"files\": $(json_list "${files[@]}"),"
+        echo "  \"compiled_files\": $(json_list "${compiled[@]}"),"
+        echo "  \"hunk_context_functions\": $(json_list "${funcs[@]}"),"
+        echo "  \"variant\": $(json_str "$variant"),"
+        echo "  \"compiler\": $(json_str "$gccv"),"
+        echo "  \"cflags\": $(json_str "$CFLAGS_V"),"
+        echo "  \"cppflags\": $(json_str "$CPPFLAGS_V"),"
+        echo "  \"ldflags\": $(json_str "$LDFLAGS_V"),"
+        echo "  \"configure_args\": $(json_list "${CONFIGURE_ARGS[@]}"),"
+        echo "  \"config_key\": $(json_str "$KEY_V"),"
+        echo "  \"old\": {\"path\": $(json_str "$dst/old"), \"build_id\": $(json_str "$(build_id "$tmp/old")"), \"build_seconds\": ${secs[$i]}},"
+        echo "  \"new\": {\"path\": $(json_str "$dst/new"), \"build_id\": $(json_str "$(build_id "$tmp/new")"), \"build_seconds\": ${secs[$((i + 1))]}},"
+        echo "  \"fix_patch\": $(json_str "$dst/fix.patch")"
+        echo "}"
+    } >"$tmp/manifest.json"
+    rm -rf "$dst"; mkdir -p "$(dirname "$dst")"; mv "$tmp" "$dst"
+    log "$variant $name: built"
+}
+
 # --- building one variant ------------------------------------------------------------------------
 work_dir() { echo "$CACHE/build/$PKG-$VERSION/$1"; }
 pair_dir() { echo "$OUT/$(patch_name "$1")/$2"; }
@@ -261,13 +311,16 @@ pair_cached() {  # $1 series index, $2 variant, $3 configuration key
     [ -f "$(pair_dir "$1" "$2")/manifest.json" ] && grep -q "\"config_key\": \"$3\"" "$(pair_dir "$1" "$2")/manifest.json"
 }
 
+# Whether the configured tree $1 compiles the C file $2 (per package: build-<pkg>.sh overrides it).
+is_compiled() { grep -q "$2" "$1/objs/Makefile"; }
+
 # Every C file a security patch changes must be compiled by this configuration.
 check_compiled() {
     local tree="$1" i f bad=0
     for i in "${SEC[@]}"; do
         while read -r f; do
             case "$f" in
-                *.c) grep -q "$f" "$tree/objs/Makefile" \
+                *.c) is_compiled "$tree" "$f" \
                          || { log "error: ${SERIES[$i]} changes $f, which this configuration does not compile"; bad=1; } ;;
             esac
         done < <(patch_files "$i")
@@ -329,54 +382,13 @@ build_variant() {
         log "$variant: built series position $k/${#SERIES[@]}$( [ "$k" -gt 0 ] && echo " (after ${SERIES[$((k - 1))]})") in ${secs[$k]}s$( [ "$last" -lt 0 ] && echo ' (full build)')"
         last="$k"
     done
-    local gccv; gccv="$(gcc_version)"
-    for i in "${todo[@]}"; do
-        local dst tmp name cves=() files=() funcs=() f
-        dst="$(pair_dir "$i" "$variant")"; name="$(patch_name "$i")"
-        tmp="$OUT/.tmp-$name-$variant.$$"
-        rm -rf "$tmp"; mkdir -p "$tmp"
-        cp "$states/$i" "$tmp/old"; cp "$states/$((i + 1))" "$tmp/new"
-        cp "$(patch_file "$i")" "$tmp/fix.patch"
-        read -r -a cves <<<"$(patch_cves "$i")"
-        mapfile -t files < <(patch_files "$i")
-        mapfile -t funcs < <(patch_functions "$i")
-        local compiled=()
-        for f in "${files[@]}"; do
-            case "$f" in *.c) grep -q "$f" "$tree/objs/Makefile" && compiled+=("$f") ;; esac
-        done
-        {
-            echo "{"
-            echo "  \"package\": $(json_str "$PKG"),"
-            echo "  \"debian_version\": $(json_str "$VERSION"),"
-            echo "  \"upstream_version\": $(json_str "$(basename "$SRCDIR" | sed "s/^$PKG-//")"),"
-            echo "  \"patch\": $(json_str "${SERIES[$i]}"),"
-            echo "  \"name\": $(json_str "$name"),"
-            echo "  \"series_index\": $i,"
-            echo "  \"patches_before\": $(json_list "${SERIES[@]:0:$i}"),"
-            echo "  \"cve\": $(json_list "${cves[@]}"),"
-            echo "  \"subject\": $(json_str "$(patch_subject "$i")"),"
-            echo "  \"files\": $(json_list "${files[@]}"),"
-            echo "  \"compiled_files\": $(json_list "${compiled[@]}"),"
-            echo "  \"hunk_context_functions\": $(json_list "${funcs[@]}"),"
-            echo "  \"variant\": $(json_str "$variant"),"
-            echo "  \"compiler\": $(json_str "$gccv"),"
-            echo "  \"cflags\": $(json_str "$CFLAGS_V"),"
-            echo "  \"cppflags\": $(json_str "$CPPFLAGS_V"),"
-            echo "  \"ldflags\": $(json_str "$LDFLAGS_V"),"
-            echo "  \"configure_args\": $(json_list "${CONFIGURE_ARGS[@]}"),"
-            echo "  \"config_key\": $(json_str "$KEY_V"),"
-            echo "  \"old\": {\"path\": $(json_str "$dst/old"), \"build_id\": $(json_str "$(build_id "$tmp/old")"), \"build_seconds\": ${secs[$i]}},"
-            echo "  \"new\": {\"path\": $(json_str "$dst/new"), \"build_id\": $(json_str "$(build_id "$tmp/new")"), \"build_seconds\": ${secs[$((i + 1))]}},"
-            echo "  \"fix_patch\": $(json_str "$dst/fix.patch")"
-            echo "}"
-        } >"$tmp/manifest.json"
-        rm -rf "$dst"; mkdir -p "$(dirname "$dst")"; mv "$tmp" "$dst"
-        log "$variant $name: built"
-    done
+    for i in "${todo[@]}"; do write_pair "$i" "$variant" "$tree" "$states"; done
     rm -rf "$work"
 }
 
 # --- 4. checks and summary -----------------------------------------------------------------------
+binary_runs() { "$1" -V >/dev/null 2>&1; }   # per package: build-<pkg>.sh overrides it
+
 check_all() {
     local variant i bad=0 rows=() dir o n bo bn code status
     for variant in $VARIANTS; do
@@ -392,7 +404,7 @@ check_all() {
                 bo="$(build_id "$o")"; bn="$(build_id "$n")"
                 if [ -z "$bo" ] || [ -z "$bn" ]; then status="NO-BUILD-ID"
                 elif cmp -s "$o" "$n" || [ "$bo" = "$bn" ]; then status="IDENTICAL"
-                elif ! "$o" -V >/dev/null 2>&1 || ! "$n" -V >/dev/null 2>&1; then status="NGINX-V-FAILS"
+                elif ! binary_runs "$o" || ! binary_runs "$n"; then status="$(tr a-z A-Z <<<"$PKG")-V-FAILS"
                 elif ! has_debug_info "$o" || ! has_debug_info "$n"; then status="NO-DEBUG-INFO"
                 elif ! is_pie "$o" || ! is_pie "$n"; then status="NOT-PIE"
                 fi
@@ -404,7 +416,7 @@ check_all() {
         done
     done
     echo
-    echo "nginx $VERSION corpus in $OUT"
+    echo "$PKG $VERSION corpus in $OUT"
     printf '%-22s %-32s %-9s %-8s %-8s %-14s %s\n' PATCH CVE VARIANT CHECK .TEXT OLD-BUILD-ID NEW-BUILD-ID
     printf '%s\n' "${rows[@]}"
     local total=$(( ${#SEC[@]} * $(wc -w <<<"$VARIANTS") ))
@@ -450,7 +462,7 @@ main() {
     fi
     [ $# -eq 0 ] || { log "usage: $0 [--print]"; exit 2; }
     mkdir -p "$CACHE"
-    exec 9>"$CACHE/.lock"
+    exec 9>"$CACHE/$LOCK_NAME"
     flock 9
     local t_start; t_start="$(now)"
     # A complete corpus of the pinned (or asked-for) version needs neither apt nor the network.
@@ -492,7 +504,17 @@ main() {
     check_all || rc=$?
     [ "$rc" -eq 0 ] && write_index
     log "total $(( $(now) - t_start ))s"
+    # The second daemon of the corpus (tests/corpus/build-dnsmasq.sh), under its own lock.
+    local rc2=0
+    if [ "${LIVEPATCH_CORPUS_DNSMASQ:-1}" != 0 ]; then
+        exec 9>&-
+        "$ROOT/tests/corpus/build-dnsmasq.sh" || rc2=$?
+    fi
     [ "$rc" -eq 0 ] || die "$rc pair(s) failed the checks"
+    [ "$rc2" -eq 0 ] || die "tests/corpus/build-dnsmasq.sh failed"
 }
 
-main "$@"
+# Sourced by build-<pkg>.sh for the helpers above; run only when executed.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+    main "$@"
+fi

@@ -1,13 +1,18 @@
 #!/usr/bin/env python3
-"""Apply every security fix of the corpus (tests/corpus/build.sh) live to a running nginx.
+"""Apply every security fix of the corpus (tests/corpus/build.sh) live to a running daemon.
 
-For each pair (one Debian security patch, one build variant) under the corpus cache:
+The corpus holds two Debian daemons: nginx (tests/corpus/build.sh) and dnsmasq
+(tests/corpus/build-dnsmasq.sh); every package's pairs are run, each with its own start, load and
+liveness check (DAEMONS below). For each pair (one Debian security patch, one build variant):
 
-  1. start the OLD nginx (master + 2 workers) serving a static directory on 127.0.0.1,
-  2. keep it under a bounded load (keep-alive HTTP clients in threads),
+  1. start the OLD daemon on 127.0.0.1: nginx (master + 2 workers) serving a static directory;
+     dnsmasq (main process + its script helper child) answering for a local zone,
+  2. keep it under a bounded load (threads: keep-alive HTTP clients for nginx; DNS queries over
+     UDP, and over TCP from one thread (a forked child per connection), for dnsmasq),
   3. `livepatch build --old OLD --new NEW --source-diff fix.patch` (the patch file exactly as
      Debian ships it in debian/patches),
-  4. `livepatch apply --pid P` to the master and every worker, then `livepatch status --pid P`,
+  4. `livepatch apply --pid P` to the main process and each of its children, then
+     `livepatch status --pid P`,
   5. stop the load and check: no failed request, requests served after the update, every
      process alive and reporting the patch.
 
@@ -29,6 +34,7 @@ import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -212,11 +218,151 @@ def check_9256(port):
 # processes (to the old code it is the CVE's trigger), several times so every worker answers.
 TRIGGERS = {"CVE-2026-42945": check_42945, "CVE-2026-9256": check_9256}
 
+# --- dnsmasq -------------------------------------------------------------------------------------
+DNS_ZONE = "lp.test"
+DNS_A = ("a.lp.test", "10.1.2.3")
+DNS_TXT = ("t.lp.test", "livepatch-corpus." * 12)  # one 204-byte string (no space, comma or quote)
+DNS_QUERY_GAP = 0.002  # seconds between two queries of one thread
+DNS_QUERIES = [("a.lp.test", 1, 0), ("t.lp.test", 16, 0), ("missing.lp.test", 1, 3)]  # name, type, rcode
+
+
+def dns_query(qid, name, qtype):
+    q = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0)
+    q += b"".join(bytes([len(label)]) + label.encode() for label in name.split(".")) + b"\0"
+    return q + struct.pack(">HH", qtype, 1)
+
+
+def dns_check(reply, qid, name, qtype, rcode):
+    """None if the reply is the expected answer, else why not."""
+    if len(reply) < 12:
+        return f"{name}: short reply ({len(reply)} bytes)"
+    rid, flags, _, ancount = struct.unpack(">HHHH", reply[:8])
+    if rid != qid or not flags & 0x8000:
+        return f"{name}: reply id {rid} flags {flags:#x}, want id {qid} and a response"
+    if flags & 0xF != rcode:
+        return f"{name}: rcode {flags & 0xF}, want {rcode}"
+    if rcode == 0:
+        want = socket.inet_aton(DNS_A[1]) if qtype == 1 else bytes([len(DNS_TXT[1])]) + DNS_TXT[1].encode()
+        if ancount != 1 or not reply.endswith(want):
+            return f"{name}: {ancount} answers, rdata does not end with the record"
+    return None
+
+
+class DnsLoad(Load):
+    """DNS queries from a few threads, paced: UDP (a socket per thread, one query in flight, a 5 s
+    timeout, no retry), and from thread 0 over TCP, one connection per query (dnsmasq forks a
+    child for each, from the patched main process once the update is in)."""
+
+    def __init__(self, port):
+        super().__init__(port)
+        self.next_thread = 0
+
+    def run(self):
+        with self.lock:
+            me = self.next_thread
+            self.next_thread += 1
+        sock = None
+        i = 0
+        while not self.stop.is_set() and time.monotonic() - self.t0 < LOAD_MAX_SECONDS:
+            with self.lock:
+                if self.ok + len(self.failed) >= LOAD_MAX_REQUESTS:
+                    return
+            name, qtype, rcode = DNS_QUERIES[i % len(DNS_QUERIES)]
+            i += 1
+            qid = (me * 7919 + i) & 0xFFFF
+            tcp = me == 0
+            try:
+                if tcp:
+                    with socket.create_connection(("127.0.0.1", self.port), timeout=5) as c:
+                        q = dns_query(qid, name, qtype)
+                        c.sendall(struct.pack(">H", len(q)) + q)
+                        buf = b""
+                        while len(buf) < 2 or len(buf) < 2 + struct.unpack(">H", buf[:2])[0]:
+                            chunk = c.recv(4096)
+                            if not chunk:
+                                raise ConnectionError(f"closed after {len(buf)} bytes")
+                            buf += chunk
+                        reply = buf[2:]
+                else:
+                    if sock is None:
+                        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                        sock.settimeout(5)
+                        sock.connect(("127.0.0.1", self.port))
+                    sock.send(dns_query(qid, name, qtype))
+                    reply = sock.recv(4096)
+                why = dns_check(reply, qid, name, qtype, rcode)
+                with self.lock:
+                    if why is None:
+                        self.ok += 1
+                    else:
+                        self.failed.append(("tcp " if tcp else "udp ") + why)
+            except OSError as e:
+                with self.lock:
+                    self.failed.append(f"{'tcp' if tcp else 'udp'} {name}: {type(e).__name__}: {e}")
+                if sock is not None:
+                    sock.close()
+                    sock = None
+            # Paced (about 400 queries/s per thread): a blocked apply waits up to its timeout
+            # (30 s) and the load must still be running, under LOAD_MAX_REQUESTS, after it.
+            time.sleep(DNS_QUERY_GAP)
+        if sock is not None:
+            sock.close()
+
+
+def start_dnsmasq(exe, prefix, port):
+    """dnsmasq in the foreground (-k) on 127.0.0.1:port, no upstream, answering for a local zone;
+    --dhcp-script with --script-arp makes it fork its script helper at start (a long-lived child,
+    and helper.c is one of the patched files). As root, the main process drops to nobody and the
+    helper stays root, as in Debian's service."""
+    args = [exe, "-k", "--conf-file=/dev/null", f"--port={port}", "--listen-address=127.0.0.1", "--bind-interfaces",
+            "--no-resolv", "--no-hosts", f"--local=/{DNS_ZONE}/", f"--host-record={DNS_A[0]},{DNS_A[1]}",
+            f"--txt-record={DNS_TXT[0]},{DNS_TXT[1]}", f"--pid-file={prefix}/dnsmasq.pid",
+            f"--log-facility={prefix}/dnsmasq.log", "--dhcp-script=/bin/true", "--script-arp"]
+    if os.getuid() != 0:
+        args.append(f"--user={pwd.getpwuid(os.getuid()).pw_name}")
+    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if p.poll() is not None:
+            raise RuntimeError(f"dnsmasq exited at start: {p.stderr.read().decode(errors='replace')[-2000:]}")
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.settimeout(0.5)
+                s.sendto(dns_query(1, DNS_A[0], 1), ("127.0.0.1", port))
+                if dns_check(s.recv(4096), 1, DNS_A[0], 1, 0) is None and len(children(p.pid)) >= 1:
+                    return p
+        except OSError:
+            pass
+        time.sleep(0.05)
+    p.kill()
+    raise RuntimeError("dnsmasq did not answer (with its helper started) within 20 s")
+
+
+def stop_dnsmasq(p):
+    if p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+# How each package of the corpus is run: start(exe, prefix, port) -> Popen of the main process (its
+# children at that point are the other processes to patch), stop(Popen), the load class, and the
+# fixed-behaviour checks by patch name (run after the update; see TRIGGERS).
+DAEMONS = {
+    "nginx": {"start": start_nginx, "stop": stop_nginx, "load": Load, "triggers": TRIGGERS},
+    "dnsmasq": {"start": start_dnsmasq, "stop": stop_dnsmasq, "load": DnsLoad, "triggers": {}},
+}
+
 
 def run_pair(lp, pair_dir, keep_going):
     manifest = json.load(open(os.path.join(pair_dir, "manifest.json")))
-    row = {"patch": manifest.get("name"), "cve": manifest.get("cve", []), "variant": manifest.get("variant"),
-           "subject": manifest.get("subject", "")}
+    package = manifest.get("package", "nginx")
+    daemon = DAEMONS[package]
+    row = {"package": package, "patch": manifest.get("name"), "cve": manifest.get("cve", []),
+           "variant": manifest.get("variant"), "subject": manifest.get("subject", "")}
     old, new, fix = (os.path.join(pair_dir, n) for n in ("old", "new", "fix.patch"))
     work = tempfile.mkdtemp(prefix="lp-corpus-")
     os.chmod(work, 0o755)  # the workers run as nobody and serve files from here
@@ -236,10 +382,10 @@ def run_pair(lp, pair_dir, keep_going):
         port = free_port()
         prefix = os.path.join(work, "prefix")
         os.makedirs(prefix, mode=0o755)
-        nginx = start_nginx(old, prefix, port)
+        nginx = daemon["start"](old, prefix, port)
         try:
             pids = [nginx.pid] + children(nginx.pid)
-            load = Load(port)
+            load = daemon["load"](port)
             load.start()
             # Let the workers be busy when the update lands.
             while load.count() < 200 and time.monotonic() - load.t0 < 10:
@@ -269,7 +415,7 @@ def run_pair(lp, pair_dir, keep_going):
                 c, st, e = livepatch(lp, "status", "--pid", str(pid), "--json")
                 if c != 0 or not st or not st.get("patches"):
                     problems.append(f"status of {pid}: exit {c}, {st or e}")
-            trigger = TRIGGERS.get(row["patch"])
+            trigger = daemon["triggers"].get(row["patch"])
             if trigger and row.get("outcome") is None and not problems:
                 for _ in range(6):
                     why = trigger(port)
@@ -281,7 +427,7 @@ def run_pair(lp, pair_dir, keep_going):
                 if sorted([nginx.pid] + children(nginx.pid)) != sorted(pids):
                     problems.append(f"worker processes changed after the trigger: {pids} -> {[nginx.pid] + children(nginx.pid)}")
             if nginx.poll() is not None:
-                problems.append(f"nginx master exited with {nginx.returncode}")
+                problems.append(f"{package} {'master' if package == 'nginx' else 'main process'} exited with {nginx.returncode}")
             if load.failed:
                 problems.append(f"{len(load.failed)} failed requests, first: {load.failed[0]}")
             if load.count() <= served_at_apply:
@@ -296,7 +442,7 @@ def run_pair(lp, pair_dir, keep_going):
             elif "outcome" not in row:
                 row["outcome"] = "applied"
         finally:
-            stop_nginx(nginx)
+            daemon["stop"](nginx)
     except Exception as e:  # noqa: BLE001 - every pair reports, whatever happened
         row.update(outcome="failed", detail=f"{type(e).__name__}: {e}")
     finally:
@@ -305,11 +451,11 @@ def run_pair(lp, pair_dir, keep_going):
 
 
 def markdown(rows):
-    out = ["| patch | CVE | build | outcome | functions | pause median / max (us) | requests | fixed behaviour checked |", "|---|---|---|---|---|---|---|---|"]
+    out = ["| package | patch | CVE | build | outcome | functions | pause median / max (us) | requests | fixed behaviour checked |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         outcome = r["outcome"] + (f" ({r['kind']})" if r.get("kind") else "")
         pause = f"{r['pause_us_median']} / {r['pause_us_max']}" if "pause_us_median" in r else "-"
-        out.append(f"| {r['patch']} | {', '.join(r['cve'])} | {r['variant']} | {outcome} | {', '.join(r.get('functions', [])) or '-'} | {pause} | {r.get('requests', '-')} | {'yes' if r.get('behaviour_checked') else '-'} |")
+        out.append(f"| {r.get('package', 'nginx')} | {r['patch']} | {', '.join(r['cve'])} | {r['variant']} | {outcome} | {', '.join(r.get('functions', [])) or '-'} | {pause} | {r.get('requests', '-')} | {'yes' if r.get('behaviour_checked') else '-'} |")
     return "\n".join(out)
 
 
@@ -324,8 +470,15 @@ def main():
     a = ap.parse_args()
     if not os.access(a.livepatch, os.X_OK):
         sys.exit(f"corpus: {a.livepatch} missing: cargo build --release -p livepatch-cli")
-    pairs = sorted(glob.glob(os.path.join(CACHE, "corpus", "nginx-*", "*", "*", "manifest.json")))
-    pairs = [os.path.dirname(p) for p in pairs]
+    # <pkg>-<debver>/<patch>/<variant>/manifest.json of every package run.py knows how to run
+    pairs = []
+    for m in sorted(glob.glob(os.path.join(CACHE, "corpus", "*-*", "*", "*", "manifest.json"))):
+        try:
+            package = json.load(open(m)).get("package", "nginx")
+        except (OSError, ValueError):
+            continue
+        if package in DAEMONS and os.path.basename(os.path.dirname(os.path.dirname(os.path.dirname(m)))).startswith(package + "-"):
+            pairs.append(os.path.dirname(m))
     if a.only:
         pairs = [p for p in pairs if os.path.basename(os.path.dirname(p)) in a.only]
     if a.variant:
@@ -338,7 +491,7 @@ def main():
         row = run_pair(a.livepatch, p, a.keep_going)
         row["seconds"] = round(time.monotonic() - t0, 1)
         rows.append(row)
-        print(f"corpus: {row['patch']:<22} {row['variant']:<9} {row['outcome']:<17} {row.get('kind') or ''} "
+        print(f"corpus: {row['package']:<8} {row['patch']:<22} {row['variant']:<9} {row['outcome']:<17} {row.get('kind') or ''} "
               f"{','.join(row.get('functions', []))} {row.get('detail', '')[:300]}", flush=True)
     counts = {}
     for r in rows:
