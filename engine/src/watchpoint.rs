@@ -119,7 +119,7 @@ pub fn wait_inactive(v: &View, guarded: &[Guarded], timeout: Duration) -> Result
             Some(a) => {
                 drop(stopped);
                 if start.elapsed() >= timeout {
-                    return Err(blocked(&a, timeout));
+                    return Err(blocked(&a, timeout, Strategy::Wait));
                 }
                 std::thread::sleep(backoff.min(timeout.saturating_sub(start.elapsed())));
                 backoff = (backoff * 2).min(Duration::from_millis(100));
@@ -128,11 +128,14 @@ pub fn wait_inactive(v: &View, guarded: &[Guarded], timeout: Duration) -> Result
     }
 }
 
-pub fn blocked(a: &Activation, timeout: Duration) -> Error {
-    Error::Blocked(format!(
-        "{a} for {:.1} s (the timeout); the target is unchanged. Retry later, use --strategy trap, or restart the process offline to get the fix",
-        timeout.as_secs_f64()
-    ))
+/// Old code stayed active until the timeout. The advice depends on the strategy: `trap`
+/// already waited for the exact moment the code was left, so only a restart helps.
+pub fn blocked(a: &Activation, timeout: Duration, strategy: Strategy) -> Error {
+    let advice = match strategy {
+        Strategy::Wait => "Retry later, use --strategy trap, or restart the process offline to get the fix",
+        Strategy::Trap => "The code never left the old function (a loop that does not return?): restart the process offline to get the fix, or patch the functions it calls instead (--function)",
+    };
+    Error::Blocked(format!("{a} for {:.1} s (the timeout); the target is unchanged. {advice}", timeout.as_secs_f64()))
 }
 
 mod perf;

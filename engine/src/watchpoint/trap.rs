@@ -242,7 +242,7 @@ pub fn trap_inactive(v: &View, guarded: &[Guarded], entries: &[Entry], timeout: 
         if Instant::now() >= deadline {
             let a = first.or_else(|| find_activation(v, &s, guarded).ok().flatten());
             return Err(match a {
-                Some(a) => super::blocked(&a, timeout),
+                Some(a) => super::blocked(&a, timeout, super::Strategy::Trap),
                 None => Error::Blocked(format!("old code stayed active for {:.1} s; the target is unchanged", timeout.as_secs_f64())),
             });
         }
