@@ -10,9 +10,13 @@
 //!
 //! The doc comments on every field become the descriptions in the generated CRD schema, so they are
 //! written for the person reading `kubectl explain livepatch.spec`.
+//!
+//! [`Reason`] is every machine-readable reason the two components write (task status, LivePatch
+//! conditions, events): one enum, serialised as its CamelCase name.
 
 mod common;
 mod livepatch;
+mod reason;
 mod task;
 
 pub use common::{KeyRef, PatchBundle, Strategy, TargetExecutable};
@@ -20,6 +24,7 @@ pub use livepatch::{
     LivePatch, LivePatchPhase, LivePatchSpec, LivePatchStatus, RestartRequiredTarget, Rollout, Safety,
     TargetCounts,
 };
+pub use reason::{Reason, UnknownReason};
 pub use task::{LivePatchTask, LivePatchTaskSpec, LivePatchTaskStatus, TargetPhase, TaskAction};
 
 /// The API group of both kinds.

@@ -4,7 +4,10 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{PatchBundle, Strategy, TargetExecutable};
+use crate::{
+    common::{PatchBundle, Strategy, TargetExecutable},
+    Reason,
+};
 
 /// The work for one target pod. Written by the operator (owned by the LivePatch, labelled
 /// `livepatch.dev/node=<node>`); its status is written only by the node agent of that node.
@@ -112,6 +115,8 @@ pub struct LivePatchTaskStatus {
 
     /// Machine-readable reason in CamelCase (e.g. `BuildIDMismatch`, `ProcedureActive`,
     /// `DataLayoutChanged`, `TooManyPatches`).
+    // A string on the wire (a reason of another agent version still reads); written and read in
+    // code as a [`Reason`] (see [`LivePatchTaskStatus::known_reason`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 
@@ -144,6 +149,14 @@ pub enum TargetPhase {
     RestartRequired,
     /// The original code runs again (or nothing had been applied).
     Reverted,
+}
+
+impl LivePatchTaskStatus {
+    /// The reason as a [`Reason`]; `None` when there is none or it is one this version does not
+    /// know (written by another version of the agent).
+    pub fn known_reason(&self) -> Option<Reason> {
+        self.reason.as_deref()?.parse().ok()
+    }
 }
 
 impl TargetPhase {
