@@ -259,7 +259,7 @@ async fn execute(lp: &LivePatch, ctx: &Context, plan: &Plan) -> Result<(), Error
     for note in &plan.notes {
         let event = KubeEvent {
             type_: if note.warning { EventType::Warning } else { EventType::Normal },
-            reason: note.reason.clone(),
+            reason: note.reason.as_str().to_string(),
             note: Some(truncate(&note.note, 1000)),
             action: note.action.clone(),
             secondary: note.pod.as_ref().map(|(pod, uid)| ObjectReference {

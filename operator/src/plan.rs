@@ -12,7 +12,7 @@ use kube::{Resource, ResourceExt};
 use livepatch_api::{
     LivePatch, LivePatchPhase, LivePatchStatus, LivePatchTask, LivePatchTaskSpec, LivePatchTaskStatus,
     RestartRequiredTarget, TargetCounts, TargetPhase, TaskAction, FORCE_RELEASE_ANNOTATION, LIVEPATCH_LABEL,
-    MANAGED_BY_LABEL, NODE_LABEL, OPERATOR_NAME,
+    MANAGED_BY_LABEL, NODE_LABEL, OPERATOR_NAME, Reason,
 };
 use sha2::{Digest, Sha256};
 
@@ -44,8 +44,8 @@ pub struct Observed {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Note {
     pub warning: bool,
-    /// CamelCase reason, e.g. `Dispatched`.
-    pub reason: String,
+    /// The event's reason, e.g. `Dispatched`.
+    pub reason: Reason,
     /// What the operator did, e.g. `Dispatch`.
     pub action: String,
     pub note: String,
@@ -54,10 +54,10 @@ pub struct Note {
 }
 
 impl Note {
-    fn normal(reason: &str, action: &str, note: impl Into<String>) -> Self {
-        Self { warning: false, reason: reason.into(), action: action.into(), note: note.into(), pod: None }
+    fn normal(reason: Reason, action: &str, note: impl Into<String>) -> Self {
+        Self { warning: false, reason, action: action.into(), note: note.into(), pod: None }
     }
-    fn warning(reason: &str, action: &str, note: impl Into<String>) -> Self {
+    fn warning(reason: Reason, action: &str, note: impl Into<String>) -> Self {
         Self { warning: true, ..Self::normal(reason, action, note) }
     }
     fn about(self, spec: &LivePatchTaskSpec) -> Self {
@@ -290,7 +290,7 @@ pub fn plan_apply(lp: &LivePatch, observed: &Observed, now: Timestamp) -> Plan {
         match existing {
             None => plan.notes.push(
                 Note::normal(
-                    "Dispatched",
+                    Reason::Dispatched,
                     "Dispatch",
                     format!("dispatched the patch to pod {} on node {}", task.spec.pod_name, task.spec.node_name),
                 )
@@ -313,7 +313,7 @@ pub fn plan_apply(lp: &LivePatch, observed: &Observed, now: Timestamp) -> Plan {
             if task.spec.action != TaskAction::Revert {
                 plan.notes.push(
                     Note::normal(
-                        "RevertingTarget",
+                        Reason::RevertingTarget,
                         "Revert",
                         format!("pod {} is no longer a target: reverting the patch there", task.spec.pod_name),
                     )
@@ -332,7 +332,7 @@ pub fn plan_apply(lp: &LivePatch, observed: &Observed, now: Timestamp) -> Plan {
 fn redispatch_note(old: &LivePatchTask, new: &LivePatchTaskSpec) -> Option<Note> {
     let note = if old.spec.pod_uid == new.pod_uid && old.spec.container_id != new.container_id {
         Note::normal(
-            "Redispatched",
+            Reason::Redispatched,
             "Dispatch",
             format!(
                 "container {} of pod {} restarted (new container id): dispatching the patch again",
@@ -341,7 +341,7 @@ fn redispatch_note(old: &LivePatchTask, new: &LivePatchTaskSpec) -> Option<Note>
         )
     } else if old.spec.pod_uid != new.pod_uid {
         Note::normal(
-            "Redispatched",
+            Reason::Redispatched,
             "Dispatch",
             format!("pod {} was recreated: dispatching the patch again", new.pod_name),
         )
@@ -366,11 +366,11 @@ fn apply_status(lp: &LivePatch, tally: Tally, now: &Timestamp) -> LivePatchStatu
     };
     let patched_msg = format!("{} of {} targets patched", c.patched, c.targets);
     let (ready, ready_reason) = match phase {
-        LivePatchPhase::Applied => (true, "AllTargetsPatched"),
-        LivePatchPhase::Pending => (false, "NoTargets"),
-        LivePatchPhase::Progressing => (false, "Progressing"),
-        LivePatchPhase::Degraded => (false, "TargetsFailed"),
-        LivePatchPhase::RestartRequired | LivePatchPhase::Reverting => (false, "RestartRequired"),
+        LivePatchPhase::Applied => (true, Reason::AllTargetsPatched),
+        LivePatchPhase::Pending => (false, Reason::NoTargets),
+        LivePatchPhase::Progressing => (false, Reason::Progressing),
+        LivePatchPhase::Degraded => (false, Reason::TargetsFailed),
+        LivePatchPhase::RestartRequired | LivePatchPhase::Reverting => (false, Reason::RestartRequired),
     };
     let progressing = c.pending > 0 || tally.reverting > 0;
     let progressing_msg = if progressing {
@@ -394,7 +394,7 @@ fn apply_status(lp: &LivePatch, tally: Tally, now: &Timestamp) -> LivePatchStatu
             old,
             PROGRESSING,
             progressing,
-            if progressing { "Dispatching" } else { "RolloutComplete" },
+            if progressing { Reason::Dispatching } else { Reason::RolloutComplete },
             progressing_msg,
             generation,
             now,
@@ -403,7 +403,7 @@ fn apply_status(lp: &LivePatch, tally: Tally, now: &Timestamp) -> LivePatchStatu
             old,
             DEGRADED,
             !tally.problems.is_empty(),
-            if tally.problems.is_empty() { "AsExpected" } else { "TargetsFailed" },
+            if tally.problems.is_empty() { Reason::AsExpected } else { Reason::TargetsFailed },
             list(&tally.problems),
             generation,
             now,
@@ -412,7 +412,7 @@ fn apply_status(lp: &LivePatch, tally: Tally, now: &Timestamp) -> LivePatchStatu
             old,
             RESTART_REQUIRED,
             !restart_msg.is_empty(),
-            if restart_msg.is_empty() { "AsExpected" } else { "OfflineRestartRequired" },
+            if restart_msg.is_empty() { Reason::AsExpected } else { Reason::OfflineRestartRequired },
             list(&restart_msg),
             generation,
             now,
@@ -434,7 +434,7 @@ pub fn plan_cleanup(lp: &LivePatch, observed: &Observed, now: Timestamp) -> Plan
         return Plan {
             status: lp.status.clone().unwrap_or_default(),
             notes: vec![Note::warning(
-                "ForceReleased",
+                Reason::ForceReleased,
                 "Release",
                 format!(
                     "{FORCE_RELEASE_ANNOTATION} is set: released without waiting for {} target(s) to be reverted",
@@ -473,21 +473,21 @@ pub fn plan_cleanup(lp: &LivePatch, observed: &Observed, now: Timestamp) -> Plan
     let old = lp.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or(&[]);
     let generation = lp.metadata.generation;
     let msg = format!("{} of {} targets reverted or gone", counts.reverted, counts.targets);
-    let degraded_reason = if problems.is_empty() { "AsExpected" } else { "RevertFailed" };
+    let degraded_reason = if problems.is_empty() { Reason::AsExpected } else { Reason::RevertFailed };
     plan.status = LivePatchStatus {
         observed_generation: generation,
         phase: Some(LivePatchPhase::Reverting),
         conditions: vec![
-            condition(old, READY, false, "Reverting", msg.clone(), generation, &now),
-            condition(old, PROGRESSING, true, "Reverting", msg.clone(), generation, &now),
+            condition(old, READY, false, Reason::Reverting, msg.clone(), generation, &now),
+            condition(old, PROGRESSING, true, Reason::Reverting, msg.clone(), generation, &now),
             condition(old, DEGRADED, !problems.is_empty(), degraded_reason, list(&problems), generation, &now),
-            condition(old, RESTART_REQUIRED, false, "Reverting", String::new(), generation, &now),
+            condition(old, RESTART_REQUIRED, false, Reason::Reverting, String::new(), generation, &now),
         ],
         counts,
         restart_required: vec![],
     };
     plan.notes = if plan.release {
-        vec![Note::normal("Released", "Release", format!("{msg}: released"))]
+        vec![Note::normal(Reason::Released, "Release", format!("{msg}: released"))]
     } else {
         transition_notes(lp.status.as_ref(), &plan.status)
     };
@@ -536,15 +536,15 @@ pub fn plan_invalid_selector(lp: &LivePatch, error: &str, now: Timestamp) -> Pla
         counts: TargetCounts::default(),
         restart_required: vec![],
         conditions: vec![
-            condition(old, READY, false, "InvalidSelector", msg.clone(), generation, &now),
-            condition(old, PROGRESSING, false, "InvalidSelector", msg.clone(), generation, &now),
-            condition(old, DEGRADED, true, "InvalidSelector", msg.clone(), generation, &now),
-            condition(old, RESTART_REQUIRED, false, "AsExpected", String::new(), generation, &now),
+            condition(old, READY, false, Reason::InvalidSelector, msg.clone(), generation, &now),
+            condition(old, PROGRESSING, false, Reason::InvalidSelector, msg.clone(), generation, &now),
+            condition(old, DEGRADED, true, Reason::InvalidSelector, msg.clone(), generation, &now),
+            condition(old, RESTART_REQUIRED, false, Reason::AsExpected, String::new(), generation, &now),
         ],
     };
     let mut notes = vec![];
-    if !is_true_with_reason(lp.status.as_ref(), DEGRADED, "InvalidSelector") {
-        notes.push(Note::warning("InvalidSelector", "Resolve", msg));
+    if !is_true_with_reason(lp.status.as_ref(), DEGRADED, Reason::InvalidSelector) {
+        notes.push(Note::warning(Reason::InvalidSelector, "Resolve", msg));
     }
     Plan { status, notes, ..Plan::default() }
 }
@@ -554,7 +554,7 @@ pub fn condition(
     old: &[Condition],
     type_: &str,
     status: bool,
-    reason: &str,
+    reason: Reason,
     message: String,
     observed_generation: Option<i64>,
     now: &Timestamp,
@@ -568,7 +568,7 @@ pub fn condition(
     Condition {
         type_: type_.to_string(),
         status,
-        reason: reason.to_string(),
+        reason: reason.as_str().to_string(),
         message,
         observed_generation,
         last_transition_time,
@@ -583,8 +583,8 @@ fn is_true(status: Option<&LivePatchStatus>, type_: &str) -> bool {
     find(status, type_).is_some_and(|c| c.status == "True")
 }
 
-fn is_true_with_reason(status: Option<&LivePatchStatus>, type_: &str, reason: &str) -> bool {
-    find(status, type_).is_some_and(|c| c.status == "True" && c.reason == reason)
+fn is_true_with_reason(status: Option<&LivePatchStatus>, type_: &str, reason: Reason) -> bool {
+    find(status, type_).is_some_and(|c| c.status == "True" && c.reason.parse() == Ok(reason))
 }
 
 /// Events worth a person's attention, from the change between the old and the new status.
@@ -593,21 +593,21 @@ pub fn transition_notes(old: Option<&LivePatchStatus>, new: &LivePatchStatus) ->
     let old_phase = old.and_then(|s| s.phase);
     if new.phase == Some(LivePatchPhase::Applied) && old_phase != Some(LivePatchPhase::Applied) {
         notes.push(Note::normal(
-            "Applied",
+            Reason::Applied,
             "Aggregate",
             format!("all {} target(s) patched", new.counts.targets),
         ));
     }
     if new.phase == Some(LivePatchPhase::Reverting) && old_phase != Some(LivePatchPhase::Reverting) {
         notes.push(Note::normal(
-            "Reverting",
+            Reason::Reverting,
             "Revert",
             format!("LivePatch deleted: asking the agents to revert {} target(s)", new.counts.targets),
         ));
     }
-    for (type_, reason) in [(DEGRADED, "Degraded"), (RESTART_REQUIRED, "RestartRequired")] {
+    for (type_, reason) in [(DEGRADED, Reason::Degraded), (RESTART_REQUIRED, Reason::RestartRequired)] {
         if let Some(c) = find(Some(new), type_).filter(|c| c.status == "True") {
-            if !is_true(old, type_) && c.reason != "InvalidSelector" {
+            if !is_true(old, type_) && c.reason.parse() != Ok(Reason::InvalidSelector) {
                 notes.push(Note::warning(reason, "Aggregate", c.message.clone()));
             }
         }
