@@ -33,13 +33,13 @@ use kube::{
     Client, ResourceExt,
 };
 use livepatch::{apply, bundle::Bundle};
-use livepatch_api::{LivePatchTask, LivePatchTaskStatus, TargetPhase, TaskAction, NODE_LABEL, RESTART_REQUIRED_LABEL};
+use livepatch_api::{LivePatchTask, LivePatchTaskStatus, Reason, TargetPhase, TaskAction, NODE_LABEL, RESTART_REQUIRED_LABEL};
 use serde_json::json;
 use tokio::{sync::Semaphore, task::JoinSet};
 use tracing::{debug, info, instrument, warn};
 
 use crate::{
-    discovery::{parse_container_id, Discovery, DiscoveryError, Found, Query},
+    discovery::{parse_container_id, Discovery, DiscoveryError, Found, Query, SkipKind},
     engine::{self, Engine, Outcome},
     fetch::Fetcher,
     metrics::Metrics,
@@ -49,22 +49,25 @@ use crate::{
 /// Field manager of every write, and the reporting component's name.
 pub const AGENT_NAME: &str = "livepatch-agent";
 
-/// Failure reasons that trying again does not fix (the task or the pod must change).
-const FINAL_REASONS: &[&str] = &[
-    "BuildIDMismatch",
-    "NoMatchingProcess",
-    "BundleDoesNotFit",
-    "BundleInvalid",
-    "BundleSignatureInvalid",
-    "BundleSignerUntrusted",
-    "BundleTargetMismatch",
-    "DataLayoutChanged",
-    "LiveUpdateRefused",
-    "PermissionDenied",
-    "InvalidTask",
-    "PodOnAnotherNode",
-    "ContainerNotRunning",
-];
+/// A failure that trying again does not fix (the task or the pod must change).
+fn is_final(reason: Reason) -> bool {
+    matches!(
+        reason,
+        Reason::BuildIDMismatch
+            | Reason::NoMatchingProcess
+            | Reason::BundleDoesNotFit
+            | Reason::BundleInvalid
+            | Reason::BundleSignatureInvalid
+            | Reason::BundleSignerUntrusted
+            | Reason::BundleTargetMismatch
+            | Reason::DataLayoutChanged
+            | Reason::LiveUpdateRefused
+            | Reason::PermissionDenied
+            | Reason::InvalidTask
+            | Reason::PodOnAnotherNode
+            | Reason::ContainerNotRunning
+    )
+}
 
 /// Everything a reconcile needs.
 pub struct Context {
@@ -187,13 +190,14 @@ fn current_status(task: &LivePatchTask) -> Option<&LivePatchTaskStatus> {
 /// Nothing more to do for this task content, whatever triggered the reconcile.
 fn settled(task: &LivePatchTask, max_attempts: i32) -> bool {
     let Some(s) = current_status(task) else { return false };
-    let reason = s.reason.as_deref().unwrap_or("");
+    let reason = s.known_reason();
     match (task.spec.action, s.phase) {
         (TaskAction::Revert, TargetPhase::Reverted) => true,
         (TaskAction::Revert, _) => false,
         (TaskAction::Apply, TargetPhase::Applied | TargetPhase::Pending | TargetPhase::Blocked | TargetPhase::Reverted) => false,
-        (TaskAction::Apply, TargetPhase::RestartRequired) => reason != "TooManyPatches",
-        (TaskAction::Apply, TargetPhase::Failed) => s.attempts >= max_attempts || FINAL_REASONS.contains(&reason),
+        // Too many stacked patches: looked at again after the re-check period.
+        (TaskAction::Apply, TargetPhase::RestartRequired) => reason != Some(Reason::TooManyPatches),
+        (TaskAction::Apply, TargetPhase::Failed) => s.attempts >= max_attempts || reason.is_some_and(is_final),
     }
 }
 
@@ -270,15 +274,15 @@ pub async fn reconcile(task: Arc<LivePatchTask>, ctx: Arc<Context>) -> Result<Ac
     let work = Work::new(&task, &ctx, &ns);
     match (task.spec.action, check_pod(&task, pod, &ctx.node)) {
         (_, PodCheck::Elsewhere(msg)) => {
-            let v = Verdict::early(TargetPhase::Failed, "PodOnAnotherNode", msg, Next::Settled);
+            let v = Verdict::early(TargetPhase::Failed, Reason::PodOnAnotherNode, msg, Next::Settled);
             work.finish(v, true, None).await
         }
         (TaskAction::Apply, PodCheck::Gone(msg)) | (TaskAction::Apply, PodCheck::OtherContainer(_, msg)) => {
-            let v = Verdict::early(TargetPhase::Pending, "ContainerNotCurrent", msg, Next::Settled);
+            let v = Verdict::early(TargetPhase::Pending, Reason::ContainerNotCurrent, msg, Next::Settled);
             work.finish(v, false, None).await
         }
         (TaskAction::Revert, PodCheck::Gone(msg)) => {
-            let v = Verdict::early(TargetPhase::Reverted, "PodGone", format!("{msg}: nothing runs the patch"), Next::Settled);
+            let v = Verdict::early(TargetPhase::Reverted, Reason::PodGone, format!("{msg}: nothing runs the patch"), Next::Settled);
             work.finish(v, false, None).await
         }
         (TaskAction::Apply, PodCheck::Current(pod)) => work.apply(pod).await,
@@ -350,7 +354,7 @@ impl<'a> Work<'a> {
         let after = match (verdict.next, status.phase) {
             (Next::Retry, _) => Some(self.ctx.retry_after(attempts)),
             (Next::Settled, TargetPhase::Applied) => Some(self.ctx.resync),
-            (Next::Settled, TargetPhase::RestartRequired) if status.reason.as_deref() == Some("TooManyPatches") => Some(self.ctx.resync),
+            (Next::Settled, TargetPhase::RestartRequired) if verdict.reason == Some(Reason::TooManyPatches) => Some(self.ctx.resync),
             _ => None,
         };
         self.ctx.schedule(self.task, after);
@@ -423,7 +427,7 @@ impl<'a> Work<'a> {
                 let phase = if self.last_attempt() || e.is_signature() { TargetPhase::Failed } else { TargetPhase::Pending };
                 if e.is_signature() {
                     self.ctx.metrics.error("signature");
-                    warn!(reason = e.reason(), error = %e, "bundle refused by the signature policy");
+                    warn!(reason = %e.reason(), error = %e, "bundle refused by the signature policy");
                 } else {
                     self.ctx.metrics.error("fetch");
                 }
@@ -436,7 +440,7 @@ impl<'a> Work<'a> {
         if bundle_build_id != spec.target.build_id {
             let v = Verdict::early(
                 TargetPhase::Failed,
-                "BundleTargetMismatch",
+                Reason::BundleTargetMismatch,
                 format!("the bundle was built for build id {bundle_build_id}, the LivePatch names {}", spec.target.build_id),
                 Next::Settled,
             );
@@ -444,17 +448,23 @@ impl<'a> Work<'a> {
         }
         let query = match self.query(Some(bundle_build_id), false) {
             Ok(q) => q,
-            Err(e) => return self.finish(Verdict::early(TargetPhase::Failed, "InvalidTask", e.to_string(), Next::Settled), true, Some(&pod)).await,
+            Err(e) => return self.finish(Verdict::early(TargetPhase::Failed, Reason::InvalidTask, e.to_string(), Next::Settled), true, Some(&pod)).await,
         };
         let found = match self.find(&query).await? {
             Ok(found) => found,
             Err(v) => return self.finish(v, true, Some(&pod)).await,
         };
         if found.targets.is_empty() && !found.container_absent() {
-            let any_build = found.skipped.iter().any(|s| s.reason.contains("build id"));
+            let any = |kind: SkipKind| found.skipped.iter().any(|s| s.kind == kind);
             let detail = found.skipped.iter().map(|s| format!("pid {}: {}", s.pid, s.reason)).collect::<Vec<_>>().join("; ");
-            let reason = if any_build { "BuildIDMismatch" } else { "NoMatchingProcess" };
-            self.ctx.metrics.error(if any_build { "build_id_mismatch" } else { "no_matching_process" });
+            let (reason, metric) = if any(SkipKind::OtherBuild) {
+                (Reason::BuildIDMismatch, "build_id_mismatch")
+            } else if any(SkipKind::PermissionDenied) {
+                (Reason::PermissionDenied, "permission")
+            } else {
+                (Reason::NoMatchingProcess, "no_matching_process")
+            };
+            self.ctx.metrics.error(metric);
             let v = Verdict::early(TargetPhase::Failed, reason, format!("no process of the container runs the bundle's executable: {detail}"), Next::Settled);
             return self.finish(v, true, Some(&pod)).await;
         }
@@ -463,7 +473,7 @@ impl<'a> Work<'a> {
             let pids: Vec<i64> = found.targets.iter().map(|t| i64::from(t.pid)).collect();
             let v = Verdict {
                 pids,
-                ..Verdict::early(TargetPhase::Pending, "Applying", format!("applying {} to {} process(es)", self.patch_id, found.targets.len()), Next::Retry)
+                ..Verdict::early(TargetPhase::Pending, Reason::Applying, format!("applying {} to {} process(es)", self.patch_id, found.targets.len()), Next::Retry)
             };
             let status = v.status(self.generation, &spec.container_id, self.this_attempt(), &self.patch_id);
             self.write(&status).await?;
@@ -478,7 +488,7 @@ impl<'a> Work<'a> {
     async fn revert(self, pod: Pod, pod_in_cgroup: bool) -> Result<Action, Error> {
         let query = match self.query(Some(self.task.spec.target.build_id.clone()), pod_in_cgroup) {
             Ok(q) => q,
-            Err(e) => return self.finish(Verdict::early(TargetPhase::Failed, "InvalidTask", e.to_string(), Next::Settled), true, Some(&pod)).await,
+            Err(e) => return self.finish(Verdict::early(TargetPhase::Failed, Reason::InvalidTask, e.to_string(), Next::Settled), true, Some(&pod)).await,
         };
         let found = match self.find(&query).await? {
             Ok(found) => found,
@@ -501,9 +511,9 @@ impl<'a> Work<'a> {
                 let v = match e {
                     DiscoveryError::ProcUnreadable { .. } => {
                         let next = if self.last_attempt() { Next::Settled } else { Next::Retry };
-                        Verdict::early(TargetPhase::Failed, "ProcUnreadable", format!("{e} (the agent needs hostPID: true)"), next)
+                        Verdict::early(TargetPhase::Failed, Reason::ProcUnreadable, format!("{e} (the agent needs hostPID: true)"), next)
                     }
-                    _ => Verdict::early(TargetPhase::Failed, "InvalidTask", e.to_string(), Next::Settled),
+                    _ => Verdict::early(TargetPhase::Failed, Reason::InvalidTask, e.to_string(), Next::Settled),
                 };
                 return Ok(Err(v));
             }
@@ -541,7 +551,7 @@ impl<'a> Work<'a> {
                 Outcome::Reverted { was_applied: true, pause_us, .. } => self.ctx.metrics.observe_engine("revert", Duration::ZERO, *pause_us),
                 Outcome::Failed { pid, failure } => {
                     self.ctx.metrics.error(failure.kind);
-                    warn!(pid, reason = failure.reason, message = %failure.message, "engine");
+                    warn!(pid, reason = %failure.reason, message = %failure.message, "engine");
                 }
                 Outcome::Gone { pid, why } => {
                     self.ctx.metrics.error("process_gone");

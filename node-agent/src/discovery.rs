@@ -65,7 +65,28 @@ pub struct Target {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Skipped {
     pub pid: i32,
+    /// Why, for the program.
+    pub kind: SkipKind,
+    /// Why, for people.
     pub reason: String,
+}
+
+/// Why a process of the container is not a target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SkipKind {
+    /// It exited, is a kernel thread, or its `stat` cannot be read.
+    NotRunning,
+    /// The agent may not read its executable (`EACCES`/`EPERM`: no `CAP_SYS_PTRACE`, or no
+    /// `hostPID`).
+    PermissionDenied,
+    /// Its executable cannot be read or is not an executable the engine reads.
+    Unreadable,
+    /// It runs another build: another GNU build id than the bundle's, or none.
+    OtherBuild,
+    /// It does not run the task's path.
+    OtherPath,
+    /// Its cgroup names the container under another pod's UID.
+    OtherPod,
 }
 
 /// The outcome of a scan.
@@ -252,6 +273,7 @@ impl Discovery {
                 Membership::OtherPod(uid) => {
                     found.other_pod.push(Skipped {
                         pid,
+                        kind: SkipKind::OtherPod,
                         reason: format!("its cgroup names container {} under pod {uid}, not pod {}", query.container_id, query.pod_uid),
                     });
                     continue;
@@ -261,13 +283,13 @@ impl Discovery {
             let start_time = match read_start_time(&dir) {
                 Ok(t) => t,
                 Err(reason) => {
-                    found.skipped.push(Skipped { pid, reason });
+                    found.skipped.push(Skipped { pid, kind: SkipKind::NotRunning, reason });
                     continue;
                 }
             };
             match self.check_executable(pid, query) {
                 Ok(build_id) => found.targets.push(Target { pid, start_time, build_id }),
-                Err(reason) => found.skipped.push(Skipped { pid, reason }),
+                Err((kind, reason)) => found.skipped.push(Skipped { pid, kind, reason }),
             }
         }
         Ok(found)
@@ -275,29 +297,30 @@ impl Discovery {
 
     /// The executable tests: build id, and the path inside the container's root. Returns the
     /// build id.
-    fn check_executable(&self, pid: i32, query: &Query) -> Result<Option<String>, String> {
+    fn check_executable(&self, pid: i32, query: &Query) -> Result<Option<String>, (SkipKind, String)> {
         let dir = self.pid_dir(pid);
         let exe = dir.join("exe");
         let build_id = livepatch::elf::build_id_of(&exe).map_err(|e| {
-            let text = e.to_string();
-            if text.contains("ermission denied") {
-                format!("cannot read its executable ({text}); the agent needs CAP_SYS_PTRACE (securityContext.capabilities.add: [SYS_PTRACE]) and hostPID: true")
+            // The engine's error says what went wrong in words; whether the agent was refused
+            // access comes from the OS error of opening the file again.
+            if fs::File::open(&exe).is_err_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied) {
+                (SkipKind::PermissionDenied, format!("cannot read its executable ({e}); the agent needs CAP_SYS_PTRACE (securityContext.capabilities.add: [SYS_PTRACE]) and hostPID: true"))
             } else {
-                format!("cannot read its executable: {text}")
+                (SkipKind::Unreadable, format!("cannot read its executable: {e}"))
             }
         })?;
         if let Some(want) = &query.build_id {
             match &build_id {
                 Some(have) if have == want => {}
-                Some(have) => return Err(format!("runs build id {have}, the bundle is for {want}")),
-                None => return Err(format!("its executable has no GNU build id, the bundle is for {want}")),
+                Some(have) => return Err((SkipKind::OtherBuild, format!("runs build id {have}, the bundle is for {want}"))),
+                None => return Err((SkipKind::OtherBuild, format!("its executable has no GNU build id, the bundle is for {want}"))),
             }
         }
         if let Some(path) = &query.path {
-            let exe_meta = fs::metadata(&exe).map_err(|e| format!("cannot stat its executable: {e}"))?;
-            let in_root = stat_in_root(&dir.join("root"), path).map_err(|e| format!("{path} inside its root: {e}"))?;
+            let exe_meta = fs::metadata(&exe).map_err(|e| (SkipKind::Unreadable, format!("cannot stat its executable: {e}")))?;
+            let in_root = stat_in_root(&dir.join("root"), path).map_err(|e| (SkipKind::OtherPath, format!("{path} inside its root: {e}")))?;
             if (in_root.dev, in_root.ino) != (exe_meta.dev(), exe_meta.ino()) {
-                return Err(format!("does not run {path} (its executable is another file)"));
+                return Err((SkipKind::OtherPath, format!("does not run {path} (its executable is another file)")));
             }
         }
         Ok(build_id)
@@ -320,7 +343,7 @@ impl Discovery {
             Membership::OtherPod(uid) => return Err(format!("process {} belongs to pod {uid}", target.pid)),
             Membership::NotMember => return Err(format!("process {} is no longer in container {}", target.pid, query.container_id)),
         }
-        let build_id = self.check_executable(target.pid, query).map_err(|e| format!("process {}: {e}", target.pid))?;
+        let build_id = self.check_executable(target.pid, query).map_err(|(_, e)| format!("process {}: {e}", target.pid))?;
         if build_id != target.build_id {
             return Err(format!("process {} changed executable (exec) since discovery", target.pid));
         }
@@ -382,3 +405,5 @@ impl fmt::Display for Target {
 
 #[cfg(test)]
 pub(crate) mod tests;
+#[cfg(test)]
+mod skip_kinds;

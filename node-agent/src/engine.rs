@@ -6,7 +6,8 @@
 
 use std::time::{Duration, Instant};
 
-use livepatch::{apply, bundle::Bundle, revert, status, watchpoint::Strategy};
+use livepatch::{apply, bundle::Bundle, error::RefusalKind, revert, status, watchpoint::Strategy};
+use livepatch_api::Reason;
 
 use crate::discovery::{Discovery, Query, Target};
 
@@ -36,8 +37,8 @@ impl Engine for LiveEngine {
 /// Classified engine failure.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Failure {
-    /// CamelCase reason for the task status.
-    pub reason: &'static str,
+    /// The reason for the task status.
+    pub reason: Reason,
     /// The `kind` label of `livepatch_agent_errors_total`.
     pub kind: &'static str,
     pub message: String,
@@ -47,35 +48,43 @@ pub struct Failure {
     pub retryable: bool,
 }
 
+/// The task reason of an engine refusal.
+pub fn refusal_reason(kind: RefusalKind) -> Reason {
+    match kind {
+        RefusalKind::DataLayout => Reason::DataLayoutChanged,
+        RefusalKind::BuildIdMismatch => Reason::BuildIDMismatch,
+        RefusalKind::CodeMismatch => Reason::BundleDoesNotFit,
+        RefusalKind::FunctionTooShort
+        | RefusalKind::UnsupportedReference
+        | RefusalKind::RegisterContract
+        | RefusalKind::MissingSymbol
+        | RefusalKind::Recorded => Reason::LiveUpdateRefused,
+    }
+}
+
+/// What the agent needs to attach, said where the engine's error does not say it already.
+const PERMISSION_HINT: &str = "the agent needs hostPID: true and securityContext.capabilities.add: [SYS_PTRACE]";
+
 impl Failure {
     pub fn of(e: &livepatch::Error) -> Self {
-        use livepatch::error::RefusalKind;
         use livepatch::Error as E;
         let message = e.to_string();
         let (reason, kind, retryable) = match e {
-            E::BuildIdMismatch { .. } => ("BuildIDMismatch", "build_id_mismatch", false),
-            E::Blocked(_) => ("ProcedureActive", "engine_blocked", true),
-            E::Refused { kind, .. } => match kind {
-                RefusalKind::DataLayout => ("DataLayoutChanged", "engine_refused", false),
-                RefusalKind::BuildIdMismatch => ("BuildIDMismatch", "build_id_mismatch", false),
-                RefusalKind::CodeMismatch => ("BundleDoesNotFit", "engine_refused", false),
-                RefusalKind::FunctionTooShort
-                | RefusalKind::UnsupportedReference
-                | RefusalKind::RegisterContract
-                | RefusalKind::MissingSymbol
-                | RefusalKind::Recorded => ("LiveUpdateRefused", "engine_refused", false),
-            },
-            E::Ptrace { errno: nix_errno, .. } if *nix_errno as i32 == libc::EPERM => ("PermissionDenied", "permission", false),
-            E::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => ("PermissionDenied", "permission", false),
-            E::Process { .. } => ("ProcessError", "engine_other", true),
-            E::Bundle(_) | E::Elf { .. } => ("BundleInvalid", "engine_other", false),
-            _ => ("EngineError", "engine_other", true),
+            E::BuildIdMismatch { .. } => (Reason::BuildIDMismatch, "build_id_mismatch", false),
+            E::Blocked(_) => (Reason::ProcedureActive, "engine_blocked", true),
+            E::Refused { kind, .. } => {
+                let reason = refusal_reason(*kind);
+                (reason, if reason == Reason::BuildIDMismatch { "build_id_mismatch" } else { "engine_refused" }, false)
+            }
+            E::Ptrace { errno: nix_errno, .. } if *nix_errno as i32 == libc::EPERM => (Reason::PermissionDenied, "permission", false),
+            E::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => (Reason::PermissionDenied, "permission", false),
+            E::Process { .. } => (Reason::ProcessError, "engine_other", true),
+            E::Bundle(_) | E::Elf { .. } => (Reason::BundleInvalid, "engine_other", false),
+            _ => (Reason::EngineError, "engine_other", true),
         };
-        let message = if kind == "permission" && !message.contains("securityContext") {
-            format!("{message} (the agent needs hostPID: true and securityContext.capabilities.add: [SYS_PTRACE])")
-        } else {
-            message
-        };
+        // A ptrace EPERM carries the engine's own advice; an I/O permission error does not.
+        let engine_advised = matches!(e, E::Ptrace { advice, .. } if !advice.is_empty());
+        let message = if reason == Reason::PermissionDenied && !engine_advised { format!("{message} ({PERMISSION_HINT})") } else { message };
         Failure { reason, kind, message, restart_required: e.restart_required(), retryable }
     }
 }
@@ -200,5 +209,56 @@ pub fn strategy(s: livepatch_api::Strategy) -> Strategy {
     match s {
         livepatch_api::Strategy::Trap => Strategy::Trap,
         livepatch_api::Strategy::Wait => Strategy::Wait,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every engine refusal kind has its task reason; only the build-id and code mismatches are
+    /// not "restart to get the fix".
+    #[test]
+    fn every_refusal_kind_maps_to_its_reason() {
+        use RefusalKind as K;
+        let all = [
+            (K::DataLayout, Reason::DataLayoutChanged),
+            (K::BuildIdMismatch, Reason::BuildIDMismatch),
+            (K::CodeMismatch, Reason::BundleDoesNotFit),
+            (K::FunctionTooShort, Reason::LiveUpdateRefused),
+            (K::UnsupportedReference, Reason::LiveUpdateRefused),
+            (K::RegisterContract, Reason::LiveUpdateRefused),
+            (K::MissingSymbol, Reason::LiveUpdateRefused),
+            (K::Recorded, Reason::LiveUpdateRefused),
+        ];
+        for (kind, reason) in all {
+            assert_eq!(refusal_reason(kind), reason, "{kind:?}");
+            let f = Failure::of(&livepatch::Error::refused_kind(kind, "no"));
+            assert_eq!((f.reason, f.retryable, f.restart_required), (reason, false, true), "{kind:?}");
+            let metric = if kind == K::BuildIdMismatch { "build_id_mismatch" } else { "engine_refused" };
+            assert_eq!(f.kind, metric, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn other_engine_errors_map_to_their_reason() {
+        use livepatch::Error as E;
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let cases = [
+            (E::BuildIdMismatch { pid: 1, expected: "aa".into(), found: "bb".into() }, Reason::BuildIDMismatch, false),
+            (E::Blocked("active".into()), Reason::ProcedureActive, true),
+            (E::io("reading /proc/7/mem", denied), Reason::PermissionDenied, false),
+            (E::Process { pid: 7, msg: "exited".into() }, Reason::ProcessError, true),
+            (E::Bundle("truncated".into()), Reason::BundleInvalid, false),
+            (E::Other("?".into()), Reason::EngineError, true),
+        ];
+        for (e, reason, retryable) in cases {
+            let f = Failure::of(&e);
+            assert_eq!((f.reason, f.retryable), (reason, retryable), "{e}");
+            if reason == Reason::PermissionDenied {
+                // Said once (a ptrace EPERM carries the engine's own advice instead).
+                assert_eq!(f.message.matches("securityContext").count(), 1, "{}", f.message);
+            }
+        }
     }
 }

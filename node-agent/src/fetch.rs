@@ -29,7 +29,7 @@ use livepatch::{
     bundle::Bundle,
     signature::{self, SignatureError, TrustedKeys},
 };
-use livepatch_api::PatchBundle;
+use livepatch_api::{PatchBundle, Reason};
 use sha2::{Digest, Sha256};
 
 /// Default size limit of a bundle.
@@ -67,16 +67,16 @@ pub enum FetchError {
 }
 
 impl FetchError {
-    /// The CamelCase reason for the task status.
-    pub fn reason(&self) -> &'static str {
+    /// The reason for the task status.
+    pub fn reason(&self) -> Reason {
         match self {
-            FetchError::DigestMismatch { .. } => "BundleDigestMismatch",
-            FetchError::TooLarge { .. } => "BundleTooLarge",
-            FetchError::Bundle(_) => "BundleInvalid",
-            FetchError::Unsigned { .. } => "BundleUnsigned",
-            FetchError::Signature { error: SignatureError::Untrusted { .. }, .. } => "BundleSignerUntrusted",
-            FetchError::Signature { .. } => "BundleSignatureInvalid",
-            _ => "BundleUnavailable",
+            FetchError::DigestMismatch { .. } => Reason::BundleDigestMismatch,
+            FetchError::TooLarge { .. } => Reason::BundleTooLarge,
+            FetchError::Bundle(_) => Reason::BundleInvalid,
+            FetchError::Unsigned { .. } => Reason::BundleUnsigned,
+            FetchError::Signature { error: SignatureError::Untrusted { .. }, .. } => Reason::BundleSignerUntrusted,
+            FetchError::Signature { .. } => Reason::BundleSignatureInvalid,
+            _ => Reason::BundleUnavailable,
         }
     }
 

@@ -15,7 +15,7 @@
 //! never applied" and "the container is gone"); `Failed` otherwise, always retried (a newer patch
 //! on top of this one can be reverted first by its own LivePatch).
 
-use livepatch_api::{LivePatchTaskStatus, TargetPhase};
+use livepatch_api::{LivePatchTaskStatus, Reason, TargetPhase};
 
 use crate::engine::Outcome;
 
@@ -32,7 +32,7 @@ pub enum Next {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Verdict {
     pub phase: TargetPhase,
-    pub reason: Option<String>,
+    pub reason: Option<Reason>,
     pub message: String,
     pub pids: Vec<i64>,
     pub pause_us: Option<u64>,
@@ -50,7 +50,7 @@ impl Verdict {
             container_id: Some(container_id.to_string()),
             pids: self.pids.clone(),
             attempts,
-            reason: self.reason.clone(),
+            reason: self.reason.map(String::from),
             message: Some(self.message.clone()),
             pause_micros: self.pause_us.map(|p| p as i64),
             patch_id: Some(patch_id.to_string()),
@@ -58,8 +58,8 @@ impl Verdict {
     }
 
     /// A verdict without any process outcome (fetch or discovery stopped it).
-    pub fn early(phase: TargetPhase, reason: &str, message: String, next: Next) -> Self {
-        Verdict { phase, reason: Some(reason.into()), message, pids: vec![], pause_us: None, next, worked: true }
+    pub fn early(phase: TargetPhase, reason: Reason, message: String, next: Next) -> Self {
+        Verdict { phase, reason: Some(reason), message, pids: vec![], pause_us: None, next, worked: true }
     }
 }
 
@@ -122,9 +122,9 @@ pub fn apply_verdict(patch_id: &str, outcomes: &[Outcome], last_attempt: bool) -
     if applied.is_empty() && failures.is_empty() {
         let message = format!("no process of the container is running on this node{tail}");
         return if last_attempt {
-            Verdict { pids, ..Verdict::early(TargetPhase::Failed, "ContainerNotRunning", clip(message), Next::Settled) }
+            Verdict { pids, ..Verdict::early(TargetPhase::Failed, Reason::ContainerNotRunning, clip(message), Next::Settled) }
         } else {
-            Verdict { pids, ..Verdict::early(TargetPhase::Pending, "ContainerNotRunning", clip(message), Next::Retry) }
+            Verdict { pids, ..Verdict::early(TargetPhase::Pending, Reason::ContainerNotRunning, clip(message), Next::Retry) }
         };
     }
     if !failures.is_empty() {
@@ -132,8 +132,8 @@ pub fn apply_verdict(patch_id: &str, outcomes: &[Outcome], last_attempt: bool) -
         let ok = if applied.is_empty() { String::new() } else { format!("; applied to pid{} {}", plural(applied.len()), pid_list(&applied)) };
         let message = clip(format!("{detail}{ok}{tail}"));
         let hard = failures.iter().find(|(_, f)| !f.restart_required);
-        let blocked = failures.iter().find(|(_, f)| f.reason == "ProcedureActive");
-        let restart = failures.iter().find(|(_, f)| f.restart_required && f.reason != "ProcedureActive");
+        let blocked = failures.iter().find(|(_, f)| f.reason == Reason::ProcedureActive);
+        let restart = failures.iter().find(|(_, f)| f.restart_required && f.reason != Reason::ProcedureActive);
         let (phase, reason, next) = if let Some((_, f)) = hard {
             let next = if f.retryable && !last_attempt { Next::Retry } else { Next::Settled };
             (TargetPhase::Failed, f.reason, next)
@@ -148,7 +148,7 @@ pub fn apply_verdict(patch_id: &str, outcomes: &[Outcome], last_attempt: bool) -
         } else {
             unreachable!("a failure is hard, restart-worthy or blocked")
         };
-        return Verdict { phase, reason: Some(reason.into()), message, pids, pause_us: pause, next, worked: true };
+        return Verdict { phase, reason: Some(reason), message, pids, pause_us: pause, next, worked: true };
     }
     applied.sort_unstable();
     let verb = if changed { "applied" } else { "already applied" };
@@ -163,7 +163,7 @@ pub fn apply_verdict(patch_id: &str, outcomes: &[Outcome], last_attempt: bool) -
         ));
         return Verdict {
             phase: TargetPhase::RestartRequired,
-            reason: Some("TooManyPatches".into()),
+            reason: Some(Reason::TooManyPatches),
             message: clip(message),
             pids,
             pause_us: pause,
@@ -189,7 +189,7 @@ pub fn revert_verdict(patch_id: &str, outcomes: &[Outcome]) -> Verdict {
             }
             Outcome::Reverted { pid, was_applied: false, .. } => absent.push(*pid),
             Outcome::NotNewest { pid, newer } => {
-                reason.get_or_insert("PatchNotNewest");
+                reason.get_or_insert(Reason::PatchNotNewest);
                 problems.push(format!("pid {pid}: patch {newer} was applied after {patch_id}; revert {newer} first (the engine removes the newest patch only)"));
             }
             Outcome::Failed { pid, failure } => {
@@ -204,7 +204,7 @@ pub fn revert_verdict(patch_id: &str, outcomes: &[Outcome]) -> Verdict {
     if !problems.is_empty() {
         return Verdict {
             phase: TargetPhase::Failed,
-            reason: reason.map(String::from),
+            reason,
             message: clip(problems.join("; ")),
             pids,
             pause_us: pause,
@@ -237,7 +237,7 @@ mod tests {
         Outcome::Applied { pid, already, pause_us, stacked: 1, restart_recommended: false, duration: Duration::ZERO }
     }
 
-    fn failed(pid: i32, reason: &'static str, restart_required: bool, retryable: bool) -> Outcome {
+    fn failed(pid: i32, reason: Reason, restart_required: bool, retryable: bool) -> Outcome {
         Outcome::Failed { pid, failure: Failure { reason, kind: "k", message: format!("{reason} happened"), restart_required, retryable } }
     }
 
@@ -259,26 +259,26 @@ mod tests {
         let o = Outcome::Applied { pid: 1, already: false, pause_us: 5, stacked: 5, restart_recommended: true, duration: Duration::ZERO };
         let v = apply_verdict("lp-1", &[o], false);
         assert_eq!(v.phase, TargetPhase::RestartRequired);
-        assert_eq!(v.reason.as_deref(), Some("TooManyPatches"));
+        assert_eq!(v.reason, Some(Reason::TooManyPatches));
         assert!(v.message.contains("5 patches are stacked"));
     }
 
     #[test]
     fn failures() {
-        let v = apply_verdict("lp-1", &[applied(1, false, 5), failed(2, "DataLayoutChanged", true, false)], false);
-        assert_eq!((v.phase, v.reason.as_deref(), v.next), (TargetPhase::RestartRequired, Some("DataLayoutChanged"), Next::Settled));
+        let v = apply_verdict("lp-1", &[applied(1, false, 5), failed(2, Reason::DataLayoutChanged, true, false)], false);
+        assert_eq!((v.phase, v.reason, v.next), (TargetPhase::RestartRequired, Some(Reason::DataLayoutChanged), Next::Settled));
         assert!(v.message.contains("pid 2: DataLayoutChanged happened; applied to pid 1"), "{}", v.message);
 
-        let v = apply_verdict("lp-1", &[failed(2, "ProcedureActive", true, true)], false);
+        let v = apply_verdict("lp-1", &[failed(2, Reason::ProcedureActive, true, true)], false);
         assert_eq!((v.phase, v.next), (TargetPhase::Blocked, Next::Retry));
-        let v = apply_verdict("lp-1", &[failed(2, "ProcedureActive", true, true)], true);
-        assert_eq!((v.phase, v.reason.as_deref(), v.next), (TargetPhase::RestartRequired, Some("ProcedureActive"), Next::Settled));
+        let v = apply_verdict("lp-1", &[failed(2, Reason::ProcedureActive, true, true)], true);
+        assert_eq!((v.phase, v.reason, v.next), (TargetPhase::RestartRequired, Some(Reason::ProcedureActive), Next::Settled));
 
-        let v = apply_verdict("lp-1", &[failed(2, "ProcedureActive", true, true), failed(3, "EngineError", false, true)], false);
+        let v = apply_verdict("lp-1", &[failed(2, Reason::ProcedureActive, true, true), failed(3, Reason::EngineError, false, true)], false);
         assert_eq!((v.phase, v.next), (TargetPhase::Failed, Next::Retry));
-        let v = apply_verdict("lp-1", &[failed(3, "EngineError", false, true)], true);
+        let v = apply_verdict("lp-1", &[failed(3, Reason::EngineError, false, true)], true);
         assert_eq!((v.phase, v.next), (TargetPhase::Failed, Next::Settled));
-        let v = apply_verdict("lp-1", &[failed(3, "BuildIDMismatch", false, false)], false);
+        let v = apply_verdict("lp-1", &[failed(3, Reason::BuildIDMismatch, false, false)], false);
         assert_eq!((v.phase, v.next), (TargetPhase::Failed, Next::Settled));
     }
 
@@ -289,7 +289,7 @@ mod tests {
         assert_eq!((v.phase, v.next, v.pids.len()), (TargetPhase::Pending, Next::Retry, 0));
         assert!(v.message.contains("pid 9 skipped: exited"));
         let v = apply_verdict("lp-1", &[], true);
-        assert_eq!((v.phase, v.reason.as_deref()), (TargetPhase::Failed, Some("ContainerNotRunning")));
+        assert_eq!((v.phase, v.reason), (TargetPhase::Failed, Some(Reason::ContainerNotRunning)));
     }
 
     #[test]
@@ -301,13 +301,13 @@ mod tests {
         assert_eq!(v.phase, TargetPhase::Reverted);
         assert!(v.message.starts_with("no process"));
         let v = revert_verdict("lp-1", &[Outcome::NotNewest { pid: 1, newer: "lp-2".into() }]);
-        assert_eq!((v.phase, v.reason.as_deref(), v.next), (TargetPhase::Failed, Some("PatchNotNewest"), Next::Retry));
+        assert_eq!((v.phase, v.reason, v.next), (TargetPhase::Failed, Some(Reason::PatchNotNewest), Next::Retry));
         assert!(v.message.contains("revert lp-2 first"));
     }
 
     #[test]
     fn long_messages_are_clipped() {
-        let many: Vec<Outcome> = (0..200).map(|p| failed(p, "EngineError", false, true)).collect();
+        let many: Vec<Outcome> = (0..200).map(|p| failed(p, Reason::EngineError, false, true)).collect();
         let v = apply_verdict("lp-1", &many, false);
         assert!(v.message.len() <= MAX_MESSAGE && v.message.ends_with("..."));
     }

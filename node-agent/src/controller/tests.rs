@@ -518,38 +518,21 @@ async fn only_other_pods_processes_means_nothing_is_touched() {
     // Our container's process is gone; what remains are the host process and the same container
     // id under another pod's UID.
     std::fs::remove_dir_all(setup.tree.proc_root().join("4242")).unwrap();
-    let task = setup.task("Apply", 1, None);
-    let t = task.clone();
-    let bundle = setup.bundle.clone();
-    let (result, ctx) = reconcile_with(&setup, task, |mut h| async move {
-        expect_pod_and_bundle(&mut h, running_pod(json!({})), &bundle).await;
-        let s = expect_status(&mut h, &t).await;
-        assert_eq!((s["phase"].as_str(), s["reason"].as_str()), (Some("Pending"), Some("ContainerNotRunning")));
-        h
-    })
-    .await;
-    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(5)));
-    assert!(setup.engine.calls().is_empty(), "no engine call at all");
+    let (s, action, ctx) = one_status(&setup, configmap_json(&setup.bundle)).await;
+    assert_eq!((s["phase"].as_str(), s["reason"].as_str()), (Some("Pending"), Some("ContainerNotRunning")));
+    assert_eq!(action, Action::requeue(Duration::from_secs(5)));
     assert!(ctx.metrics.encode().contains("livepatch_agent_errors_total{kind=\"isolation\"} 1"));
 }
 
 #[tokio::test]
 async fn a_bundle_with_the_wrong_digest_is_refused() {
     let setup = Setup::new();
-    let task = setup.task("Apply", 1, None);
-    let t = task.clone();
     let mut tampered = setup.bundle.clone();
     tampered[20] ^= 1;
-    let (result, _) = reconcile_with(&setup, task, |mut h| async move {
-        expect_pod_and_bundle(&mut h, running_pod(json!({})), &tampered).await;
-        let s = expect_status(&mut h, &t).await;
-        assert_eq!((s["phase"].as_str(), s["reason"].as_str()), (Some("Pending"), Some("BundleDigestMismatch")));
-        assert!(s["message"].as_str().unwrap().contains("sha256 mismatch"), "{s}");
-        h
-    })
-    .await;
-    assert!(matches!(result.unwrap(), a if a == Action::requeue(Duration::from_secs(5))));
-    assert!(setup.engine.calls().is_empty());
+    let (s, action, _) = one_status(&setup, configmap_json(&tampered)).await;
+    assert_eq!((s["phase"].as_str(), s["reason"].as_str()), (Some("Pending"), Some("BundleDigestMismatch")));
+    assert!(s["message"].as_str().unwrap().contains("sha256 mismatch"), "{s}");
+    assert_eq!(action, Action::requeue(Duration::from_secs(5)));
 }
 
 #[tokio::test]
@@ -613,9 +596,9 @@ impl Setup {
     }
 }
 
-/// One apply reconcile whose bundle is refused by the signature policy: exactly the pod and the
-/// ConfigMap are read, then one status write (no "Applying" first: no process was looked at).
-async fn refused(setup: &Setup, configmap: Value) -> (Value, Action, Arc<Context>) {
+/// One apply reconcile that stops before any engine call: exactly the pod and the ConfigMap are
+/// read, then one status write (no "Applying" first: no process is a target).
+async fn one_status(setup: &Setup, configmap: Value) -> (Value, Action, Arc<Context>) {
     let task = setup.task("Apply", 1, None);
     let t = task.clone();
     let written = Arc::new(Mutex::new(None));
@@ -630,9 +613,15 @@ async fn refused(setup: &Setup, configmap: Value) -> (Value, Action, Arc<Context
     .await;
     let status = written.lock().unwrap().take().expect("a status was written");
     assert!(setup.engine.calls().is_empty(), "no engine call: {:?}", setup.engine.calls());
+    (status, result.unwrap(), ctx)
+}
+
+/// [`one_status`] for a bundle refused by the signature policy: `Failed`, no process looked at.
+async fn refused(setup: &Setup, configmap: Value) -> (Value, Action, Arc<Context>) {
+    let (status, action, ctx) = one_status(setup, configmap).await;
     assert_eq!(status["phase"], "Failed", "{status}");
     assert_eq!(status.get("pids"), None, "no process was looked at: {status}");
-    (status, result.unwrap(), ctx)
+    (status, action, ctx)
 }
 
 #[tokio::test]
@@ -880,4 +869,42 @@ async fn a_pod_on_another_node_is_refused() {
     .await;
     assert_eq!(result.unwrap(), Action::await_change());
     assert!(setup.engine.calls().is_empty());
+}
+
+/// Which statuses end the agent's work on an `Apply`, by typed reason.
+#[test]
+fn settled_by_reason() {
+    let setup = Setup::new();
+    let cid = format!("containerd://{ID}");
+    let status = |phase: &str, reason: Option<Reason>, attempts: i32| {
+        let mut s = json!({"observedGeneration": 1, "phase": phase, "containerId": cid, "attempts": attempts});
+        if let Some(r) = reason {
+            s["reason"] = json!(r.as_str());
+        }
+        setup.task("Apply", 1, Some(s))
+    };
+    for &r in Reason::ALL {
+        assert_eq!(settled(&status("Failed", Some(r), 1), 5), is_final(r), "{r}");
+        assert!(settled(&status("Failed", Some(r), 5), 5), "{r}: out of attempts");
+        assert_eq!(settled(&status("RestartRequired", Some(r), 1), 5), r != Reason::TooManyPatches, "{r}");
+    }
+    // A reason of another agent version is not final (retried until the attempts run out).
+    let mut unknown = (*status("Failed", None, 1)).clone();
+    unknown.status.as_mut().unwrap().reason = Some("SomethingNew".into());
+    assert!(!settled(&unknown, 5));
+}
+
+/// The container's only process runs another build: `BuildIDMismatch` (from the discovery's typed
+/// skip, not from its text), final, and no engine call.
+#[tokio::test]
+async fn a_container_running_another_build_is_a_build_id_mismatch() {
+    let setup = Setup::new();
+    std::fs::remove_dir_all(setup.tree.proc_root().join("4242")).unwrap();
+    let other = setup.tree.rootfs("rootfs-other", "/bin/false");
+    setup.tree.process(4243, &layouts(ID, UID)[3].1, &other.join("usr/local/bin/app"), &other);
+    let (s, action, ctx) = one_status(&setup, configmap_json(&setup.bundle)).await;
+    assert_eq!((s["phase"].as_str(), s["reason"].as_str()), (Some("Failed"), Some("BuildIDMismatch")));
+    assert!(s["message"].as_str().unwrap().contains("pid 4243: runs build id"), "{s}");
+    assert_eq!(action, Action::await_change());
+    assert!(ctx.metrics.encode().contains("livepatch_agent_errors_total{kind=\"build_id_mismatch\"} 1"));
 }

@@ -34,7 +34,7 @@ fn verify_refuses_before_parsing() {
     let file = hex::encode(Sha256::digest(&bytes));
     match verify(&bytes, &"a".repeat(64), "configmap shop/x key y", 1 << 20) {
         Err(e @ FetchError::DigestMismatch { .. }) => {
-            assert_eq!(e.reason(), "BundleDigestMismatch");
+            assert_eq!(e.reason(), Reason::BundleDigestMismatch);
             assert!(e.to_string().contains(&file) && e.to_string().contains("configmap shop/x key y"), "{e}");
         }
         other => panic!("{other:?}"),
@@ -193,7 +193,7 @@ fn the_signature_policy() {
     // Unsigned: refused only with enforcement.
     match check(&policy(&[&k], true), None) {
         Err(e @ FetchError::Unsigned { .. }) => {
-            assert_eq!(e.reason(), "BundleUnsigned");
+            assert_eq!(e.reason(), Reason::BundleUnsigned);
             assert!(e.is_signature() && !e.is_final());
             assert!(e.to_string().contains("configmap shop/fix key b.sig") && e.to_string().contains("--require-signature"), "{e}");
         }
@@ -204,15 +204,15 @@ fn the_signature_policy() {
     // A signature that is there must verify, enforcement or not, keys or not.
     for p in [policy(&[&other], true), policy(&[&other], false), Signatures::default()] {
         let e = check(&p, Some(&sig)).unwrap_err();
-        assert_eq!(e.reason(), "BundleSignerUntrusted", "{e}");
+        assert_eq!(e.reason(), Reason::BundleSignerUntrusted, "{e}");
         assert!(e.is_final());
     }
     for p in [policy(&[&k], true), policy(&[&k], false)] {
-        assert_eq!(check(&p, Some("garbage")).unwrap_err().reason(), "BundleSignatureInvalid");
+        assert_eq!(check(&p, Some("garbage")).unwrap_err().reason(), Reason::BundleSignatureInvalid);
         let (_, for_another) = signed_bundle(&k);
         let another = for_another.replace(&hex::encode(signature::sha256_of(&bytes)), &"ab".repeat(32));
         let e = check(&p, Some(&another)).unwrap_err();
-        assert_eq!(e.reason(), "BundleSignatureInvalid");
+        assert_eq!(e.reason(), Reason::BundleSignatureInvalid);
         assert!(e.to_string().contains("another bundle"), "{e}");
     }
 }
@@ -232,25 +232,25 @@ async fn url_bundles_are_signed_at_url_dot_sig() {
     let mut f = fetcher(Some(&server.ca()));
     f.signatures = policy(&[&other], false);
     let e = f.fetch("shop", &url_spec(&server.url(), &sha)).await.unwrap_err();
-    assert_eq!(e.reason(), "BundleSignerUntrusted");
+    assert_eq!(e.reason(), Reason::BundleSignerUntrusted);
     assert!(e.to_string().contains(&format!("{}.sig", server.url())), "{e}");
 
     // No signature (404): refused only with enforcement.
     let server = Server::start(http_response("200 OK", &bytes)).await;
     let mut f = fetcher(Some(&server.ca()));
     f.signatures = policy(&[&k], true);
-    assert_eq!(f.fetch("shop", &url_spec(&server.url(), &sha)).await.unwrap_err().reason(), "BundleUnsigned");
+    assert_eq!(f.fetch("shop", &url_spec(&server.url(), &sha)).await.unwrap_err().reason(), Reason::BundleUnsigned);
     f.signatures.required = false;
     assert!(f.fetch("shop", &url_spec(&server.url(), &sha)).await.is_ok());
 
     // Another answer for the signature is not "unsigned": the bundle is unavailable for now.
     let server = Server::start_with(http_response("200 OK", &bytes), http_response("503 Service Unavailable", b"")).await;
     let f = fetcher(Some(&server.ca()));
-    assert_eq!(f.fetch("shop", &url_spec(&server.url(), &sha)).await.unwrap_err().reason(), "BundleUnavailable");
+    assert_eq!(f.fetch("shop", &url_spec(&server.url(), &sha)).await.unwrap_err().reason(), Reason::BundleUnavailable);
     // An oversized signature is a malformed one.
     let server = Server::start_with(http_response("200 OK", &bytes), http_response("200 OK", &[b'x'; 5000])).await;
     let f = fetcher(Some(&server.ca()));
-    assert_eq!(f.fetch("shop", &url_spec(&server.url(), &sha)).await.unwrap_err().reason(), "BundleSignatureInvalid");
+    assert_eq!(f.fetch("shop", &url_spec(&server.url(), &sha)).await.unwrap_err().reason(), Reason::BundleSignatureInvalid);
 }
 
 #[test]
