@@ -10,10 +10,13 @@
 //! 3. writes the task status with server-side apply (field manager `livepatch-agent`), and
 //!    keeps the pod label `livepatch.dev/restart-required=true` in line with the tasks of the pod.
 //!
-//! Triggers: task changes, pod changes, retries after a backoff and a periodic re-check of applied
-//! tasks (new processes of the container get the patch too). The agent's own status writes are
-//! task changes too: a reconcile of the same task content before its scheduled time (the retry
-//! backoff, the re-check period) only re-schedules it.
+//! Triggers: a task seen for the first time or with a new generation (a spec change: the
+//! operator's), pod changes, retries after a backoff and a periodic re-check of applied tasks (new
+//! processes of the container get the patch too). The agent's own status writes do not trigger a
+//! reconcile (the task watch is filtered by `metadata.generation`, which status writes leave
+//! alone); pod events do (a container starting or restarting is a pod status change), and so
+//! does the agent's own pod label write: a reconcile of the same task content before its
+//! scheduled time (the retry backoff, the re-check period) only re-schedules it.
 
 use std::{
     collections::HashMap,
@@ -21,14 +24,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::{Future, StreamExt};
+use futures::{Future, Stream, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use kube::{
     api::{Api, Patch, PatchParams},
     runtime::{
         controller::{Action, Config as ControllerConfig, Controller},
-        reflector::{ObjectRef, Store},
-        watcher,
+        predicates,
+        reflector::{self, ObjectRef, Store},
+        watcher, PredicateConfig, WatchStreamExt,
     },
     Client, ResourceExt,
 };
@@ -122,8 +126,8 @@ impl Context {
         (task.namespace().unwrap_or_default(), task.name_any())
     }
 
-    /// Time left before the same task content is due again (a reconcile triggered earlier by the
-    /// agent's own status write or by a pod event waits for it).
+    /// Time left before the same task content is due again (a reconcile triggered earlier by a
+    /// pod event waits for it).
     fn not_yet(&self, task: &LivePatchTask) -> Option<Duration> {
         let schedule = self.schedule.lock().unwrap();
         let s = schedule.get(&Self::key(task))?;
@@ -582,14 +586,28 @@ pub fn tasks_for_pod(tasks: &[Arc<LivePatchTask>], pod: &Pod) -> Vec<ObjectRef<L
         .collect()
 }
 
-/// The task watch of a node: only its label, only spec changes trigger reconciles.
+/// The task watch of a node: only its label.
 pub fn task_watch_config(node: &str) -> watcher::Config {
     watcher::Config::default().labels(&format!("{NODE_LABEL}={node}")).any_semantic()
 }
 
-/// The controller of this node's tasks; its `store()` is the cache for [`Context::tasks`].
+/// Of the task watch's objects, those that trigger a reconcile: a task seen for the first time
+/// or with a new `metadata.generation` (its spec changed). A status write (the agent's own)
+/// leaves the generation alone and is only cached.
+pub fn reconcile_triggers<S>(tasks: S) -> impl Stream<Item = Result<LivePatchTask, watcher::Error>> + Send + 'static
+where
+    S: Stream<Item = Result<LivePatchTask, watcher::Error>> + Send + 'static,
+{
+    tasks.predicate_filter(predicates::generation, PredicateConfig::default())
+}
+
+/// The controller of this node's tasks; its `store()` is the cache for [`Context::tasks`]. The
+/// cache follows every change of the tasks (statuses included); only [`reconcile_triggers`]
+/// reach the reconciler.
 pub fn task_controller(client: Client, node: &str) -> Controller<LivePatchTask> {
-    Controller::new(Api::all(client), task_watch_config(node))
+    let (store, writer) = reflector::store();
+    let tasks = reflector::reflector(writer, watcher::watcher(Api::all(client), task_watch_config(node))).applied_objects();
+    Controller::for_stream(reconcile_triggers(tasks), store)
 }
 
 /// Run `controller` (from [`task_controller`]) until `shutdown` resolves; `ready` is called once

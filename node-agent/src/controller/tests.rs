@@ -325,8 +325,8 @@ async fn apply_patches_the_container_process_and_reports() {
     assert!(text.contains("livepatch_agent_errors_total{kind=\"isolation\"} 1"), "{text}");
     assert!(text.contains("livepatch_agent_engine_duration_seconds_count{action=\"apply\"} 1"), "{text}");
 
-    // The agent's own status write comes back as a task event: it does not work again before
-    // the re-check time.
+    // A reconcile before the re-check time (a pod event: the agent's own status write does not
+    // trigger one) does not work again.
     let again = setup.task("Apply", 1, Some(json!({"observedGeneration": 1, "phase": "Applied", "containerId": format!("containerd://{ID}"), "attempts": 1})));
     let left = ctx.not_yet(&again).expect("scheduled");
     assert!(left > Duration::from_secs(290));
@@ -869,6 +869,20 @@ async fn a_pod_on_another_node_is_refused() {
     .await;
     assert_eq!(result.unwrap(), Action::await_change());
     assert!(setup.engine.calls().is_empty());
+}
+
+/// The agent's own status writes keep the generation: only the first sight of a task and a new
+/// generation reach the reconciler.
+#[tokio::test]
+async fn only_new_generations_trigger_reconciles() {
+    let setup = Setup::new();
+    let cid = format!("containerd://{ID}");
+    let applying = json!({"observedGeneration": 1, "phase": "Pending", "reason": "Applying", "containerId": cid, "attempts": 1});
+    let applied = json!({"observedGeneration": 1, "phase": "Applied", "containerId": cid, "attempts": 1});
+    let events = [setup.task("Apply", 1, None), setup.task("Apply", 1, Some(applying)), setup.task("Apply", 1, Some(applied)), setup.task("Revert", 2, None)];
+    let events = futures::stream::iter(events.into_iter().map(|t| Ok((*t).clone())));
+    let passed: Vec<(Option<i64>, bool)> = reconcile_triggers(events).map(|t| t.map(|t| (t.metadata.generation, t.status.is_some())).unwrap()).collect().await;
+    assert_eq!(passed, vec![(Some(1), false), (Some(2), false)]);
 }
 
 /// Which statuses end the agent's work on an `Apply`, by typed reason.
