@@ -51,9 +51,22 @@ impl Drop for Kill {
 
 fn compile(cc: &str, src: &Path, out: &Path) -> Result<()> {
     let st = Command::new(cc)
-        // -flive-patching=inline-clone: no interprocedural optimisation (IPA-RA, pure-const,
-        // ICF) lets a caller depend on a callee's body, so a changed function changes alone.
-        .args(["-O2", "-g0", "-flive-patching=inline-clone", "-fPIE", "-pie", "-Wl,--build-id", "-Wno-format-zero-length", "-o"])
+        // As a distribution builds it (Debian's hardening flags, debug info kept): no special
+        // flags for live patching.
+        .args([
+            "-g",
+            "-O2",
+            "-fstack-protector-strong",
+            "-fstack-clash-protection",
+            "-fcf-protection",
+            "-D_FORTIFY_SOURCE=2",
+            "-fPIE",
+            "-pie",
+            "-Wl,-z,relro,-z,now",
+            "-Wl,--build-id",
+            "-Wno-format-zero-length",
+            "-o",
+        ])
         .arg(out)
         .arg(src)
         .status()
@@ -62,6 +75,22 @@ fn compile(cc: &str, src: &Path, out: &Path) -> Result<()> {
         bail!("{cc} failed on {}", src.display());
     }
     Ok(())
+}
+
+/// A unified diff of `old` and `new` that differ in one contiguous run of lines.
+fn one_hunk_diff(old: &str, new: &str, name: &str) -> String {
+    let (a, b): (Vec<&str>, Vec<&str>) = (old.lines().collect(), new.lines().collect());
+    let pre = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let post = a[pre..].iter().rev().zip(b[pre..].iter().rev()).take_while(|(x, y)| x == y).count();
+    let (ra, rb) = (&a[pre..a.len() - post], &b[pre..b.len() - post]);
+    let mut out = format!("--- a/{name}\n+++ b/{name}\n@@ -{},{} +{},{} @@\n", pre + 1, ra.len(), pre + 1, rb.len());
+    for l in ra {
+        out.push_str(&format!("-{l}\n"));
+    }
+    for l in rb {
+        out.push_str(&format!("+{l}\n"));
+    }
+    out
 }
 
 pub fn run(keep: bool) -> Result<()> {
@@ -80,21 +109,37 @@ fn run_in(dir: &Path) -> Result<()> {
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let v2 = V1.replace(&V1[V1.find("__attribute__").unwrap()..V1.find("int main").unwrap()], &format!("{V2_PRICE}\n"));
     let v2 = v2.replace("Version 1 has a bug: no discount.", "Version 2 fixes it.");
+    // Each version's source in its own tree, as `service.c`, like two checkouts of a project.
     for (name, src) in [("v1", V1), ("v2", v2.as_str())] {
-        std::fs::write(dir.join(format!("{name}.c")), src)?;
-        compile(&cc, &dir.join(format!("{name}.c")), &dir.join(name))?;
+        let tree = dir.join(format!("src-{name}"));
+        std::fs::create_dir_all(&tree)?;
+        std::fs::write(tree.join("service.c"), src)?;
+        compile(&cc, &tree.join("service.c"), &dir.join(name))?;
     }
     println!("== compiled {0}/v1 and {0}/v2 with {cc}", dir.display());
 
+    println!("== compiled with Debian's hardening flags (-O2, stack protector, FORTIFY, CET, PIE, relro/now, -g)");
+
+    // The fix as a user has it: a unified diff of the source.
+    let fix = one_hunk_diff(V1, &v2, "service.c");
+    std::fs::write(dir.join("fix.patch"), &fix)?;
     let (old, new) = (ElfFile::open(&dir.join("v1"))?, ElfFile::open(&dir.join("v2"))?);
-    let (manifest, blob, diff) = extract::build(&old, &new, &Default::default())?;
+    let source = extract::SourceInput { changes: extract::source::parse_unified_diff(&fix)?, debug_file: None };
+    let opts = extract::BuildOptions { source: Some(source), ..Default::default() };
+    let (manifest, blob, diff) = extract::build(&old, &new, &opts)?;
     let bundle_path = dir.join("fix.lpatch");
     let bundle = Bundle::write(&manifest, &blob, &bundle_path)?;
+    let explained = diff.source.as_ref().map(|s| {
+        let not: Vec<String> = s.not_patched.iter().map(|e| e.name.clone()).collect();
+        if not.is_empty() { String::new() } else { format!(" (also differ, compiler choices, not patched: {})", not.join(", ")) }
+    });
     println!(
-        "== built {} ({} bytes): changed {}",
+        "== built {} ({} bytes) from the source diff {}: patches {}{}",
         bundle_path.display(),
         std::fs::metadata(&bundle_path)?.len(),
-        diff.changed_functions.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
+        dir.join("fix.patch").display(),
+        manifest.functions.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(", "),
+        explained.unwrap_or_default()
     );
 
     let mut child = Kill(Command::new(dir.join("v1")).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().context("starting v1")?);

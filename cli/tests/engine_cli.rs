@@ -110,3 +110,21 @@ fn no_such_process() {
     livepatch(["status", "--pid", &pid.to_string()]).assert_code(1).assert_stderr_mentions("no such process");
     livepatch(["revert", "--pid", &pid.to_string()]).assert_code(1).assert_stderr_mentions("no such process");
 }
+
+/// The README's main job: `livepatch demo` builds a service as a distribution would (hardening
+/// flags, no live-patching flags), takes the changed set from the source diff (only `price`;
+/// `main` differs by register allocation and is not patched), updates it live, reverts.
+#[test]
+fn demo_runs_end_to_end() {
+    let run = livepatch([OsStr::new("demo")]);
+    run.assert_ok();
+    let out = &run.stdout;
+    assert!(out.contains("from the source diff") && out.contains("patches price"), "{out}");
+    assert!(!out.contains("patches price, main") && !out.contains("patches main"), "main patched: {out}");
+    assert!(out.contains("== applied lp-") && out.contains("== reverted lp-"), "{out}");
+    // After the update, orders of 10 or more get the discount: 10 x 10 = 90 ... 12 x 10 = 108.
+    let after = &out[out.find("== applied").unwrap()..out.find("== status").unwrap()];
+    assert!(after.contains(" x 10 = 90") || after.contains("x 10 = 99") || after.contains("x 10 = 108"), "{after}");
+    let reverted = &out[out.find("== reverted").unwrap()..];
+    assert!(reverted.contains("10 x 10 = 100") || reverted.contains("11 x 10 = 110") || reverted.contains("12 x 10 = 120"), "{reverted}");
+}
