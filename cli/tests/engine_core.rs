@@ -11,6 +11,7 @@
 #[macro_use]
 mod support;
 
+use std::ffi::OsStr;
 use support::*;
 
 /// The common shape of every core test.
@@ -315,3 +316,35 @@ fn short_function_without_room_is_refused() {
     assert!(v["error"].as_str().unwrap().contains("no 5 bytes of padding between functions lie within the 127-byte reach"), "{v}");
     assert!(!bundle.path.exists());
 }
+
+/// IPA-RA: the unpatched `combine` keeps values in caller-saved registers across its call to
+/// `leaf`, which v1 leaves alone and v2 (calling snprintf) clobbers. The answers after the
+/// update prove the entry thunk keeps them; in the real builds the bundle must carry it.
+fn register_contract_kept_for_unpatched_callers(v: Variant) {
+    if v.is_real() {
+        let bundle = build_scenario_bundle("ipara", "v1", "v2", v);
+        let run = livepatch([OsStr::new("inspect"), bundle.path.as_os_str(), OsStr::new("--json")]);
+        run.assert_ok();
+        let m: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+        let leaf = m["functions"].as_array().unwrap().iter().find(|f| f["name"].as_str().unwrap().starts_with("leaf")).expect("leaf patched");
+        assert!(leaf["preserve"].as_array().is_some_and(|p| !p.is_empty()), "{}: no register thunk for leaf: {leaf}", v.name());
+    }
+    update_and_revert(
+        v,
+        "ipara",
+        &["leaf"],
+        &["combine"],
+        &|t| {
+            t.expect("call 5 7", "combine=338");
+        },
+        &|t| {
+            t.expect("call 5 7", "combine=343");
+            t.expect("call -3 9", "combine=-123");
+        },
+        &|t| {
+            t.expect("call 5 7", "combine=338");
+        },
+    );
+}
+matrix_tests!(register_contract_kept_for_unpatched_callers => register_contract_kept_for_unpatched_callers);
+real_build_tests!(register_contract_kept_for_unpatched_callers_real => register_contract_kept_for_unpatched_callers);
