@@ -218,7 +218,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Build { old, new, output, functions, source, record_refusal, json } => {
             let (o, n) = (ElfFile::open(&old)?, ElfFile::open(&new)?);
             let opts = extract::BuildOptions { functions, record_refusal, source: source.input()? };
-            let (manifest, blob, _) = extract::build(&o, &n, &opts)?;
+            let (manifest, blob, diff) = extract::build(&o, &n, &opts)?;
+            if let Some(src) = &diff.source {
+                // A changed macro or constant changes the functions using it without a changed
+                // line in their code: say which differing functions are left out.
+                let unexplained: Vec<&str> =
+                    src.not_patched.iter().filter(|e| e.reason.starts_with("no changed source line")).map(|e| e.name.as_str()).collect();
+                if !src.lines_without_code.is_empty() && !unexplained.is_empty() {
+                    eprintln!(
+                        "livepatch: warning: {} changed line(s) produced no code ({}; a macro, type or declaration?), and these functions differ without a changed line, so they are not patched: {}. If the fix changes a macro or constant they use, add them with --function.",
+                        src.lines_without_code.len(),
+                        src.lines_without_code.iter().take(3).cloned().collect::<Vec<_>>().join(", "),
+                        unexplained.join(", ")
+                    );
+                }
+            }
             if let Some(r) = &manifest.refusal {
                 eprintln!("livepatch: warning: this update cannot be applied live ({r}); the bundle records the refusal, and applying it flags the process for an offline restart");
             }

@@ -361,3 +361,31 @@ fn source_diff_explains(v: Variant) {
     }
 }
 real_build_tests!(source_diff_explains_real => source_diff_explains);
+
+/// A fix that only changes a macro: no changed line holds code, the function using the macro
+/// differs; the build says so and names it, instead of writing an empty or partial bundle.
+#[test]
+fn macro_only_fix_names_the_functions_using_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = "#include <stdio.h>\n#define LIMIT 10\n__attribute__((noinline)) int check(int n) { return n < LIMIT; }\nint main(void) { char b[64]; while (fgets(b, sizeof b, stdin)) printf(\"%d\\n\", check(b[0] - '0')); return 0; }\n";
+    let mut exes = Vec::new();
+    for (v, s) in [("v1", src.to_string()), ("v2", src.replace("#define LIMIT 10", "#define LIMIT 5"))] {
+        let tree = dir.path().join(v);
+        fs::create_dir_all(&tree).unwrap();
+        fs::write(tree.join("limits.c"), s).unwrap();
+        let exe = dir.path().join(format!("limits-{v}"));
+        let r = std::process::Command::new("cc").args(["-g", "-O2", "-Wl,--build-id", "-o"]).arg(&exe).arg(tree.join("limits.c")).output().expect("cc");
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        exes.push(exe);
+    }
+    let patch = dir.path().join("fix.patch");
+    fs::write(&patch, "--- a/limits.c\n+++ b/limits.c\n@@ -2 +2 @@\n-#define LIMIT 10\n+#define LIMIT 5\n").unwrap();
+    let (run, bundle) = try_build_bundle_args(&exes[0], &exes[1], &["--source-diff".into(), patch.display().to_string()]);
+    assert_eq!(run.code, Some(1), "{}", run.describe());
+    assert!(run.stderr.contains("nothing to patch") && run.stderr.contains("a macro") && run.stderr.contains("check"), "{}", run.describe());
+    assert!(!bundle.path.exists());
+    // Named explicitly, the function is patched.
+    let (run, bundle) = try_build_bundle_args(&exes[0], &exes[1], &["--function".into(), "check".into()]);
+    run.assert_ok();
+    assert!(bundle.path.exists());
+}

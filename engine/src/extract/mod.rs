@@ -725,7 +725,14 @@ fn build_live(old: &ElfFile, new: &ElfFile, opts: &BuildOptions) -> Result<(Mani
     };
     if let (true, Some(src)) = (selected.is_empty(), &d.source) {
         let same = src.not_patched.iter().filter(|e| e.reason.contains("machine code is the same")).count();
-        let why = if same > 0 {
+        let unexplained: Vec<&str> = src.not_patched.iter().filter(|e| e.reason.starts_with("no changed source line")).map(|e| e.name.as_str()).collect();
+        let why = if !src.lines_without_code.is_empty() && !unexplained.is_empty() {
+            format!(
+                "the fix's changed lines produced no code ({}: a macro, type or declaration?) and these functions differ without a changed line: {}; if the fix changes a macro or constant they use, name them with --function",
+                src.lines_without_code.iter().take(3).cloned().collect::<Vec<_>>().join(", "),
+                unexplained.join(", ")
+            )
+        } else if same > 0 {
             format!("the fix's changed lines compile to the same machine code as before in {same} function(s) of this build (the running code already behaves as fixed)")
         } else if !src.files_not_compiled.is_empty() && src.lines_without_code.is_empty() {
             format!("the fix changes only files not compiled into this executable ({})", src.files_not_compiled.join(", "))
