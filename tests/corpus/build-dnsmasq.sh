@@ -101,53 +101,14 @@ build_variant() {
 main() {
     local want="${LIVEPATCH_DNSMASQ_VERSION:-}"
     if [ "${1:-}" = "--print" ]; then
-        local v="${want:-}"
-        [ -n "$v" ] || v="$(cached_versions | grep -Fx "$PINNED_VERSION" || true)"
-        [ -n "$v" ] || v="$(cached_versions | sed -n 1p)"
-        [ -n "$v" ] || v="$PINNED_VERSION"
-        echo "$CACHE/$PKG-$v"
+        package_dir "$want"
         return 0
     fi
     [ $# -eq 0 ] || { log "usage: $0 [--print]"; exit 2; }
-    mkdir -p "$CACHE"
-    exec 9>"$CACHE/$LOCK_NAME"
-    flock 9
-    local t_start; t_start="$(now)"
-    if [ -z "$want" ] && [ -f "$CACHE/$PKG-$PINNED_VERSION/index.json" ] && [ -f "$CACHE/src/${PKG}_$PINNED_VERSION/.extracted" ]; then
-        want="$PINNED_VERSION"
-    fi
-    if [ -n "$want" ] && [ -f "$CACHE/src/${PKG}_$want/.extracted" ]; then
-        install_build_deps
-    else
-        enable_deb_src
-        install_build_deps
-    fi
-    fetch_source "$want"
-    OUT="$CACHE/$PKG-$VERSION"
-    mkdir -p "$OUT"
-    read_series
-    [ ${#SEC[@]} -gt 0 ] || die "no security patch (CVE in name or header) in $SRCDIR/debian/patches/series"
-    log "$PKG $VERSION: ${#SERIES[@]} patches in series, ${#SEC[@]} security patches:"
-    local i
-    for i in "${!SERIES[@]}"; do
-        if [[ " ${SEC[*]} " == *" $i "* ]]; then
-            log "  [$i] ${SERIES[$i]}  $(patch_cves "$i")  ($(patch_files "$i" | tr '\n' ' ' | sed 's/ $//'))"
-        else
-            log "  [$i] ${SERIES[$i]}  (not a security patch; applied in order)"
-        fi
-    done
+    package_start "$want"
     CONFIGURE_ARGS=("COPTS=$COPTS_D")   # make variables (the manifest's configure_args)
-    local variant
-    for variant in $VARIANTS; do
-        local t0; t0="$(now)"
-        build_variant "$variant"
-        log "$variant: done in $(( $(now) - t0 ))s"
-    done
-    local rc=0
-    check_all || rc=$?
-    [ "$rc" -eq 0 ] && write_index
-    log "total $(( $(now) - t_start ))s"
-    [ "$rc" -eq 0 ] || die "$rc pair(s) failed the checks"
+    package_build
+    [ "$PACKAGE_FAILED" -eq 0 ] || die "$PACKAGE_FAILED pair(s) failed the checks"
 }
 
 main "$@"

@@ -449,22 +449,26 @@ write_index() {
     mv "$OUT/index.json.tmp" "$OUT/index.json"
 }
 
-# --- main ---------------------------------------------------------------------------------------
-main() {
-    local want="${LIVEPATCH_NGINX_VERSION:-}"
-    if [ "${1:-}" = "--print" ]; then
-        local v="${want:-}"
-        [ -n "$v" ] || v="$(cached_versions | grep -Fx "$PINNED_VERSION" || true)"
-        [ -n "$v" ] || v="$(cached_versions | sed -n 1p)"
-        [ -n "$v" ] || v="$PINNED_VERSION"
-        echo "$CACHE/$PKG-$v"
-        return 0
-    fi
-    [ $# -eq 0 ] || { log "usage: $0 [--print]"; exit 2; }
+# --- the steps every package's main shares (nginx here, build-<pkg>.sh for the others) ---------
+
+# The cache directory of the version `--print` names: the asked-for, else the pinned, else the
+# first cached version, else the pinned one.
+package_dir() {
+    local v="${1:-}"
+    [ -n "$v" ] || v="$(cached_versions | grep -Fx "$PINNED_VERSION" || true)"
+    [ -n "$v" ] || v="$(cached_versions | sed -n 1p)"
+    [ -n "$v" ] || v="$PINNED_VERSION"
+    echo "$CACHE/$PKG-$v"
+}
+
+# Take the package's lock, get its source package (and build dependencies) and read its series;
+# sets OUT, VERSION, SERIES, SEC and T_START. `want` is the asked-for version, or empty.
+package_start() {
+    local want="$1"
     mkdir -p "$CACHE"
     exec 9>"$CACHE/$LOCK_NAME"
     flock 9
-    local t_start; t_start="$(now)"
+    T_START="$(now)"
     # A complete corpus of the pinned (or asked-for) version needs neither apt nor the network.
     if [ -z "$want" ] && [ -f "$CACHE/$PKG-$PINNED_VERSION/index.json" ] && [ -f "$CACHE/src/${PKG}_$PINNED_VERSION/.extracted" ]; then
         want="$PINNED_VERSION"
@@ -489,21 +493,39 @@ main() {
             log "  [$i] ${SERIES[$i]}  (not a security patch; applied in order)"
         fi
     done
-    mapfile -t CONFIGURE_ARGS < <({
-        echo --error-log-path=stderr
-        echo --with-http_ssl_module
-        module_options
-    } | awk '!seen[$0]++')
+}
+
+# Build every variant (CONFIGURE_ARGS set), check the pairs and write the index when all pass.
+# Leaves the number of failed pairs in PACKAGE_FAILED.
+package_build() {
     local variant
     for variant in $VARIANTS; do
         local t0; t0="$(now)"
         build_variant "$variant"
         log "$variant: done in $(( $(now) - t0 ))s"
     done
-    local rc=0
-    check_all || rc=$?
-    [ "$rc" -eq 0 ] && write_index
-    log "total $(( $(now) - t_start ))s"
+    PACKAGE_FAILED=0
+    check_all || PACKAGE_FAILED=$?
+    [ "$PACKAGE_FAILED" -eq 0 ] && write_index
+    log "total $(( $(now) - T_START ))s"
+}
+
+# --- main ---------------------------------------------------------------------------------------
+main() {
+    local want="${LIVEPATCH_NGINX_VERSION:-}"
+    if [ "${1:-}" = "--print" ]; then
+        package_dir "$want"
+        return 0
+    fi
+    [ $# -eq 0 ] || { log "usage: $0 [--print]"; exit 2; }
+    package_start "$want"
+    mapfile -t CONFIGURE_ARGS < <({
+        echo --error-log-path=stderr
+        echo --with-http_ssl_module
+        module_options
+    } | awk '!seen[$0]++')
+    package_build
+    local rc="$PACKAGE_FAILED"
     # The second daemon of the corpus (tests/corpus/build-dnsmasq.sh), under its own lock.
     local rc2=0
     if [ "${LIVEPATCH_CORPUS_DNSMASQ:-1}" != 0 ]; then
