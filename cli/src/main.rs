@@ -222,8 +222,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(src) = &diff.source {
                 // A changed macro or constant changes the functions using it without a changed
                 // line in their code: say which differing functions are left out.
-                let unexplained: Vec<&str> =
-                    src.not_patched.iter().filter(|e| e.reason.starts_with("no changed source line")).map(|e| e.name.as_str()).collect();
+                let unexplained = src.not_patched_for(extract::Why::NoChangedLine);
                 if !src.lines_without_code.is_empty() && !unexplained.is_empty() {
                     eprintln!(
                         "livepatch: warning: {} changed line(s) produced no code ({}; a macro, type or declaration?), and these functions differ without a changed line, so they are not patched: {}. If the fix changes a macro or constant they use, add them with --function.",

@@ -353,6 +353,9 @@ fn source_diff_explains(v: Variant) {
             assert!(got.iter().any(|g| g == f), "{scenario} {}: {f} not patched: {src}", v.name());
         }
         assert!(!got.iter().any(|g| g == "main"), "{scenario} {}: main patched: {src}", v.name());
+        for e in src["not_patched"].as_array().unwrap().iter().filter(|e| e["name"] == "main") {
+            assert_eq!(e["why"], "no_changed_line", "{scenario} {}: {e}", v.name());
+        }
         for c in d["changed_functions"].as_array().unwrap() {
             let name = c["name"].as_str().unwrap();
             let explained = src["patched"].as_array().unwrap().iter().chain(src["not_patched"].as_array().unwrap()).any(|e| e["name"] == name);

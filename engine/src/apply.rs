@@ -219,12 +219,7 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &Options) -> Result<Report> {
     let mut guarded = Vec::new();
     for f in m.functions.iter().filter(|f| f.kind != FunctionKind::Added) {
         let at = f.old_svma.unwrap() + bias;
-        let jump = match (f.has_entry_jump(), f.trampoline) {
-            (false, _) => 0,
-            (true, Some(_)) => SHORT_JUMP_LEN,
-            (true, None) => JUMP_LEN,
-        };
-        let end = at + f.old_size.max(jump as u64);
+        let end = at + f.old_size.max(f.entry_jump_len() as u64);
         guarded.push(Guarded { name: f.name.clone(), start: at, end });
         for a in &live {
             for c in a.header.code.iter().filter(|c| c.name == f.name) {

@@ -95,6 +95,15 @@ impl Function {
     pub fn has_entry_jump(&self) -> bool {
         self.kind == FunctionKind::Changed
     }
+
+    /// Bytes the jump takes at the old entry: 5, 2 (a short jump to its trampoline), or 0.
+    pub fn entry_jump_len(&self) -> usize {
+        match (self.has_entry_jump(), self.trampoline) {
+            (false, _) => 0,
+            (true, Some(_)) => crate::arch::x86_64::SHORT_JUMP_LEN,
+            (true, None) => crate::arch::x86_64::JUMP_LEN,
+        }
+    }
 }
 
 /// What a reference field must point at in the live process.

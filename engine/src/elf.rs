@@ -47,6 +47,15 @@ impl Symbol {
     }
 }
 
+/// What the code of a file refers to, from one decoding pass over every function.
+#[derive(Debug, Default)]
+struct CodeIndex {
+    /// Unnamed non-code data referred to, sorted.
+    anon_refs: Vec<u64>,
+    /// Branch target -> the functions (by address) branching there from outside.
+    callers: HashMap<u64, Vec<u64>>,
+}
+
 /// A symbol name without the numbering LTO adds to promoted statics (`foo.lto_priv.3`): the
 /// number depends on the partition, not on the program.
 pub fn canonical_name(name: &str) -> &str {
@@ -154,8 +163,8 @@ pub struct ElfFile {
     /// Relocations kept by `--emit-relocs` against allocated sections, sorted by `at`.
     pub relocs: Vec<Reloc>,
     pub interp: Option<String>,
-    /// Addresses of unnamed data that code refers to (computed on first use).
-    anon_refs: std::sync::OnceLock<Vec<u64>>,
+    /// What the code refers to, from one decoding pass (computed on first use).
+    code_index: std::sync::OnceLock<CodeIndex>,
 }
 
 impl std::fmt::Debug for ElfFile {
@@ -331,7 +340,7 @@ impl ElfFile {
             relocs,
             interp,
             data: Vec::new(),
-            anon_refs: std::sync::OnceLock::new(),
+            code_index: std::sync::OnceLock::new(),
         };
         drop(elf);
         f.data = data;
@@ -377,22 +386,38 @@ impl ElfFile {
     /// Every address of unnamed, non-code data that some function refers to, sorted. Such
     /// items (string literals, constants, jump tables) are delimited by the next one.
     pub fn anon_refs(&self) -> &[u64] {
-        self.anon_refs.get_or_init(|| {
-            let mut v = Vec::new();
+        &self.code_index().anon_refs
+    }
+
+    /// The functions that call or jump to `target` directly (by a relative branch).
+    pub fn direct_callers(&self, target: u64) -> Vec<&Symbol> {
+        let Some(callers) = self.code_index().callers.get(&target) else { return Vec::new() };
+        callers.iter().filter_map(|a| self.functions().find(|f| f.addr == *a)).collect()
+    }
+
+    fn code_index(&self) -> &CodeIndex {
+        self.code_index.get_or_init(|| {
+            let mut ix = CodeIndex::default();
             for f in self.functions() {
                 let Some(code) = self.read(f.addr, f.size as usize) else { continue };
                 for r in crate::arch::x86_64::decode_refs(code, f.addr).unwrap_or_default() {
                     if r.kind == crate::arch::x86_64::RefKind::TpOff32 || f.contains(r.target) {
                         continue;
                     }
+                    if r.is_branch && !r.is_mem {
+                        let c = ix.callers.entry(r.target).or_default();
+                        if c.last() != Some(&f.addr) {
+                            c.push(f.addr);
+                        }
+                    }
                     if self.symbol_at(r.target).is_none() && self.section_at(r.target).is_some_and(|s| !s.is_exec()) {
-                        v.push(r.target);
+                        ix.anon_refs.push(r.target);
                     }
                 }
             }
-            v.sort_unstable();
-            v.dedup();
-            v
+            ix.anon_refs.sort_unstable();
+            ix.anon_refs.dedup();
+            ix
         })
     }
 
@@ -414,6 +439,12 @@ impl ElfFile {
 
     pub fn section(&self, name: &str) -> Option<&Section> {
         self.sections.iter().find(|s| s.name == name)
+    }
+
+    /// The DWARF sections of this file (empty ones where it has none), for gimli.
+    pub fn dwarf_sections(&self) -> Result<gimli::DwarfSections<&[u8]>> {
+        gimli::DwarfSections::load(|id| -> std::result::Result<&[u8], gimli::Error> { Ok(self.section_data(id.name()).map(|(_, d)| d).unwrap_or(&[])) })
+            .map_err(|e| Error::Elf { path: self.path.clone(), msg: format!("cannot read DWARF: {e}") })
     }
 
     pub fn section_data(&self, name: &str) -> Option<(&Section, &[u8])> {

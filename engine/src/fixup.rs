@@ -15,8 +15,6 @@ use std::collections::{BTreeMap, HashMap};
 
 pub const PAGE: u64 = 4096;
 
-/// General registers in the thunk's numbering (iced's order).
-const REG_NAMES: [&str; 16] = ["rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"];
 
 pub fn page_up(x: u64) -> u64 {
     x.div_ceil(PAGE) * PAGE
@@ -87,17 +85,9 @@ impl Layout {
         let mut thunks = BTreeMap::new();
         let mut at = stub_bytes + slots.len() as u64 * 8;
         for f in m.functions.iter().filter(|f| !f.preserve.is_empty()) {
-            let mut gprs = Vec::new();
-            let mut xmms = Vec::new();
-            for r in &f.preserve {
-                match (REG_NAMES.iter().position(|n| n == r), r.strip_prefix("xmm").and_then(|x| x.parse::<u8>().ok())) {
-                    (Some(i), _) => gprs.push(i as u8),
-                    (None, Some(x)) if x < 16 => xmms.push(x),
-                    // The bundle reader validates the names; an unknown one keeps the thunk
-                    // from being placed and apply fails at `entry_target`.
-                    _ => {}
-                }
-            }
+            // The bundle reader checked the names (caller-saved, xmm0-15 at most).
+            let regs = crate::extract::regs::RegSet::from_names(&f.preserve).unwrap_or_default();
+            let (gprs, xmms) = (regs.gprs(), regs.xmms());
             // Size with a dummy placement: the encoding's length does not depend on the distance.
             let len = x86_64::preserve_thunk(&gprs, &xmms, 0, 0).map(|b| b.len() as u64).unwrap_or(0);
             at = at.div_ceil(16) * 16;

@@ -60,7 +60,32 @@ pub struct Diff {
 #[derive(Debug, Clone, Serialize)]
 pub struct Explained {
     pub name: String,
+    pub why: Why,
     pub reason: String,
+}
+
+/// Why a function is in or out of a patch taken from a source diff (the kind programs act on;
+/// `reason` says it for people).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Why {
+    /// Holds code of a changed line: patched.
+    ChangedLine,
+    /// Calls a patched `.isra`/`.part` clone whose calling convention may have changed: patched.
+    CallsClone,
+    /// Holds code of a changed line that compiles to the same machine code: not patched.
+    SameCode,
+    /// Differs without a changed line in it (a compiler choice, or a changed macro): not patched.
+    NoChangedLine,
+    /// Only in NEW, without a changed line (a compiler-made clone): carried only if called.
+    NewWithoutChangedLine,
+}
+
+impl SourceExplanation {
+    /// The functions left out for `why`.
+    pub fn not_patched_for(&self, why: Why) -> Vec<&str> {
+        self.not_patched.iter().filter(|e| e.why == why).map(|e| e.name.as_str()).collect()
+    }
 }
 
 /// The changed set as the source diff defines it.
@@ -234,29 +259,17 @@ fn add_private_convention_callers(new: &ElfFile, d: &mut Diff) {
             continue;
         }
         let Some(f) = new.functions().find(|f| f.name == name) else { continue };
-        for c in direct_callers(new, f.addr) {
+        for c in new.direct_callers(f.addr) {
             let changed = d.changed_functions.iter().any(|x| x.name == c.name);
             if changed && !selected.contains(&c.name) && !c.name.contains(".cold") {
                 selected.push(c.name.clone());
                 if let Some(src) = d.source.as_mut() {
                     src.not_patched.retain(|e| e.name != c.name);
-                    src.patched.push(Explained { name: c.name.clone(), reason: format!("calls `{name}`, a clone whose private calling convention follows its changed body") });
+                    src.patched.push(Explained { name: c.name.clone(), why: Why::CallsClone, reason: format!("calls `{name}`, a clone whose private calling convention follows its changed body") });
                 }
             }
         }
     }
-}
-
-/// Functions of `elf` that call or jump to `target` directly.
-fn direct_callers(elf: &ElfFile, target: u64) -> Vec<&Symbol> {
-    elf.functions()
-        .filter(|f| !f.contains(target))
-        .filter(|f| {
-            elf.read(f.addr, f.size as usize)
-                .and_then(|code| x86_64::decode_refs(code, f.addr).ok())
-                .is_some_and(|refs| refs.iter().any(|r| r.is_branch && !r.is_mem && r.target == target))
-        })
-        .collect()
 }
 
 fn relocs_in(elf: &ElfFile, lo: u64, hi: u64) -> &[crate::elf::Reloc] {
@@ -635,19 +648,19 @@ fn explain(new: &ElfFile, d: &Diff, sc: &source::SourceChanges) -> SourceExplana
         if changed || added {
             in_set.insert(name.clone());
             let inl = if hit.line == 0 { String::new() } else { format!("{}:{} changed", hit.file, hit.line) };
-            e.patched.push(Explained { name, reason: if added { format!("new function; {inl}") } else { inl } });
+            e.patched.push(Explained { name, why: Why::ChangedLine, reason: if added { format!("new function; {inl}") } else { inl } });
         } else {
-            e.not_patched.push(Explained { name, reason: format!("{}:{} changed, but the machine code is the same", hit.file, hit.line) });
+            e.not_patched.push(Explained { name, why: Why::SameCode, reason: format!("{}:{} changed, but the machine code is the same", hit.file, hit.line) });
         }
     }
     for c in &d.changed_functions {
         if !in_set.contains(&c.name) {
-            e.not_patched.push(Explained { name: c.name.clone(), reason: "no changed source line in its code: a compiler choice (register allocation, inlining, layout), not patched".into() });
+            e.not_patched.push(Explained { name: c.name.clone(), why: Why::NoChangedLine, reason: "no changed source line in its code: a compiler choice (register allocation, inlining, layout), not patched".into() });
         }
     }
     for a in &d.added_functions {
         if !in_set.contains(&a.name) {
-            e.not_patched.push(Explained { name: a.name.clone(), reason: "new in NEW without a changed line (a compiler-made clone); carried only if patched code calls it".into() });
+            e.not_patched.push(Explained { name: a.name.clone(), why: Why::NewWithoutChangedLine, reason: "new in NEW without a changed line (a compiler-made clone); carried only if patched code calls it".into() });
         }
     }
     e.lines_without_code = sc.lines_without_code.iter().map(|h| format!("{}:{}", h.file, h.line)).collect();
@@ -724,8 +737,8 @@ fn build_live(old: &ElfFile, new: &ElfFile, opts: &BuildOptions) -> Result<(Mani
         d.changed_functions.iter().map(|c| c.name.clone()).collect()
     };
     if let (true, Some(src)) = (selected.is_empty(), &d.source) {
-        let same = src.not_patched.iter().filter(|e| e.reason.contains("machine code is the same")).count();
-        let unexplained: Vec<&str> = src.not_patched.iter().filter(|e| e.reason.starts_with("no changed source line")).map(|e| e.name.as_str()).collect();
+        let same = src.not_patched_for(Why::SameCode).len();
+        let unexplained = src.not_patched_for(Why::NoChangedLine);
         let why = if !src.lines_without_code.is_empty() && !unexplained.is_empty() {
             format!(
                 "the fix's changed lines produced no code ({}: a macro, type or declaration?) and these functions differ without a changed line: {}; if the fix changes a macro or constant they use, name them with --function",
@@ -1131,7 +1144,7 @@ impl<'a> Builder<'a> {
     fn register_contract(&self, os: &Symbol, nf: &Symbol) -> Result<Vec<String>> {
         // Only direct callers can rely on the old body's clobbers (IPA-RA), and only for
         // registers they use.
-        let callers = direct_callers(self.old, os.addr);
+        let callers = self.old.direct_callers(os.addr);
         let used = callers.iter().fold(regs::RegSet::default(), |u, c| u.union(regs::used_by(self.old, c)));
         let extra = regs::RegSet(regs::extra_clobbers(self.old, os, self.new, nf).0 & used.0);
         if extra.is_empty() {

@@ -49,6 +49,16 @@ impl RegSet {
         Some(RegSet(s))
     }
 
+    /// General registers in iced's numbering (0 = rax .. 15 = r15), as the thunk encodes them.
+    pub fn gprs(self) -> Vec<u8> {
+        (0u8..16).filter(|i| self.0 & (1 << i) != 0).collect()
+    }
+
+    /// Vector registers by number (xmm0 = 0).
+    pub fn xmms(self) -> Vec<u8> {
+        (0u8..32).filter(|i| self.0 & (1 << (16 + i)) != 0).collect()
+    }
+
     fn of(reg: Register) -> RegSet {
         let full = reg.full_register();
         if full.is_gpr64() {
@@ -217,6 +227,13 @@ mod tests {
         assert!(RegSet::CALLER_SAVED.names().contains(&"rdi".to_string()));
         assert!(!RegSet::CALLER_SAVED.names().contains(&"rbx".to_string()));
         assert!(!RegSet::CALLER_SAVED.names().contains(&"rsp".to_string()));
+    }
+
+    #[test]
+    fn thunk_numbering() {
+        let s = RegSet::from_names(&["rcx".into(), "r9".into(), "xmm0".into(), "xmm12".into()]).unwrap();
+        assert_eq!(s.gprs(), vec![1, 9]);
+        assert_eq!(s.xmms(), vec![0, 12]);
     }
 
     #[test]

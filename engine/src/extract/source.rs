@@ -9,7 +9,6 @@
 //! patched.
 use crate::elf::{ElfFile, SymKind};
 use crate::error::{Error, Result};
-use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// The lines one file of a unified diff changes, on the NEW side.
@@ -145,11 +144,8 @@ pub fn changed_functions(new: &ElfFile, debug: Option<&ElfFile>, diff: &[FileCha
     if dbg.sections.iter().any(|s| s.name.starts_with(".debug_") && s.flags & u64::from(goblin::elf::section_header::SHF_COMPRESSED) != 0) {
         return Err(Error::Elf { path: dbg.path.clone(), msg: "has compressed debug sections; decompress them first (objcopy --decompress-debug-sections)".into() });
     }
-    let load = |id: gimli::SectionId| -> std::result::Result<Cow<[u8]>, gimli::Error> {
-        Ok(dbg.section_data(id.name()).map(|(_, d)| Cow::Borrowed(d)).unwrap_or(Cow::Borrowed(&[])))
-    };
-    let dwarf_cow = gimli::DwarfSections::load(load).map_err(|e| dwarf_err(dbg, e))?;
-    let dwarf = dwarf_cow.borrow(|s| gimli::EndianSlice::new(s, gimli::LittleEndian));
+    let sections = dbg.dwarf_sections()?;
+    let dwarf = sections.borrow(|s| gimli::EndianSlice::new(s, gimli::LittleEndian));
     let mut out = SourceChanges::default();
     // (diff file index, line) -> produced code somewhere
     let mut seen_lines: BTreeSet<(usize, u32)> = BTreeSet::new();

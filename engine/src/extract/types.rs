@@ -5,7 +5,6 @@
 use crate::elf::ElfFile;
 use crate::error::{Error, Result};
 use gimli::{AttributeValue, DwTag};
-use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// One aggregate type's layout, as text: size, then every member as `name@offset:size`.
@@ -64,11 +63,8 @@ pub fn layouts(elf: &ElfFile) -> Result<Option<Layouts>> {
     if elf.section(".debug_info").is_none_or(|s| !s.has_bits()) {
         return Ok(None);
     }
-    let load = |id: gimli::SectionId| -> std::result::Result<Cow<[u8]>, gimli::Error> {
-        Ok(elf.section_data(id.name()).map(|(_, d)| Cow::Borrowed(d)).unwrap_or(Cow::Borrowed(&[])))
-    };
     let err = |e: gimli::Error| Error::Elf { path: elf.path.clone(), msg: format!("cannot read DWARF types: {e}") };
-    let sections = gimli::DwarfSections::load(load).map_err(err)?;
+    let sections = elf.dwarf_sections()?;
     let dwarf = sections.borrow(|s| gimli::EndianSlice::new(s, gimli::LittleEndian));
     let mut out = Layouts::default();
     let mut units = dwarf.units();
