@@ -670,9 +670,11 @@ fn explain(new: &ElfFile, d: &Diff, sc: &source::SourceChanges) -> SourceExplana
 
 /// Build a bundle patching OLD into NEW.
 pub fn build(old: &ElfFile, new: &ElfFile, opts: &BuildOptions) -> Result<(Manifest, Vec<u8>, Diff)> {
-    match build_live(old, new, opts) {
+    // The diff once: the refusal path records from it too.
+    let d = diff_with_source(old, new, opts.source.as_ref())?;
+    match build_live(old, new, opts, &d) {
+        Ok((manifest, blob)) => Ok((manifest, blob, d)),
         Err(Error::Refused { kind, reason, restart_required: true }) if opts.record_refusal => {
-            let d = diff_with_source(old, new, opts.source.as_ref())?;
             let build_id = old.build_id_hex().ok_or_else(|| Error::Elf { path: old.path.clone(), msg: "has no GNU build id".into() })?;
             let manifest = Manifest {
                 format_version: FORMAT_VERSION,
@@ -692,12 +694,11 @@ pub fn build(old: &ElfFile, new: &ElfFile, opts: &BuildOptions) -> Result<(Manif
             };
             Ok((manifest, Vec::new(), d))
         }
-        r => r,
+        Err(e) => Err(e),
     }
 }
 
-fn build_live(old: &ElfFile, new: &ElfFile, opts: &BuildOptions) -> Result<(Manifest, Vec<u8>, Diff)> {
-    let d = diff_with_source(old, new, opts.source.as_ref())?;
+fn build_live(old: &ElfFile, new: &ElfFile, opts: &BuildOptions, d: &Diff) -> Result<(Manifest, Vec<u8>)> {
     let build_id = old.build_id_hex().ok_or_else(|| Error::Elf {
         path: old.path.clone(),
         msg: "has no GNU build id; link with -Wl,--build-id so a bundle can be tied to it".into(),
@@ -769,8 +770,7 @@ fn build_live(old: &ElfFile, new: &ElfFile, opts: &BuildOptions) -> Result<(Mani
         }
     }
     b.run()?;
-    let (manifest, blob) = b.finish(TargetId { build_id, path: Some(old.path.display().to_string()), pie: old.pie })?;
-    Ok((manifest, blob, d))
+    b.finish(TargetId { build_id, path: Some(old.path.display().to_string()), pie: old.pie })
 }
 
 struct Builder<'a> {
