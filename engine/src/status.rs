@@ -87,9 +87,6 @@ pub fn partly_switched(mem: &dyn MemoryReader, a: &Applied) -> bool {
 pub fn entry_state(mem: &dyn MemoryReader, h: &Header, e: &region::Entry) -> &'static str {
     match mem.read_vec(e.entry, e.width()).ok().and_then(|b| decode_jump(e.entry, &b)) {
         Some(t) if t == e.target => "active",
-        // A short entry leads to its trampoline, outside the region: the trampoline's own
-        // entry tells whether this patch is the one in force.
-        Some(_) if e.short => "overridden",
         Some(t) if t < h.base || t >= h.base + h.len => "overridden",
         _ => "not-jumped",
     }
