@@ -6,7 +6,8 @@
 //! * [`engine`]: the engine calls of one process (re-check, status first, apply or revert);
 //! * [`report`]: per-process outcomes -> task phase, reason and message;
 //! * [`controller`]: the watch of this node's tasks and pods, status writes, the restart label;
-//! * [`preflight`], [`server`], [`metrics`]: start-up checks, health and Prometheus endpoints.
+//! * [`preflight`], [`metrics`]: start-up checks, the agent's Prometheus metrics (served with
+//!   `/healthz` and `/readyz` by `livepatch-runtime`, shared with the operator).
 pub mod controller;
 pub mod discovery;
 pub mod engine;
@@ -14,4 +15,3 @@ pub mod fetch;
 pub mod metrics;
 pub mod preflight;
 pub mod report;
-pub mod server;

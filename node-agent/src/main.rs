@@ -1,14 +1,6 @@
 //! `node-agent`: the livepatch DaemonSet entry point.
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use clap::Parser;
 use node_agent::{
@@ -18,11 +10,9 @@ use node_agent::{
     fetch::{self, Fetcher},
     metrics::Metrics,
     preflight,
-    server::{self, Endpoints},
 };
-use tokio::sync::watch;
+use livepatch_runtime::{telemetry, Endpoints, Health, LogFormat, Server, Shutdown};
 use tracing::{error, info};
-use tracing_subscriber::{fmt, prelude::*, EnvFilter};
 
 #[derive(Parser, Debug)]
 #[command(name = "node-agent", version, about = "livepatch node agent: applies the LivePatchTasks of this node to the pods' processes")]
@@ -83,36 +73,18 @@ struct Args {
     #[arg(long, env = "LIVEPATCH_REQUIRE_SIGNATURE", default_value_t = false)]
     require_signature: bool,
 
-    /// Log format: text or json.
-    #[arg(long, env = "LIVEPATCH_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
-    log_format: String,
+    /// Log format.
+    #[arg(long, env = "LIVEPATCH_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
 
     /// Run even when a start-up check fails (the failures are logged).
     #[arg(long, env = "LIVEPATCH_SKIP_PREFLIGHT", default_value_t = false)]
     skip_preflight: bool,
 }
 
-fn init_logs(format: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let registry = tracing_subscriber::registry().with(filter);
-    if format == "json" {
-        registry.with(fmt::layer().json().flatten_event(true).with_current_span(true)).init();
-    } else {
-        registry.with(fmt::layer()).init();
-    }
-}
-
-async fn signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_logs(&args.log_format);
+    telemetry::init(args.log_format);
     let problems = preflight::check(&args.proc_root, &[std::path::Path::new("/run/livepatch"), &std::env::temp_dir()]);
     for p in &problems {
         if p.fatal {
@@ -132,19 +104,8 @@ fn main() -> anyhow::Result<()> {
 async fn run(args: Args, signatures: fetch::Signatures) -> anyhow::Result<()> {
     let client = kube::Client::try_default().await?;
     let metrics = Arc::new(Metrics::default());
-    let ready = Arc::new(AtomicBool::new(false));
-    let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        signal().await;
-        info!("shutting down");
-        let _ = stop_tx.send(true);
-    });
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    };
+    let health = Arc::new(Health::default());
+    let shutdown = Shutdown::on_signal();
 
     let mut fetcher = Fetcher::new(client.clone(), fetch::tls_config(args.bundle_ca_file.as_deref())?);
     fetcher.max_bytes = args.bundle_max_bytes;
@@ -166,23 +127,19 @@ async fn run(args: Args, signatures: fetch::Signatures) -> anyhow::Result<()> {
     ctx.backoff = Duration::from_secs(args.retry_seconds.max(1));
     ctx.resync = Duration::from_secs(args.resync_seconds.max(10));
     let ctx = Arc::new(ctx);
-    let refresh_store = store.clone();
-    let refresh_metrics = metrics.clone();
-    let endpoints = Endpoints {
-        metrics: metrics.clone(),
-        ready: ready.clone(),
-        refresh: Arc::new(move || refresh_metrics.set_tasks(refresh_store.state().iter().map(|t| t.status.as_ref().map(|s| s.phase)))),
-    };
-    let http = tokio::spawn(server::serve(args.metrics_addr, endpoints, stopped()));
+    // The task gauges are counted from the watch cache at each scrape.
+    let (scrape_store, scrape_metrics) = (store.clone(), metrics.clone());
+    let endpoints = Endpoints::new(health.clone(), move || {
+        scrape_metrics.set_tasks(scrape_store.state().iter().map(|t| t.status.as_ref().map(|s| s.phase)));
+        scrape_metrics.encode()
+    });
+    let server = Server::spawn(args.metrics_addr, endpoints, &shutdown);
     let on_ready = move || {
-        ready.store(true, Ordering::Relaxed);
+        health.set_ready(true);
         info!("task watch synced: ready");
     };
-    controller::run(task_controller, ctx, args.max_parallel_tasks.max(1), on_ready, stopped()).await;
-    match http.await {
-        Ok(Err(e)) => error!(error = %e, "metrics server failed"),
-        Err(e) => error!(error = %e, "metrics server task"),
-        Ok(Ok(())) => {}
-    }
+    controller::run(task_controller, ctx, args.max_parallel_tasks.max(1), on_ready, shutdown.requested()).await;
+    shutdown.request();
+    server.join().await;
     Ok(())
 }

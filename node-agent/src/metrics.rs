@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use livepatch_api::TargetPhase;
 use prometheus_client::{
-    encoding::{text::encode, EncodeLabelSet},
+    encoding::EncodeLabelSet,
     metrics::{
         counter::Counter,
         family::Family,
@@ -114,9 +114,7 @@ impl Metrics {
     }
 
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        encode(&mut out, &self.registry).expect("writing to a String does not fail");
-        out
+        livepatch_runtime::metrics::encode(&self.registry)
     }
 }
 

@@ -10,7 +10,9 @@ use kube_lease_manager::{LeaseManager, LeaseManagerBuilder};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::{metrics::Metrics, server::Health};
+use livepatch_runtime::Health;
+
+use crate::metrics::Metrics;
 
 /// Which Lease, and who we are.
 #[derive(Clone, Debug)]

@@ -4,7 +4,8 @@
 //! * [`plan`]: the reconcile logic as plain functions over plain data (unit-tested without a server);
 //! * [`controller`]: the kube-rs controller that reads the inputs and carries the plans out;
 //! * [`leader`]: leader election on a coordination.k8s.io Lease (only the leader reconciles);
-//! * [`metrics`] and [`server`]: Prometheus metrics, `/healthz` and `/readyz`;
+//! * [`metrics`]: the operator's Prometheus metrics (served with `/healthz` and `/readyz` by
+//!   `livepatch-runtime`, shared with the node agent);
 //! * [`crdgen`]: the CRD YAML generated from the `livepatch-api` types.
 
 pub mod controller;
@@ -13,5 +14,3 @@ pub mod leader;
 pub mod metrics;
 pub mod plan;
 pub mod pods;
-pub mod server;
-pub mod telemetry;

@@ -4,16 +4,13 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use clap::{Parser, Subcommand};
-use futures::FutureExt;
 use livepatch_operator::{
     controller::{self, Context},
     crdgen, leader,
     metrics::Metrics,
-    server::{self, AppState, Health},
-    telemetry::{self, LogFormat},
 };
-use tokio::sync::watch;
-use tracing::{error, info};
+use livepatch_runtime::{telemetry, Endpoints, Health, LogFormat, Server, Shutdown};
+use tracing::error;
 
 #[derive(Parser, Debug)]
 #[command(name = "livepatch-operator", version, about = "Dispatches LivePatch resources to the node agents")]
@@ -86,21 +83,6 @@ fn main() -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(cli.run))
 }
 
-/// Resolves on SIGTERM or Ctrl-C.
-async fn signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-}
-
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     if args.lease_grace_seconds == 0 || args.lease_grace_seconds >= args.lease_duration_seconds {
         anyhow::bail!("--lease-grace-seconds must be more than 0 and less than --lease-duration-seconds");
@@ -114,22 +96,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(Health::default());
 
-    // One shutdown signal for everything.
-    let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        signal().await;
-        info!("shutting down");
-        let _ = stop_tx.send(true);
-    });
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
-    };
-
-    let state = AppState { metrics: metrics.clone(), health: health.clone() };
-    let http = tokio::spawn(server::serve(args.metrics_addr, state, stopped()));
+    let shutdown = Shutdown::on_signal();
+    let scrape = metrics.clone();
+    let server = Server::spawn(args.metrics_addr, Endpoints::new(health.clone(), move || scrape.encode()), &shutdown);
 
     let mut ctx = Context::new(client.clone(), metrics.clone(), &identity);
     ctx.resync = Duration::from_secs(args.resync_seconds);
@@ -148,18 +117,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             let ctx = ctx.clone();
             move || tokio::spawn(controller::run(ctx.clone(), namespace.clone(), futures::future::pending()))
         };
-        leader::run(client, cfg, health, metrics, start, stopped()).await
+        leader::run(client, cfg, health, metrics, start, shutdown.requested()).await
     } else {
         health.set_ready(true);
         metrics.leader.set(1);
-        controller::run(ctx, namespace, stopped()).await;
+        controller::run(ctx, namespace, shutdown.requested()).await;
         Ok(())
     };
     if let Err(e) = &result {
         error!(error = %e, "operator failed");
     }
-    if let Some(Ok(Err(e))) = http.now_or_never() {
-        error!(error = %e, "metrics server failed");
-    }
+    // The controller may have ended by itself (an error): stop the server too.
+    shutdown.request();
+    server.join().await;
     result
 }

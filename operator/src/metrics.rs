@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use livepatch_api::TargetCounts;
 use prometheus_client::{
-    encoding::{text::encode, EncodeLabelSet},
+    encoding::EncodeLabelSet,
     metrics::{
         counter::Counter,
         family::Family,
@@ -99,9 +99,7 @@ impl Metrics {
 
     /// The text exposition format.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        encode(&mut out, &self.registry).expect("writing to a String does not fail");
-        out
+        livepatch_runtime::metrics::encode(&self.registry)
     }
 }
 

@@ -2,14 +2,16 @@
 
 use tracing_subscriber::{fmt, prelude::*, EnvFilter};
 
-/// Log format.
+/// Log format (`--log-format`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
     Text,
     Json,
 }
 
-/// Install the global subscriber. The filter comes from `RUST_LOG` (default `info`).
+/// Install the global subscriber. The filter comes from `RUST_LOG` (default `info`). In JSON the
+/// current span's fields (namespace, object, generation) are flattened into each line; the list
+/// of enclosing spans is left out (it repeats them).
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let registry = tracing_subscriber::registry().with(filter);
