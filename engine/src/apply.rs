@@ -10,7 +10,7 @@ use crate::jump::{Jumps, Site};
 use crate::map;
 use crate::process::{Lock, MemoryReader, ProcMem, Process};
 use crate::ptrace::{Gadgets, Stopped};
-use crate::region::{CodeRange, Entry, Header};
+use crate::region::{CodeRange, Entry, Header, SiteRecord};
 use crate::status::{self, Applied};
 use crate::unwind::Modules;
 use crate::watchpoint::{self, Guarded, Strategy, View};
@@ -48,6 +48,9 @@ pub struct Report {
     pub already_applied: bool,
     pub stacked: usize,
     pub restart_recommended: bool,
+    /// Frames of old functions stopped at return sites, moved to the new code.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub switched_frames: Vec<watchpoint::FrameSwitch>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -102,6 +105,7 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &Options) -> Result<Report> {
             already_applied: true,
             stacked: live.len(),
             restart_recommended: live.len() > status::STACK_LIMIT,
+            switched_frames: Vec::new(),
         });
     }
     // Leftovers of a tool that died between map and jump are unreachable: remove them.
@@ -193,6 +197,19 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &Options) -> Result<Report> {
             .map(|f| CodeRange { name: f.name.clone(), start: layout.mirror(f.new_svma), len: f.new_size })
             .chain(layout.thunk_ranges().map(|(n, start, len)| CodeRange { name: n.to_string(), start, len }))
             .collect(),
+        return_sites: m
+            .functions
+            .iter()
+            .filter(|f| f.has_entry_jump())
+            .flat_map(|f| {
+                let layout = &layout;
+                f.return_sites.iter().filter_map(move |r| {
+                    Some(SiteRecord { name: f.name.clone(), old: r.old.checked_add(bias)?, new: layout.mirror(r.new?), back: r.back })
+                })
+            })
+            .collect(),
+        switched: Vec::new(),
+        switched_unrecorded: 0,
     };
     let enc = header.encode();
     if enc.len() as u64 > layout.header_len {
@@ -204,7 +221,7 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &Options) -> Result<Report> {
         .iter()
         .map(|e| {
             let write = e.jump().ok_or_else(|| Error::Other(format!("`{}`: new code out of jump range", e.name)))?;
-            Ok(Site { name: e.name.clone(), at: e.entry, expect: hex::decode(&e.previous).expect("hex we wrote"), write })
+            Ok(Site { name: format!("the entry of `{}`", e.name), at: e.entry, expect: hex::decode(&e.previous).expect("hex we wrote"), write })
         })
         .collect::<Result<_>>()?;
 
@@ -216,14 +233,19 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &Options) -> Result<Report> {
 
     // What must not be active: the old functions (the jump's bytes included) and any copies
     // of them that earlier patches carry.
+    // A frame stopped at a proven return site of an old function is switched to the new code
+    // instead (functions that never return).
     let mut guarded = Vec::new();
     for f in m.functions.iter().filter(|f| f.kind != FunctionKind::Added) {
         let at = f.old_svma.unwrap() + bias;
         let end = at + f.old_size.max(f.entry_jump_len() as u64);
-        guarded.push(Guarded { name: f.name.clone(), start: at, end });
+        let mut g = Guarded::new(f.name.clone(), at, end);
+        g.switch = header.return_sites.iter().filter(|r| r.name == f.name).map(|r| (r.old, r.new)).collect();
+        g.stuck = f.return_sites.iter().filter_map(|r| Some((r.old.checked_add(bias)?, r.why.clone()?))).collect();
+        guarded.push(g);
         for a in &live {
             for c in a.header.code.iter().filter(|c| c.name == f.name) {
-                guarded.push(Guarded { name: format!("{} (patch {})", f.name, a.header.patch_id), start: c.start, end: c.start + c.len });
+                guarded.push(Guarded::new(format!("{} (patch {})", f.name, a.header.patch_id), c.start, c.start + c.len));
             }
         }
     }
@@ -236,12 +258,24 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &Options) -> Result<Report> {
     if !proc.maps()?.iter().any(|m| m.start == region.base && m.path.contains(&patch_id)) {
         return Err(Error::Process { pid, msg: "called exec during the operation (the patch region is gone); it runs another program now".into() });
     }
+    let switched = watchpoint::frames_to_switch(&view, &stopped, &guarded)?;
     crate::fault::point("stopped");
     let jumps = Jumps::write(&mem, &sites)?;
     if opts.strategy == Strategy::Trap {
         watchpoint::trap::move_held_threads(&stopped, &header.entries)?;
     }
+    // Frames at proven return sites: their return addresses now lead into the new code.
+    let frame_sites: Vec<Site> = switched
+        .iter()
+        .map(|s| Site { name: format!("the return address of `{}` on thread {}", s.function, s.tid), at: s.slot, expect: s.old.to_le_bytes().to_vec(), write: s.new.to_le_bytes().to_vec() })
+        .collect();
+    let frames = Jumps::write(&mem, &frame_sites)?;
+    if !switched.is_empty() {
+        crate::fault::point("frames-switched");
+        record_switched(&region, header.clone(), &switched, layout.header_len)?;
+    }
     jumps.commit();
+    frames.commit();
     let since = stopped.since();
     stopped.detach();
     let pause_us = since.elapsed().as_micros() as u64;
@@ -261,7 +295,23 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &Options) -> Result<Report> {
         already_applied: false,
         stacked,
         restart_recommended: stacked > status::STACK_LIMIT,
+        switched_frames: switched,
     })
+}
+
+/// Add the switched frames to the region's header (for `status`), as many as its room holds.
+fn record_switched(region: &map::MappedRegion, mut header: Header, switched: &[watchpoint::FrameSwitch], room: u64) -> Result<()> {
+    header.switched = switched.to_vec();
+    loop {
+        let enc = header.encode();
+        if enc.len() as u64 <= room {
+            return region.rewrite(0, &enc);
+        }
+        if header.switched.pop().is_none() {
+            return Err(Error::Other("patch region header does not fit its reserved space".into()));
+        }
+        header.switched_unrecorded += 1;
+    }
 }
 
 fn exe_inode(proc: &Process) -> Result<u64> {

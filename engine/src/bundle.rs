@@ -89,6 +89,27 @@ pub struct Function {
     /// functions, within 127 bytes, that takes the 5-byte jump; the entry gets a 2-byte `jmp rel8`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trampoline: Option<u64>,
+    /// Return addresses of the old function's calls, and where a frame stopped at one continues
+    /// in the new function (a function that never returns is switched there, not waited for).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub return_sites: Vec<ReturnSite>,
+}
+
+/// A return address R of an old function (after one of its calls) and its counterpart R' in
+/// the new one, when a frame stopped at R is proven to continue correctly at R'.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReturnSite {
+    /// R, SVMA in OLD.
+    pub old: u64,
+    /// R', SVMA in NEW; `None` when not proven (see `why`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new: Option<u64>,
+    /// The same proof holds from new to old: revert can switch such a frame back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub back: bool,
+    /// Why a frame stopped at R cannot be switched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
 }
 
 impl Function {
@@ -450,6 +471,7 @@ mod tests {
                 new_size: 32,
                 preserve: vec![],
                 trampoline: None,
+                return_sites: vec![],
             }],
             fixups: vec![Fixup { at: 0x1101, kind: RefKind::PcRel, next_ip: 0x1105, addend: 0, target: Target::Old { svma: 0x2000, name: "g".into() } }],
             changed_data: vec![],

@@ -14,6 +14,8 @@ use goblin::elf::{sym, Elf};
 use std::collections::{BTreeMap, HashMap};
 
 pub const PAGE: u64 = 4096;
+/// Header bytes kept for the record of switched frames (about 100 bytes each).
+pub const SWITCH_RECORD_ROOM: u64 = 32 * 1024;
 
 
 pub fn page_up(x: u64) -> u64 {
@@ -55,7 +57,9 @@ impl Layout {
     /// Size the region for `bundle`; addresses are filled by [`Layout::place`].
     pub fn new(bundle: &Bundle, bias: u64) -> Layout {
         let m = &bundle.manifest;
-        let header_len = page_up(16 + 4096 + 1024 * (m.functions.len() as u64 * 2));
+        // Room for the entries, the return sites, and the frames switched (written later).
+        let sites: u64 = m.functions.iter().map(|f| f.return_sites.iter().filter(|r| r.new.is_some()).count() as u64).sum();
+        let header_len = page_up(16 + 4096 + 1024 * (m.functions.len() as u64 * 2) + 160 * sites + SWITCH_RECORD_ROOM);
         let mut stubs = BTreeMap::new();
         let mut slots: Vec<(Target, u64)> = Vec::new();
         for f in &m.fixups {

@@ -6,6 +6,7 @@ use crate::process::{MemoryReader, ProcMem};
 /// One entry to overwrite.
 #[derive(Debug, Clone)]
 pub struct Site {
+    /// What the bytes are, for messages: "the entry of `f`", "the return address of ...".
     pub name: String,
     pub at: u64,
     /// What must be there now (checked just before writing).
@@ -28,7 +29,7 @@ impl<'a> Jumps<'a> {
             let now = mem.read_vec(s.at, s.expect.len())?;
             if now != s.expect {
                 return Err(Error::Other(format!(
-                    "the entry of `{}` at {:#x} changed under us (found {}, expected {}); is another tool patching this process?",
+                    "{} at {:#x} changed under us (found {}, expected {}); is another tool patching this process?",
                     s.name,
                     s.at,
                     hex::encode(&now),

@@ -122,11 +122,23 @@ pub struct MappedRegion {
     pub len: u64,
     gadget: Gadgets,
     committed: bool,
+    /// The region's memfd, opened from our side: the header can still be rewritten after the
+    /// mapping (the mapping itself is read-only, and /proc/PID/mem cannot write a read-only
+    /// shared mapping).
+    file: std::fs::File,
 }
 
 impl MappedRegion {
     pub fn commit(mut self) {
         self.committed = true;
+    }
+
+    /// Write `bytes` at `offset` of the region (the target sees them at once).
+    pub fn rewrite(&self, offset: u64, bytes: &[u8]) -> Result<()> {
+        if offset.checked_add(bytes.len() as u64).is_none_or(|e| e > self.len) {
+            return Err(Error::Other("write past the end of the patch region".into()));
+        }
+        self.file.write_all_at(bytes, offset).map_err(|e| Error::io("cannot rewrite the patch region", e))
     }
 
     /// Unmap now, reporting errors.
@@ -245,12 +257,16 @@ pub fn map_region(proc: &Process, mem: &ProcMem, maps: &[Mapping], gadget: Gadge
             .open(format!("/proc/{pid}/fd/{fd}"))
             .map_err(|e| Error::io("cannot open the target's memfd", e))?;
         f.set_len(len).map_err(|e| Error::io("cannot size the patch region", e))?;
-        f.write_all_at(image, 0).map_err(|e| Error::io("cannot write the patch region", e))
+        f.write_all_at(image, 0).map_err(|e| Error::io("cannot write the patch region", e))?;
+        Ok(f)
     })();
-    if let Err(e) = fill {
-        close(&mut t);
-        return Err(e);
-    }
+    let file = match fill {
+        Ok(f) => f,
+        Err(e) => {
+            close(&mut t);
+            return Err(e);
+        }
+    };
     crate::fault::point("injected");
     let r = t.syscall(tid, gadget, SYS_MMAP, [addr, len, PROT_READ | PROT_EXEC, MAP_SHARED | MAP_FIXED_NOREPLACE, fd as u64, 0]);
     close(&mut t);
@@ -259,7 +275,7 @@ pub fn map_region(proc: &Process, mem: &ProcMem, maps: &[Mapping], gadget: Gadge
         return Err(Error::Process { pid, msg: format!("mmap of the patch region at {addr:#x} failed: errno {}", -r) });
     }
     let got = r as u64;
-    let region = MappedRegion { pid, base: got, len, gadget, committed: false };
+    let region = MappedRegion { pid, base: got, len, gadget, committed: false, file };
     if got != addr {
         // An old kernel took MAP_FIXED_NOREPLACE as a hint.
         drop(t);

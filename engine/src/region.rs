@@ -73,6 +73,30 @@ pub struct Header {
     pub len: u64,
     pub entries: Vec<Entry>,
     pub code: Vec<CodeRange>,
+    /// Return sites of the old functions with their counterparts in this region.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub return_sites: Vec<SiteRecord>,
+    /// Frames moved to this region's code when the patch was applied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub switched: Vec<crate::watchpoint::FrameSwitch>,
+    /// Switched frames left out of `switched` for want of room.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub switched_unrecorded: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// A frame of the old function `name` stopped at `old` (a live return address) continues at
+/// `new` in this region; with `back`, a frame at `new` can return to `old` (revert).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SiteRecord {
+    pub name: String,
+    pub old: u64,
+    pub new: u64,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub back: bool,
 }
 
 impl Header {

@@ -21,6 +21,9 @@ pub struct Report {
     pub attempts: u32,
     pub remaining: usize,
     pub total_ms: u64,
+    /// Frames of the removed code stopped at return sites, moved back to the original functions.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub switched_frames: Vec<watchpoint::FrameSwitch>,
 }
 
 pub fn revert(pid: i32, all: bool, strategy: Strategy, timeout: Duration) -> Result<Report> {
@@ -38,7 +41,7 @@ pub fn revert(pid: i32, all: bool, strategy: Strategy, timeout: Duration) -> Res
     let _ = map::close_leaked_memfds(pid, gadget);
     if live.is_empty() {
         // Idempotent: callers revert to make sure; an empty `reverted` says nothing was applied.
-        return Ok(Report { pid, reverted: vec![], functions: vec![], pause_us: 0, attempts: 0, remaining: 0, total_ms: t0.elapsed().as_millis() as u64 });
+        return Ok(Report { pid, reverted: vec![], functions: vec![], pause_us: 0, attempts: 0, remaining: 0, total_ms: t0.elapsed().as_millis() as u64, switched_frames: vec![] });
     }
     let removing: Vec<&Applied> = if all { live.clone() } else { vec![*live.last().unwrap()] };
     let mut sites: Vec<Site> = Vec::new();
@@ -64,7 +67,7 @@ pub fn revert(pid: i32, all: bool, strategy: Strategy, timeout: Duration) -> Res
                     e.name, a.header.patch_id
                 )));
             }
-            sites.push(Site { name: e.name.clone(), at: e.entry, expect: now, write });
+            sites.push(Site { name: format!("the entry of `{}`", e.name), at: e.entry, expect: now, write });
             functions.push(e.name.clone());
         }
     }
@@ -76,9 +79,20 @@ pub fn revert(pid: i32, all: bool, strategy: Strategy, timeout: Duration) -> Res
             }
         }
     }
+    // A frame of new code stopped at a return site proven both ways goes back to the original
+    // function, when that is what its entry gets back (no older patch of it stays).
+    let older = |name: &str| live.iter().any(|o| !removing.iter().any(|r| r.header.seq == o.header.seq) && o.header.entries.iter().any(|e| e.name == name));
     let guarded: Vec<Guarded> = removing
         .iter()
-        .flat_map(|a| a.header.code.iter().map(move |c| Guarded { name: format!("{} (patch {})", c.name, a.header.patch_id), start: c.start, end: c.start + c.len }))
+        .flat_map(|a| {
+            a.header.code.iter().map(move |c| {
+                let mut g = Guarded::new(format!("{} (patch {})", c.name, a.header.patch_id), c.start, c.start + c.len);
+                if !older(&c.name) {
+                    g.switch = a.header.return_sites.iter().filter(|r| r.back && r.name == c.name).map(|r| (r.new, r.old)).collect();
+                }
+                g
+            })
+        })
         .collect();
     let modules = Modules::load(pid, &maps, &mem);
     let view = View { proc: &proc, mem: &mem, maps: &maps, modules: &modules };
@@ -86,9 +100,17 @@ pub fn revert(pid: i32, all: bool, strategy: Strategy, timeout: Duration) -> Res
     // the code the entry had before this patch.
     let entries: Vec<crate::region::Entry> = removing.iter().flat_map(|a| a.header.entries.iter().cloned()).collect();
     let watchpoint::Quiet { stopped, attempts, .. } = watchpoint::until_inactive(&view, strategy, &guarded, &entries, timeout)?;
+    let switched = watchpoint::frames_to_switch(&view, &stopped, &guarded)?;
     crate::fault::point("revert-stopped");
     let jumps = Jumps::write(&mem, &sites)?;
+    let frame_sites: Vec<Site> = switched
+        .iter()
+        .map(|s| Site { name: format!("the return address of `{}` on thread {}", s.function, s.tid), at: s.slot, expect: s.old.to_le_bytes().to_vec(), write: s.new.to_le_bytes().to_vec() })
+        .collect();
+    // `new` is where the frame goes: here, back to the original function.
+    let frames = Jumps::write(&mem, &frame_sites)?;
     jumps.commit();
+    frames.commit();
     let since = stopped.since();
     stopped.detach();
     let pause_us = since.elapsed().as_micros() as u64;
@@ -99,5 +121,5 @@ pub fn revert(pid: i32, all: bool, strategy: Strategy, timeout: Duration) -> Res
         }
         reverted.push(a.header.patch_id.clone());
     }
-    Ok(Report { pid, reverted, functions, pause_us, attempts, remaining: live.len() - removing.len(), total_ms: t0.elapsed().as_millis() as u64 })
+    Ok(Report { pid, reverted, functions, pause_us, attempts, remaining: live.len() - removing.len(), total_ms: t0.elapsed().as_millis() as u64, switched_frames: switched })
 }

@@ -58,15 +58,16 @@ pub struct Modules {
     rows: std::cell::RefCell<HashMap<u64, Result<Row, String>>>,
 }
 
-/// The part of a CFI row the unwinder uses.
-#[derive(Debug, Clone)]
-struct Row {
+/// The part of a CFI row the unwinder uses: the CFA rule and the rules of the callee-saved
+/// registers and the return address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
     cfa_reg: u16,
     cfa_off: i64,
     rules: Vec<(usize, Rule)>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Rule {
     Undefined,
     Same,
@@ -122,6 +123,18 @@ impl Modules {
         Modules { modules, rows: Default::default() }
     }
 
+    /// The tables of one file, at its file addresses (bias 0): for comparing frames of two
+    /// builds of a function before anything runs.
+    pub fn of_file(elf: &ElfFile) -> Option<Modules> {
+        let (lo, hi) = elf.image_range();
+        Module::from_elf(&elf.path.display().to_string(), elf, lo, hi, 0).map(|m| Modules { modules: vec![m], rows: Default::default() })
+    }
+
+    /// The CFI row that holds at `addr`.
+    pub fn row_at(&self, addr: u64) -> Result<Row, String> {
+        row_for(self, addr, &mut UnwindContext::new())
+    }
+
     fn find(&self, pc: u64) -> Option<&Module> {
         self.modules.iter().find(|m| m.contains(pc))
     }
@@ -150,22 +163,6 @@ pub struct Stack {
     pub scanned: Vec<u64>,
     /// Why unwinding stopped early, if it did.
     pub incomplete: Option<String>,
-}
-
-impl Stack {
-    /// Whether any frame or possible return address lies in [start, end).
-    pub fn touches(&self, start: u64, end: u64) -> Option<u64> {
-        let hit = |pc: &u64| *pc >= start && *pc < end;
-        if let Some(first) = self.pcs.first().filter(|p| hit(p)) {
-            // Standing exactly on the entry is not an activation: the thread has not entered.
-            if *first != start {
-                return Some(*first);
-            }
-        }
-        // A return address points after its call, so a call at the very end of a function
-        // returns to `end`: look at pc-1 for callers.
-        self.pcs.iter().skip(1).find(|pc| **pc > start && **pc <= end).copied().or_else(|| self.scanned.iter().find(|w| **w > start && **w <= end).copied())
-    }
 }
 
 /// Stack reads come in small, nearby pieces: serve them from one larger read (fewer system

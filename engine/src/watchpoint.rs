@@ -8,7 +8,9 @@
 use crate::error::{Error, Result};
 use crate::process::{Mapping, ProcMem, Process};
 use crate::ptrace::Stopped;
-use crate::unwind::{self, Modules};
+use crate::process::MemoryReader;
+use crate::unwind::{self, Modules, Stack};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
@@ -33,11 +35,43 @@ impl std::str::FromStr for Strategy {
 }
 
 /// Code that must not be active: an old function (or a copy being removed).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Guarded {
     pub name: String,
     pub start: u64,
     pub end: u64,
+    /// Return addresses in this code where a frame is proven to continue in other code
+    /// (live old address -> live new address): such a frame is switched, not waited for.
+    pub switch: BTreeMap<u64, u64>,
+    /// Return addresses where a frame cannot be switched, and why.
+    pub stuck: BTreeMap<u64, String>,
+}
+
+impl Guarded {
+    pub fn new(name: String, start: u64, end: u64) -> Guarded {
+        Guarded { name, start, end, ..Default::default() }
+    }
+
+    /// Whether a frame at `pc` keeps this code active. Depth 0 executes `pc` (standing exactly
+    /// on the entry is not having entered); deeper frames return to `pc`, which lies after
+    /// their call, so a call at the very end of the code returns to `end`.
+    pub fn holds(&self, pc: u64, depth: usize) -> bool {
+        if depth == 0 {
+            pc >= self.start && pc < self.end && pc != self.start
+        } else {
+            pc > self.start && pc <= self.end && !self.switch.contains_key(&pc)
+        }
+    }
+
+    /// The first frame of `st` this code is active in (pc, depth), else a word of the scanned
+    /// part of the stack that may return into it (depth: where the frames end).
+    pub fn touched_by(&self, st: &Stack) -> Option<(u64, usize)> {
+        if let Some(d) = st.pcs.iter().enumerate().position(|(d, pc)| self.holds(*pc, d)) {
+            return Some((st.pcs[d], d));
+        }
+        // A scanned word is no frame: it cannot be switched.
+        st.scanned.iter().find(|w| **w > self.start && **w <= self.end).map(|w| (*w, st.pcs.len()))
+    }
 }
 
 /// A thread found inside guarded code.
@@ -49,6 +83,8 @@ pub struct Activation {
     pub pc: u64,
     /// Depth of the frame (0 = the thread is executing it).
     pub depth: usize,
+    /// Why the frame, stopped at a return address, cannot be switched to the new code.
+    pub stuck: Option<String>,
 }
 
 impl std::fmt::Display for Activation {
@@ -56,6 +92,9 @@ impl std::fmt::Display for Activation {
         write!(f, "function `{}` is active on thread {} ({}) at {:#x}", self.function, self.tid, self.thread, self.pc)?;
         if self.depth > 0 {
             write!(f, ", {} frames down", self.depth)?;
+        }
+        if let Some(why) = &self.stuck {
+            write!(f, " (not switchable: {why})")?;
         }
         Ok(())
     }
@@ -74,14 +113,62 @@ pub fn find_activation(v: &View, stopped: &Stopped, guarded: &[Guarded]) -> Resu
     for tid in stopped.tids() {
         let regs = stopped.regs(tid)?;
         let stack = unwind::unwind(&regs, v.modules, v.mem, v.maps);
-        for g in guarded {
-            if let Some(pc) = stack.touches(g.start, g.end) {
-                let depth = stack.pcs.iter().position(|p| *p == pc).unwrap_or(usize::MAX);
-                return Ok(Some(Activation { tid, thread: v.proc.thread_name(tid), function: g.name.clone(), pc, depth: if depth == usize::MAX { 0 } else { depth } }));
-            }
+        if let Some(a) = activation_of(v, tid, &stack, guarded) {
+            return Ok(Some(a));
         }
     }
     Ok(None)
+}
+
+/// The first guarded code active on one thread's stack.
+pub fn activation_of(v: &View, tid: i32, st: &Stack, guarded: &[Guarded]) -> Option<Activation> {
+    guarded.iter().find_map(|g| {
+        g.touched_by(st).map(|(pc, depth)| Activation {
+            tid,
+            thread: v.proc.thread_name(tid),
+            function: g.name.clone(),
+            pc,
+            depth,
+            stuck: if depth > 0 { g.stuck.get(&pc).cloned() } else { None },
+        })
+    })
+}
+
+/// A frame of guarded code stopped at a proven return site, moved to the new code at the
+/// switch: the return address in its callee's frame is rewritten.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FrameSwitch {
+    pub tid: i32,
+    pub function: String,
+    /// Where the return address is kept (the callee's CFA - 8).
+    pub slot: u64,
+    pub old: u64,
+    pub new: u64,
+}
+
+/// Every frame of the stopped threads that stands at a switchable return site of `guarded`.
+/// Only frames found through call-frame information count (a scanned word is no frame, and
+/// blocks). The caller holds every thread stopped, with no guarded code otherwise active.
+pub fn frames_to_switch(v: &View, stopped: &Stopped, guarded: &[Guarded]) -> Result<Vec<FrameSwitch>> {
+    let mut out = Vec::new();
+    if guarded.iter().all(|g| g.switch.is_empty()) {
+        return Ok(out);
+    }
+    for tid in stopped.tids() {
+        let regs = stopped.regs(tid)?;
+        let st = unwind::unwind(&regs, v.modules, v.mem, v.maps);
+        for (d, pc) in st.pcs.iter().enumerate().skip(1) {
+            let Some(g) = guarded.iter().find(|g| g.switch.contains_key(pc)) else { continue };
+            // The return address of frame d-1 sits just below its CFA (x86-64 `call`).
+            let slot = st.cfas.get(d - 1).and_then(|c| c.checked_sub(8)).ok_or_else(|| Error::Other(format!("thread {tid}: no frame address for the return to {pc:#x}")))?;
+            let held = v.mem.read_u64(slot)?;
+            if held != *pc {
+                return Err(Error::Other(format!("thread {tid}: the return address to {pc:#x} is not at {slot:#x} (found {held:#x}); not switching")));
+            }
+            out.push(FrameSwitch { tid, function: g.name.clone(), slot, old: *pc, new: g.switch[pc] });
+        }
+    }
+    Ok(out)
 }
 
 /// Every thread stopped, none in guarded code: the moment to switch.

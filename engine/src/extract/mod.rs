@@ -1096,7 +1096,8 @@ impl<'a> Builder<'a> {
             let kind = if os.is_none() { FunctionKind::Added } else { *kind };
             let trampoline = if kind == FunctionKind::Changed { self.jump_room(os.unwrap(), &mut jump_bytes)? } else { None };
             let preserve = if kind == FunctionKind::Changed { self.register_contract(os.unwrap(), f)? } else { Vec::new() };
-            functions.push(Function { name: f.name.clone(), kind, old_svma, old_size, old_digest, new_svma: f.addr, new_size: f.size, preserve, trampoline });
+            let return_sites = if kind == FunctionKind::Changed { frames::return_sites(self.old, os.unwrap(), self.new, f) } else { Vec::new() };
+            functions.push(Function { name: f.name.clone(), kind, old_svma, old_size, old_digest, new_svma: f.addr, new_size: f.size, preserve, trampoline, return_sites });
         }
         // Merge overlapping read-only chunks, then carry them.
         let mut merged: Vec<(u64, u64)> = Vec::new();
@@ -1244,6 +1245,7 @@ impl<'a> Builder<'a> {
 
 use x86_64 as x;
 
+pub mod frames;
 pub mod regs;
 pub mod source;
 pub mod types;

@@ -184,9 +184,7 @@ fn activations(v: &View, s: &Stopped, guarded: &[Guarded]) -> Result<(BTreeMap<i
     for tid in s.tids() {
         let regs = s.regs(tid)?;
         let st = unwind::unwind(&regs, v.modules, v.mem, v.maps);
-        let in_guarded = |pc: u64, i: usize| {
-            guarded.iter().any(|g| if i == 0 { pc >= g.start && pc < g.end && pc != g.start } else { pc > g.start && pc <= g.end })
-        };
+        let in_guarded = |pc: u64, i: usize| guarded.iter().any(|g| g.holds(pc, i));
         tracing::trace!(tid, pcs = ?st.pcs, cfas = ?st.cfas, incomplete = ?st.incomplete, scanned = st.scanned.len(), "stack");
         let deepest_out = st.pcs.iter().enumerate().filter(|(i, pc)| in_guarded(**pc, *i)).map(|(i, _)| i).max();
         let scanned_hit = st.scanned.iter().any(|w| guarded.iter().any(|g| *w > g.start && *w <= g.end));
@@ -194,27 +192,18 @@ fn activations(v: &View, s: &Stopped, guarded: &[Guarded]) -> Result<(BTreeMap<i
             continue;
         }
         let exit = match deepest_out {
+            // Executing the body of a function with switchable return sites: it need not
+            // return, only reach one of its calls; polled.
+            Some(0) if guarded.iter().any(|g| g.holds(st.pcs[0], 0) && !g.switch.is_empty()) => None,
             Some(i) if !scanned_hit && i + 1 < st.pcs.len() && i < st.cfas.len() => Some(Exit { ret: st.pcs[i + 1], sp: st.cfas[i] }),
             _ => None,
         };
         if first.is_none() {
-            first = find_activation_of(v, tid, &st, guarded);
+            first = super::activation_of(v, tid, &st, guarded);
         }
         out.insert(tid, exit);
     }
     Ok((out, first))
-}
-
-fn find_activation_of(v: &View, tid: i32, st: &unwind::Stack, guarded: &[Guarded]) -> Option<Activation> {
-    guarded.iter().find_map(|g| {
-        st.touches(g.start, g.end).map(|pc| Activation {
-            tid,
-            thread: v.proc.thread_name(tid),
-            function: g.name.clone(),
-            pc,
-            depth: st.pcs.iter().position(|p| *p == pc).unwrap_or(0),
-        })
-    })
 }
 
 /// Wait, with breakpoints, until no thread is inside guarded code. Returns with every thread
