@@ -1,6 +1,9 @@
 //! The task -> status path against a mock API server (tower-test): the exact requests (method,
 //! path and query, content type, body) for each outcome, with a fake engine over a captured
-//! `/proc` tree (discovery runs for real on it).
+//! `/proc` tree (discovery runs for real on it). The fake engine records the calls it gets and
+//! keeps a list of patch ids per PID: these tests check what the agent asks of the engine and
+//! what it writes back, never a process's code. The real path (containers, the engine, a process
+//! that changes its output) is `node-agent/tests/containerd.rs`.
 
 use super::*;
 use crate::discovery::tests::{build_id, layouts, v1, Tree, ID, OTHER_ID, OTHER_UID, UID};
@@ -273,51 +276,97 @@ async fn expect_pod_label(handle: &mut ApiHandle, pod: Value) -> Value {
     body["metadata"]["labels"][RESTART_REQUIRED_LABEL].clone()
 }
 
-/// Run one reconcile against the mock; `script` plays the API server.
+/// Run one reconcile against the mock; `script` plays the API server (it gets the task, to
+/// answer status writes with it).
 async fn reconcile_with<F, Fut>(setup: &Setup, task: Arc<LivePatchTask>, script: F) -> (Result<Action, Error>, Arc<Context>)
 where
-    F: FnOnce(ApiHandle) -> Fut,
+    F: FnOnce(ApiHandle, Arc<LivePatchTask>) -> Fut,
     Fut: std::future::Future<Output = ApiHandle>,
 {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let ctx = setup.context(Client::new(service, "default"));
-    let running = tokio::spawn(reconcile(task, ctx.clone()));
-    let mut handle = script(handle).await;
+    let running = tokio::spawn(reconcile(task.clone(), ctx.clone()));
+    let mut handle = script(handle, task).await;
     let result = tokio::time::timeout(Duration::from_secs(10), running).await.expect("reconcile finishes").unwrap();
     assert!(tokio::time::timeout(Duration::from_millis(50), handle.next_request()).await.is_err(), "no further request");
     (result, ctx)
 }
 
-#[tokio::test]
-async fn apply_patches_the_container_process_and_reports() {
-    let setup = Setup::new();
-    let task = setup.task("Apply", 1, None);
-    let t = task.clone();
-    let (bundle, patch_id) = (setup.bundle.clone(), setup.patch_id());
-    let (result, ctx) = reconcile_with(&setup, task, |mut h| async move {
-        expect_pod_and_bundle(&mut h, running_pod(json!({"app": "cart"})), &bundle).await;
-        let pending = expect_status(&mut h, &t).await;
-        assert_eq!(
-            pending,
-            json!({
-                "observedGeneration": 1, "phase": "Pending", "containerId": format!("containerd://{ID}"), "pids": [4242],
-                "attempts": 1, "reason": "Applying", "message": format!("applying {patch_id} to 1 process(es)"), "patchId": patch_id
-            })
-        );
-        let done = expect_status(&mut h, &t).await;
-        assert_eq!(
-            done,
-            json!({
-                "observedGeneration": 1, "phase": "Applied", "containerId": format!("containerd://{ID}"), "pids": [4242],
-                "attempts": 1, "message": format!("{patch_id} applied in 1 process (pid 4242); stopped at most 85 us"),
-                "pauseMicros": 85, "patchId": patch_id
-            })
-        );
+/// One apply reconcile of a task with no status yet that goes as far as the engine: the pod,
+/// the ConfigMap with `configmap`, the `Applying` status, then the outcome's status (and no pod
+/// label change). Returns both statuses written.
+async fn apply_through_the_engine(setup: &Setup, task: Arc<LivePatchTask>, configmap: Value) -> (Value, Value, Action, Arc<Context>) {
+    let written = Arc::new(Mutex::new(vec![]));
+    let w = written.clone();
+    let (result, ctx) = reconcile_with(setup, task, |mut h, t| async move {
+        expect_get(&mut h, POD, running_pod(json!({"app": "cart"}))).await;
+        expect_get(&mut h, CONFIGMAP, configmap).await;
+        for _ in 0..2 {
+            let status = expect_status(&mut h, &t).await;
+            w.lock().unwrap().push(status);
+        }
         h
     })
     .await;
+    let [applying, done]: [Value; 2] = std::mem::take(&mut *written.lock().unwrap()).try_into().unwrap();
+    assert_eq!(applying["reason"], "Applying", "{applying}");
+    (applying, done, result.unwrap(), ctx)
+}
+
+/// A reconcile that reads the pod (answered with `pod`) and writes one status, nothing else
+/// (no bundle, no pod label). Returns that status.
+async fn pod_then_status(setup: &Setup, task: Arc<LivePatchTask>, pod: Value) -> (Value, Action, Arc<Context>) {
+    let written = Arc::new(Mutex::new(None));
+    let w = written.clone();
+    let (result, ctx) = reconcile_with(setup, task, |mut h, t| async move {
+        expect_get(&mut h, POD, pod).await;
+        w.lock().unwrap().replace(expect_status(&mut h, &t).await);
+        h
+    })
+    .await;
+    let status = written.lock().unwrap().take().expect("a status was written");
+    (status, result.unwrap(), ctx)
+}
+
+/// A later attempt at an `Apply` whose task already reports on its content with `status` (so no
+/// `Applying` write first): the pod, the ConfigMap, one status (no pod label change). Returns
+/// that status.
+async fn next_attempt(setup: &Setup, status: Value) -> (Value, Action) {
+    let written = Arc::new(Mutex::new(None));
+    let w = written.clone();
+    let bundle = setup.bundle.clone();
+    let (result, _) = reconcile_with(setup, setup.task("Apply", 1, Some(status)), |mut h, t| async move {
+        expect_pod_and_bundle(&mut h, running_pod(json!({})), &bundle).await;
+        w.lock().unwrap().replace(expect_status(&mut h, &t).await);
+        h
+    })
+    .await;
+    let status = written.lock().unwrap().take().expect("a status was written");
+    (status, result.unwrap())
+}
+
+#[tokio::test]
+async fn apply_asks_the_engine_for_the_container_process_only_and_reports() {
+    let setup = Setup::new();
+    let patch_id = setup.patch_id();
+    let (pending, done, action, ctx) = apply_through_the_engine(&setup, setup.task("Apply", 1, None), configmap_json(&setup.bundle)).await;
+    assert_eq!(
+        pending,
+        json!({
+            "observedGeneration": 1, "phase": "Pending", "containerId": format!("containerd://{ID}"), "pids": [4242],
+            "attempts": 1, "reason": "Applying", "message": format!("applying {patch_id} to 1 process(es)"), "patchId": patch_id
+        })
+    );
+    assert_eq!(
+        done,
+        json!({
+            "observedGeneration": 1, "phase": "Applied", "containerId": format!("containerd://{ID}"), "pids": [4242],
+            "attempts": 1, "message": format!("{patch_id} applied in 1 process (pid 4242); stopped at most 85 us"),
+            "pauseMicros": 85, "patchId": patch_id
+        })
+    );
     // Applied: looked at again after the re-check period.
-    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(300)));
+    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
     // Only the container's process, status first, then the apply; never 1 (host) nor 5555
     // (same container id under another pod).
     assert_eq!(setup.engine.calls(), vec!["status 4242", "apply 4242 Trap 30s"]);
@@ -333,27 +382,17 @@ async fn apply_patches_the_container_process_and_reports() {
 }
 
 #[tokio::test]
-async fn after_an_agent_restart_nothing_is_applied_twice() {
+async fn after_an_agent_restart_the_engine_is_not_asked_to_apply_again() {
     let setup = Setup::new();
     // A killed predecessor applied the patch but never wrote the status.
     setup.engine.live.lock().unwrap().insert(4242, vec![setup.patch_id()]);
     // (This LivePatch names the bundle by `sha256sum` of the file: accepted too.)
     let mut task = (*setup.task("Apply", 1, None)).clone();
     task.spec.bundle.sha256 = sha256(&setup.bundle);
-    let task = Arc::new(task);
-    let t = task.clone();
-    let (bundle, patch_id) = (setup.bundle.clone(), setup.patch_id());
-    let (result, _) = reconcile_with(&setup, task, |mut h| async move {
-        expect_pod_and_bundle(&mut h, running_pod(json!({})), &bundle).await;
-        assert_eq!(expect_status(&mut h, &t).await["phase"], "Pending");
-        let done = expect_status(&mut h, &t).await;
-        assert_eq!(done["phase"], "Applied");
-        assert_eq!(done["message"], format!("{patch_id} already applied in 1 process (pid 4242)"));
-        assert_eq!(done.get("pauseMicros"), None);
-        h
-    })
-    .await;
-    assert!(result.is_ok());
+    let (_, done, _, _) = apply_through_the_engine(&setup, Arc::new(task), configmap_json(&setup.bundle)).await;
+    assert_eq!(done["phase"], "Applied");
+    assert_eq!(done["message"], format!("{} already applied in 1 process (pid 4242)", setup.patch_id()));
+    assert_eq!(done.get("pauseMicros"), None);
     assert_eq!(setup.engine.calls(), vec!["status 4242"], "status read, no apply");
 }
 
@@ -362,9 +401,8 @@ async fn data_layout_refusal_is_restart_required_and_labels_the_pod() {
     let setup = Setup::new();
     *setup.engine.fail_apply.lock().unwrap() = Some(|| livepatch::Error::refused_kind(livepatch::error::RefusalKind::DataLayout, "data layout changed: variable `orders` grew from 8 to 16 bytes"));
     let task = setup.task("Apply", 2, None);
-    let t = task.clone();
     let bundle = setup.bundle.clone();
-    let (result, ctx) = reconcile_with(&setup, task, |mut h| async move {
+    let (result, ctx) = reconcile_with(&setup, task, |mut h, t| async move {
         expect_pod_and_bundle(&mut h, running_pod(json!({"app": "cart"})), &bundle).await;
         expect_status(&mut h, &t).await;
         let done = expect_status(&mut h, &t).await;
@@ -383,9 +421,8 @@ async fn data_layout_refusal_is_restart_required_and_labels_the_pod() {
 async fn a_new_container_that_is_patched_clears_the_label() {
     let setup = Setup::new();
     let task = setup.task("Apply", 3, None);
-    let t = task.clone();
     let bundle = setup.bundle.clone();
-    let (result, _) = reconcile_with(&setup, task, |mut h| async move {
+    let (result, _) = reconcile_with(&setup, task, |mut h, t| async move {
         let labelled = running_pod(json!({"app": "cart", RESTART_REQUIRED_LABEL: "true"}));
         expect_pod_and_bundle(&mut h, labelled.clone(), &bundle).await;
         expect_status(&mut h, &t).await;
@@ -403,23 +440,14 @@ async fn blocked_is_retried_then_restart_required() {
     *setup.engine.fail_apply.lock().unwrap() = Some(|| livepatch::Error::Blocked("old code stayed active for 30.0 s; the target is unchanged".into()));
     let cid = format!("containerd://{ID}");
     // Second attempt of three: Blocked, retried after the backoff (5 s doubled).
-    let task = setup.task("Apply", 1, Some(json!({"observedGeneration": 1, "phase": "Blocked", "containerId": cid, "attempts": 1})));
-    let t = task.clone();
-    let bundle = setup.bundle.clone();
-    let (result, _) = reconcile_with(&setup, task, |mut h| async move {
-        expect_pod_and_bundle(&mut h, running_pod(json!({})), &bundle).await;
-        let s = expect_status(&mut h, &t).await;
-        assert_eq!((s["phase"].as_str(), s["reason"].as_str(), s["attempts"].as_i64()), (Some("Blocked"), Some("ProcedureActive"), Some(2)));
-        h
-    })
-    .await;
-    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(10)));
+    let (s, action) = next_attempt(&setup, json!({"observedGeneration": 1, "phase": "Blocked", "containerId": cid, "attempts": 1})).await;
+    assert_eq!((s["phase"].as_str(), s["reason"].as_str(), s["attempts"].as_i64()), (Some("Blocked"), Some("ProcedureActive"), Some(2)));
+    assert_eq!(action, Action::requeue(Duration::from_secs(10)));
 
     // Last attempt: RestartRequired, and the pod is labelled.
     let task = setup.task("Apply", 1, Some(json!({"observedGeneration": 1, "phase": "Blocked", "containerId": cid, "attempts": 2})));
-    let t = task.clone();
     let bundle = setup.bundle.clone();
-    let (result, _) = reconcile_with(&setup, task, |mut h| async move {
+    let (result, _) = reconcile_with(&setup, task, |mut h, t| async move {
         expect_pod_and_bundle(&mut h, running_pod(json!({})), &bundle).await;
         let s = expect_status(&mut h, &t).await;
         assert_eq!((s["phase"].as_str(), s["attempts"].as_i64()), (Some("RestartRequired"), Some(3)));
@@ -431,48 +459,36 @@ async fn blocked_is_retried_then_restart_required() {
 }
 
 #[tokio::test]
-async fn revert_removes_the_patch_from_the_running_process() {
+async fn revert_asks_the_engine_to_revert_the_recorded_patch_and_reports() {
     let setup = Setup::new();
     setup.engine.live.lock().unwrap().insert(4242, vec![setup.patch_id()]);
     let cid = format!("containerd://{ID}");
     let patch_id = setup.patch_id();
     let task = setup.task("Revert", 2, Some(json!({"observedGeneration": 1, "phase": "Applied", "containerId": cid, "attempts": 1, "pids": [4242], "patchId": patch_id})));
-    let t = task.clone();
-    let (result, _) = reconcile_with(&setup, task, |mut h| async move {
-        expect_get(&mut h, POD, pod_json(&cid, json!({}))).await;
-        // No bundle fetch for a revert: the patch id is the one recorded when it was applied.
-        let s = expect_status(&mut h, &t).await;
-        assert_eq!(
-            s,
-            json!({
-                "observedGeneration": 2, "phase": "Reverted", "containerId": cid, "pids": [4242], "attempts": 1,
-                "message": format!("{patch_id} reverted in 1 process (pid 4242); stopped at most 40 us"),
-                "pauseMicros": 40, "patchId": patch_id
-            })
-        );
-        h
-    })
-    .await;
-    assert_eq!(result.unwrap(), Action::await_change());
+    let (s, action, _) = pod_then_status(&setup, task, pod_json(&cid, json!({}))).await;
+    // No bundle fetch for a revert: the patch id is the one recorded when it was applied.
+    assert_eq!(
+        s,
+        json!({
+            "observedGeneration": 2, "phase": "Reverted", "containerId": cid, "pids": [4242], "attempts": 1,
+            "message": format!("{patch_id} reverted in 1 process (pid 4242); stopped at most 40 us"),
+            "pauseMicros": 40, "patchId": patch_id
+        })
+    );
+    assert_eq!(action, Action::await_change());
     assert_eq!(setup.engine.calls(), vec!["status 4242", "revert 4242"]);
     assert!(setup.engine.live.lock().unwrap()[&4242].is_empty());
 }
 
 #[tokio::test]
-async fn revert_leaves_a_newer_patch_alone() {
+async fn revert_does_not_ask_the_engine_to_revert_under_a_newer_patch() {
     let setup = Setup::new();
     setup.engine.live.lock().unwrap().insert(4242, vec![setup.patch_id(), "lp-0123456789ab".into()]);
     let task = setup.task("Revert", 2, None);
-    let t = task.clone();
-    let (result, _) = reconcile_with(&setup, task, |mut h| async move {
-        expect_get(&mut h, POD, running_pod(json!({}))).await;
-        let s = expect_status(&mut h, &t).await;
-        assert_eq!((s["phase"].as_str(), s["reason"].as_str()), (Some("Failed"), Some("PatchNotNewest")));
-        assert!(s["message"].as_str().unwrap().contains("revert lp-0123456789ab first"));
-        h
-    })
-    .await;
-    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(5)));
+    let (s, action, _) = pod_then_status(&setup, task, running_pod(json!({}))).await;
+    assert_eq!((s["phase"].as_str(), s["reason"].as_str()), (Some("Failed"), Some("PatchNotNewest")));
+    assert!(s["message"].as_str().unwrap().contains("revert lp-0123456789ab first"));
+    assert_eq!(action, Action::requeue(Duration::from_secs(5)));
     assert_eq!(setup.engine.calls(), vec!["status 4242"]);
 }
 
@@ -480,8 +496,7 @@ async fn revert_leaves_a_newer_patch_alone() {
 async fn revert_of_a_deleted_pod_is_done() {
     let setup = Setup::new();
     let task = setup.task("Revert", 2, None);
-    let t = task.clone();
-    let (result, _) = reconcile_with(&setup, task, |mut h| async move {
+    let (result, _) = reconcile_with(&setup, task, |mut h, t| async move {
         let (method, uri, _, _, send) = next(&mut h).await;
         assert_eq!((method.as_str(), uri.as_str()), ("GET", POD));
         let gone = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "pods \"cart-a\" not found"});
@@ -499,21 +514,15 @@ async fn revert_of_a_deleted_pod_is_done() {
 async fn a_restarted_container_waits_for_the_operator() {
     let setup = Setup::new();
     let task = setup.task("Apply", 1, None);
-    let t = task.clone();
-    let (result, _) = reconcile_with(&setup, task, |mut h| async move {
-        expect_get(&mut h, POD, pod_json("containerd://ffff", json!({}))).await;
-        let s = expect_status(&mut h, &t).await;
-        assert_eq!((s["phase"].as_str(), s["reason"].as_str()), (Some("Pending"), Some("ContainerNotCurrent")));
-        assert!(s["message"].as_str().unwrap().contains("is now containerd://ffff"));
-        h
-    })
-    .await;
-    assert_eq!(result.unwrap(), Action::await_change());
+    let (s, action, _) = pod_then_status(&setup, task, pod_json("containerd://ffff", json!({}))).await;
+    assert_eq!((s["phase"].as_str(), s["reason"].as_str()), (Some("Pending"), Some("ContainerNotCurrent")));
+    assert!(s["message"].as_str().unwrap().contains("is now containerd://ffff"));
+    assert_eq!(action, Action::await_change());
     assert!(setup.engine.calls().is_empty());
 }
 
 #[tokio::test]
-async fn only_other_pods_processes_means_nothing_is_touched() {
+async fn only_other_pods_processes_means_no_engine_call() {
     let setup = Setup::new();
     // Our container's process is gone; what remains are the host process and the same container
     // id under another pod's UID.
@@ -540,7 +549,7 @@ async fn tasks_of_other_nodes_and_settled_tasks_send_nothing() {
     let setup = Setup::new();
     let mut other = (*setup.task("Apply", 1, None)).clone();
     other.spec.node_name = "node-2".into();
-    let (result, _) = reconcile_with(&setup, Arc::new(other), |h| async move { h }).await;
+    let (result, _) = reconcile_with(&setup, Arc::new(other), |h, _| async move { h }).await;
     assert_eq!(result.unwrap(), Action::await_change());
 
     let cid = format!("containerd://{ID}");
@@ -549,11 +558,11 @@ async fn tasks_of_other_nodes_and_settled_tasks_send_nothing() {
         json!({"observedGeneration": 1, "phase": "Failed", "reason": "BuildIDMismatch", "containerId": cid, "attempts": 1}),
         json!({"observedGeneration": 1, "phase": "Failed", "reason": "EngineError", "containerId": cid, "attempts": 3}),
     ] {
-        let (result, _) = reconcile_with(&setup, setup.task("Apply", 1, Some(status)), |h| async move { h }).await;
+        let (result, _) = reconcile_with(&setup, setup.task("Apply", 1, Some(status)), |h, _| async move { h }).await;
         assert_eq!(result.unwrap(), Action::await_change());
     }
     let reverted = json!({"observedGeneration": 1, "phase": "Reverted", "containerId": cid, "attempts": 1});
-    let (result, _) = reconcile_with(&setup, setup.task("Revert", 1, Some(reverted)), |h| async move { h }).await;
+    let (result, _) = reconcile_with(&setup, setup.task("Revert", 1, Some(reverted)), |h, _| async move { h }).await;
     assert_eq!(result.unwrap(), Action::await_change());
     assert!(setup.engine.calls().is_empty());
 }
@@ -600,10 +609,9 @@ impl Setup {
 /// read, then one status write (no "Applying" first: no process is a target).
 async fn one_status(setup: &Setup, configmap: Value) -> (Value, Action, Arc<Context>) {
     let task = setup.task("Apply", 1, None);
-    let t = task.clone();
     let written = Arc::new(Mutex::new(None));
     let w = written.clone();
-    let (result, ctx) = reconcile_with(setup, task, |mut h| async move {
+    let (result, ctx) = reconcile_with(setup, task, |mut h, t| async move {
         expect_get(&mut h, POD, running_pod(json!({}))).await;
         expect_get(&mut h, CONFIGMAP, configmap).await;
         let status = expect_status(&mut h, &t).await;
@@ -642,17 +650,9 @@ async fn with_enforcement_an_unsigned_bundle_is_refused_before_any_process_is_lo
 
     // ... and final on the last one.
     let cid = format!("containerd://{ID}");
-    let task = setup.task("Apply", 1, Some(json!({"observedGeneration": 1, "phase": "Failed", "reason": "BundleUnsigned", "containerId": cid, "attempts": 2})));
-    let t = task.clone();
-    let bundle = setup.bundle.clone();
-    let (result, _) = reconcile_with(&setup, task, |mut h| async move {
-        expect_pod_and_bundle(&mut h, running_pod(json!({})), &bundle).await;
-        let s = expect_status(&mut h, &t).await;
-        assert_eq!((s["phase"].as_str(), s["reason"].as_str(), s["attempts"].as_i64()), (Some("Failed"), Some("BundleUnsigned"), Some(3)));
-        h
-    })
-    .await;
-    assert_eq!(result.unwrap(), Action::await_change());
+    let (s, action) = next_attempt(&setup, json!({"observedGeneration": 1, "phase": "Failed", "reason": "BundleUnsigned", "containerId": cid, "attempts": 2})).await;
+    assert_eq!((s["phase"].as_str(), s["reason"].as_str(), s["attempts"].as_i64()), (Some("Failed"), Some("BundleUnsigned"), Some(3)));
+    assert_eq!(action, Action::await_change());
     assert!(setup.engine.calls().is_empty());
 }
 
@@ -686,28 +686,19 @@ async fn with_enforcement_a_wrongly_signed_bundle_is_refused() {
         assert_eq!(action, Action::await_change(), "{reason}");
         // And the next reconcile of that status sends nothing at all.
         let settled = setup.task("Apply", 1, Some(json!({"observedGeneration": 1, "phase": "Failed", "reason": reason, "containerId": format!("containerd://{ID}"), "attempts": 1})));
-        let (result, _) = reconcile_with(&setup, settled, |h| async move { h }).await;
+        let (result, _) = reconcile_with(&setup, settled, |h, _| async move { h }).await;
         assert_eq!(result.unwrap(), Action::await_change());
     }
     assert!(setup.engine.calls().is_empty());
 }
 
 #[tokio::test]
-async fn with_enforcement_a_signed_bundle_is_applied() {
+async fn with_enforcement_a_signed_bundle_reaches_the_engine() {
     let (key, other) = (signature::generate().unwrap(), signature::generate().unwrap());
     let setup = Setup::new().trust(&[&other, &key], true);
-    let task = setup.task("Apply", 1, None);
-    let t = task.clone();
     let cm = configmap_signed(&setup.bundle, &setup.signed_by(&key));
-    let (result, _) = reconcile_with(&setup, task, |mut h| async move {
-        expect_get(&mut h, POD, running_pod(json!({}))).await;
-        expect_get(&mut h, CONFIGMAP, cm).await;
-        assert_eq!(expect_status(&mut h, &t).await["reason"], "Applying");
-        assert_eq!(expect_status(&mut h, &t).await["phase"], "Applied");
-        h
-    })
-    .await;
-    assert!(result.is_ok());
+    let (_, done, _, _) = apply_through_the_engine(&setup, setup.task("Apply", 1, None), cm).await;
+    assert_eq!(done["phase"], "Applied");
     assert_eq!(setup.engine.calls(), vec!["status 4242", "apply 4242 Trap 30s"]);
 }
 
@@ -725,17 +716,8 @@ async fn without_enforcement_a_bad_signature_is_refused_and_a_missing_one_is_not
     assert_eq!(s["reason"], "BundleSignatureInvalid");
 
     // Unsigned: accepted without enforcement.
-    let task = setup.task("Apply", 1, None);
-    let t = task.clone();
-    let bundle = setup.bundle.clone();
-    let (result, _) = reconcile_with(&setup, task, |mut h| async move {
-        expect_pod_and_bundle(&mut h, running_pod(json!({})), &bundle).await;
-        expect_status(&mut h, &t).await;
-        assert_eq!(expect_status(&mut h, &t).await["phase"], "Applied");
-        h
-    })
-    .await;
-    assert!(result.is_ok());
+    let (_, done, _, _) = apply_through_the_engine(&setup, setup.task("Apply", 1, None), configmap_json(&setup.bundle)).await;
+    assert_eq!(done["phase"], "Applied");
     assert_eq!(setup.engine.calls(), vec!["status 4242", "apply 4242 Trap 30s"]);
 }
 
@@ -760,8 +742,7 @@ async fn a_task_cannot_reach_a_pod_of_another_namespace() {
         let mut task = (*task).clone();
         task.spec.action = action;
         let task = Arc::new(task);
-        let t = task.clone();
-        let (result, _) = reconcile_with(&setup, task, |mut h| async move {
+        let (result, _) = reconcile_with(&setup, task, |mut h, t| async move {
             let (method, uri, _, _, send) = next(&mut h).await;
             assert_eq!((method.as_str(), uri.as_str()), ("GET", "/api/v1/namespaces/shop/pods/cart-b"));
             let gone = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404});
@@ -780,47 +761,29 @@ async fn a_task_cannot_reach_a_pod_of_another_namespace() {
     let mut task = (*setup.task("Apply", 1, None)).clone();
     task.spec.pod_uid = OTHER_UID.into();
     task.spec.container_id = theirs.clone();
-    let t = Arc::new(task);
-    let task = t.clone();
-    let (result, _) = reconcile_with(&setup, task, |mut h| async move {
-        expect_get(&mut h, POD, running_pod(json!({}))).await;
-        let s = expect_status(&mut h, &t).await;
-        assert_eq!((s["phase"].as_str(), s["reason"].as_str()), (Some("Pending"), Some("ContainerNotCurrent")));
-        assert!(s["message"].as_str().unwrap().contains("is another pod now"), "{s}");
-        h
-    })
-    .await;
-    assert!(result.is_ok());
+    let task = Arc::new(task);
+    let (s, action, _) = pod_then_status(&setup, task, running_pod(json!({}))).await;
+    assert_eq!((s["phase"].as_str(), s["reason"].as_str()), (Some("Pending"), Some("ContainerNotCurrent")));
+    assert!(s["message"].as_str().unwrap().contains("is another pod now"), "{s}");
+    assert_eq!(action, Action::await_change());
 
     // 3. The right pod of `shop`, with the other pod's container id: not its container.
     let mut task = (*setup.task("Apply", 1, None)).clone();
     task.spec.container_id = theirs.clone();
-    let t = Arc::new(task);
-    let task = t.clone();
-    let (result, _) = reconcile_with(&setup, task, |mut h| async move {
-        expect_get(&mut h, POD, running_pod(json!({}))).await;
-        let s = expect_status(&mut h, &t).await;
-        assert_eq!((s["phase"].as_str(), s["reason"].as_str()), (Some("Pending"), Some("ContainerNotCurrent")));
-        h
-    })
-    .await;
-    assert!(result.is_ok());
+    let task = Arc::new(task);
+    let (s, action, _) = pod_then_status(&setup, task, running_pod(json!({}))).await;
+    assert_eq!((s["phase"].as_str(), s["reason"].as_str()), (Some("Pending"), Some("ContainerNotCurrent")));
+    assert_eq!(action, Action::await_change());
 
     // 4. The same as a revert (the pod's status does not vouch for the id, so discovery runs):
     // the process's cgroup names the other pod, so it is refused and counted.
     let mut task = (*setup.task("Revert", 2, None)).clone();
     task.spec.container_id = theirs;
-    let t = Arc::new(task);
-    let task = t.clone();
-    let (result, ctx) = reconcile_with(&setup, task, |mut h| async move {
-        expect_get(&mut h, POD, running_pod(json!({}))).await;
-        let s = expect_status(&mut h, &t).await;
-        assert_eq!(s["phase"], "Reverted", "nothing of this pod runs the patch: {s}");
-        assert_eq!(s.get("pids"), None, "{s}");
-        h
-    })
-    .await;
-    assert!(result.is_ok());
+    let task = Arc::new(task);
+    let (s, action, ctx) = pod_then_status(&setup, task, running_pod(json!({}))).await;
+    assert_eq!(s["phase"], "Reverted", "nothing of this pod runs the patch: {s}");
+    assert_eq!(s.get("pids"), None, "{s}");
+    assert_eq!(action, Action::await_change());
     assert!(ctx.metrics.encode().contains("livepatch_agent_errors_total{kind=\"isolation\"} 1"), "{}", ctx.metrics.encode());
     assert!(setup.engine.calls().is_empty(), "{:?}", setup.engine.calls());
 }
@@ -829,24 +792,18 @@ async fn a_task_cannot_reach_a_pod_of_another_namespace() {
 /// in its path, like `/docker/<id>`) on a pod that no longer runs that container: the id is only
 /// the task's word, so the process is not a candidate.
 #[tokio::test]
-async fn a_revert_never_reaches_a_container_outside_kubernetes() {
+async fn a_revert_never_asks_the_engine_about_a_container_outside_kubernetes() {
     let setup = Setup::new();
     let root = setup.tree.dir.path().join("rootfs");
     setup.tree.process(7000, &v1(&format!("/docker/{OTHER_ID}")), &root.join("usr/local/bin/app"), &root);
     setup.engine.live.lock().unwrap().insert(7000, vec![setup.patch_id()]);
     let mut task = (*setup.task("Revert", 2, None)).clone();
     task.spec.container_id = format!("docker://{OTHER_ID}");
-    let t = Arc::new(task);
-    let task = t.clone();
-    let (result, _) = reconcile_with(&setup, task, |mut h| async move {
-        expect_get(&mut h, POD, running_pod(json!({}))).await;
-        let s = expect_status(&mut h, &t).await;
-        assert_eq!(s["phase"], "Reverted");
-        assert_eq!(s.get("pids"), None, "{s}");
-        h
-    })
-    .await;
-    assert!(result.is_ok());
+    let task = Arc::new(task);
+    let (s, action, _) = pod_then_status(&setup, task, running_pod(json!({}))).await;
+    assert_eq!(s["phase"], "Reverted");
+    assert_eq!(s.get("pids"), None, "{s}");
+    assert_eq!(action, Action::await_change());
     assert!(setup.engine.calls().is_empty(), "{:?}", setup.engine.calls());
 }
 
@@ -856,18 +813,12 @@ async fn a_revert_never_reaches_a_container_outside_kubernetes() {
 async fn a_pod_on_another_node_is_refused() {
     let setup = Setup::new();
     let task = setup.task("Apply", 1, None);
-    let t = task.clone();
     let mut elsewhere = running_pod(json!({}));
     elsewhere["spec"]["nodeName"] = json!("node-2");
-    let (result, _) = reconcile_with(&setup, task, |mut h| async move {
-        expect_get(&mut h, POD, elsewhere).await;
-        let s = expect_status(&mut h, &t).await;
-        assert_eq!((s["phase"].as_str(), s["reason"].as_str()), (Some("Failed"), Some("PodOnAnotherNode")));
-        assert!(s["message"].as_str().unwrap().contains("runs on node \"node-2\""), "{s}");
-        h
-    })
-    .await;
-    assert_eq!(result.unwrap(), Action::await_change());
+    let (s, action, _) = pod_then_status(&setup, task, elsewhere).await;
+    assert_eq!((s["phase"].as_str(), s["reason"].as_str()), (Some("Failed"), Some("PodOnAnotherNode")));
+    assert!(s["message"].as_str().unwrap().contains("runs on node \"node-2\""), "{s}");
+    assert_eq!(action, Action::await_change());
     assert!(setup.engine.calls().is_empty());
 }
 
