@@ -103,13 +103,14 @@ impl Engine for FakeEngine {
             already_applied: false,
             stacked: list.len(),
             restart_recommended: list.len() > 4,
+            switched_frames: vec![],
         })
     }
 
     fn revert_newest(&self, pid: i32, _strategy: Strategy, _timeout: Duration) -> livepatch::Result<revert::Report> {
         self.calls.lock().unwrap().push(format!("revert {pid}"));
         let removed = self.live.lock().unwrap().get_mut(&pid).and_then(|l| l.pop()).into_iter().collect();
-        Ok(revert::Report { pid, reverted: removed, functions: vec![], pause_us: 40, attempts: 1, remaining: 0, total_ms: 1 })
+        Ok(revert::Report { pid, reverted: removed, functions: vec![], pause_us: 40, attempts: 1, remaining: 0, total_ms: 1, switched_frames: vec![] })
     }
 }
 
