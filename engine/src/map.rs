@@ -12,15 +12,17 @@ use crate::ptrace::{Gadgets, Stopped, INJECT_SCRATCH};
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
-const SYS_CLOSE: i64 = 3;
-const SYS_MMAP: i64 = 9;
-const SYS_MUNMAP: i64 = 11;
-const SYS_MEMFD_CREATE: i64 = 319;
-const MFD_CLOEXEC: u64 = 1;
-const PROT_READ: u64 = 1;
-const PROT_EXEC: u64 = 4;
-const MAP_SHARED: u64 = 1;
-const MAP_FIXED_NOREPLACE: u64 = 0x10_0000;
+// The injected calls' numbers and flags are the target's ABI; libc's are this process's, the
+// same architecture (ptrace does not cross architectures).
+const SYS_CLOSE: i64 = libc::SYS_close;
+const SYS_MMAP: i64 = libc::SYS_mmap;
+const SYS_MUNMAP: i64 = libc::SYS_munmap;
+const SYS_MEMFD_CREATE: i64 = libc::SYS_memfd_create;
+const MFD_CLOEXEC: u64 = libc::MFD_CLOEXEC as u64;
+const PROT_READ: u64 = libc::PROT_READ as u64;
+const PROT_EXEC: u64 = libc::PROT_EXEC as u64;
+const MAP_SHARED: u64 = libc::MAP_SHARED as u64;
+const MAP_FIXED_NOREPLACE: u64 = libc::MAP_FIXED_NOREPLACE as u64;
 /// Keep regions well inside the ±2 GiB of a rel32.
 const REACH: u64 = 0x7000_0000;
 /// Lowest address we place at (above vm.mmap_min_addr).

@@ -251,12 +251,8 @@ impl Lock {
         let dir = if std::fs::create_dir_all(dir).is_ok() { dir.to_path_buf() } else { std::env::temp_dir() };
         let path = dir.join(format!("{}-{}.lock", proc.pid, proc.start_time));
         let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(|e| Error::io(format!("cannot create lock {}", path.display()), e))?;
-        use std::os::fd::AsRawFd;
-        // SAFETY: flock on a descriptor we own; the lock is released when the file closes.
-        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-        if r != 0 {
-            return Err(Error::io(format!("cannot lock {}", path.display()), std::io::Error::last_os_error()));
-        }
+        // An exclusive flock on Linux (waits for the holder); released when the file closes.
+        file.lock().map_err(|e| Error::io(format!("cannot lock {}", path.display()), e))?;
         Ok(Lock { _file: file })
     }
 }

@@ -38,6 +38,7 @@ use base64::{engine::general_purpose::STANDARD as BASE64, Engine as _};
 use ed25519_dalek::Signer;
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
 use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
 
 /// First line of a signature file.
 pub const SIGNATURE_HEADER: &str = "livepatch-signature v1";
@@ -85,25 +86,13 @@ pub fn sha256_of(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
-/// A new private key from the kernel's random source (getrandom(2)).
+/// A new private key from the kernel's random source (getrandom(2), through the `getrandom`
+/// crate: retried when interrupted, blocks until the pool is initialised).
 pub fn generate() -> Result<SigningKey, SignatureError> {
-    let mut seed = [0u8; 32];
-    let mut filled = 0;
-    while filled < seed.len() {
-        // SAFETY: getrandom(2) writes at most the given length into the buffer.
-        let n = unsafe { libc::getrandom(seed[filled..].as_mut_ptr().cast(), seed.len() - filled, 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(SignatureError::io("getrandom", e));
-        }
-        filled += n as usize;
-    }
-    let key = SigningKey::from_bytes(&seed);
-    seed.fill(0);
-    Ok(key)
+    // Wiped when dropped, on every path: the key holds its own copy.
+    let mut seed = Zeroizing::new([0u8; 32]);
+    getrandom::fill(seed.as_mut_slice()).map_err(|e| SignatureError::io("getrandom", e.into()))?;
+    Ok(SigningKey::from_bytes(&seed))
 }
 
 /// The public key file's text: base64 of the 32 raw bytes, one line.
@@ -134,10 +123,12 @@ pub fn encode_private_key(key: &SigningKey) -> String {
 /// Parse a private key file's text.
 pub fn parse_private_key(text: &str) -> Result<SigningKey, String> {
     let fields = fields(text, PRIVATE_KEY_HEADER, &["key-id", "seed"])?;
-    let seed = BASE64.decode(&fields[1]).map_err(|e| format!("seed: not base64: {e}"))?;
-    let mut seed: [u8; 32] = seed.try_into().map_err(|v: Vec<u8>| format!("seed: an ed25519 seed is 32 bytes, this is {}", v.len()))?;
+    // The decoded bytes and the seed array are wiped when dropped (the decoded Vec too, which
+    // a plain `try_into` would free unwiped).
+    let decoded = Zeroizing::new(BASE64.decode(&fields[1]).map_err(|e| format!("seed: not base64: {e}"))?);
+    let seed: Zeroizing<[u8; 32]> =
+        Zeroizing::new(decoded.as_slice().try_into().map_err(|_| format!("seed: an ed25519 seed is 32 bytes, this is {}", decoded.len()))?);
     let key = SigningKey::from_bytes(&seed);
-    seed.fill(0);
     let id = key_id(&key.verifying_key());
     if fields[0] != id {
         return Err(format!("key-id {} does not match the key (its id is {id}): the file was altered", fields[0]));

@@ -7,16 +7,8 @@
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-const PERF_TYPE_BREAKPOINT: u32 = 5;
-const HW_BREAKPOINT_X: u32 = 4;
-/// PERF_ATTR_SIZE_VER7: the first layout with `sig_data`.
-const ATTR_SIZE: usize = 128;
-const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 8;
-/// Bits of the flags word of `perf_event_attr`.
-const EXCLUDE_KERNEL: u64 = 1 << 5;
-const EXCLUDE_HV: u64 = 1 << 6;
-const REMOVE_ON_EXEC: u64 = 1 << 36;
-const SIGTRAP: u64 = 1 << 37;
+use perf_event_open_sys::bindings::{perf_event_attr, HW_BREAKPOINT_X, PERF_ATTR_SIZE_VER7, PERF_FLAG_FD_CLOEXEC, PERF_TYPE_BREAKPOINT};
+
 /// si_code of a SIGTRAP sent by a perf event.
 pub const TRAP_PERF: i32 = 6;
 
@@ -25,25 +17,36 @@ pub const TRAP_PERF: i32 = 6;
 /// rounds go straight to debug registers.
 static REFUSED: AtomicBool = AtomicBool::new(false);
 
+/// An execute breakpoint at `addr`, user space only, signalling every hit with SIGTRAP (the
+/// address as si_perf_data), removed by an exec.
+fn breakpoint_attr(addr: u64) -> perf_event_attr {
+    let mut attr = perf_event_attr::default();
+    attr.type_ = PERF_TYPE_BREAKPOINT;
+    // The first layout with `sig_data`; the kernel reads only `size` bytes, so kernels that
+    // predate later fields accept it.
+    attr.size = PERF_ATTR_SIZE_VER7;
+    attr.sample_period = 1;
+    attr.set_exclude_kernel(1);
+    attr.set_exclude_hv(1);
+    attr.set_remove_on_exec(1);
+    attr.set_sigtrap(1);
+    attr.bp_type = HW_BREAKPOINT_X;
+    attr.bp_addr = addr;
+    attr.bp_len = 8; // sizeof(long) for execute breakpoints
+    attr.sig_data = addr;
+    attr
+}
+
 /// An execute breakpoint at `addr` in thread `tid`. Errors are the kernel's; the caller falls
 /// back to debug registers.
 pub fn breakpoint(tid: i32, addr: u64) -> std::io::Result<OwnedFd> {
     if REFUSED.load(Ordering::Relaxed) || std::env::var_os("LIVEPATCH_BREAKPOINTS").is_some_and(|v| v == "debugreg") {
         return Err(std::io::Error::from_raw_os_error(libc::EPERM));
     }
-    let mut attr = [0u8; ATTR_SIZE];
-    let mut put = |off: usize, v: &[u8]| attr[off..off + v.len()].copy_from_slice(v);
-    put(0, &PERF_TYPE_BREAKPOINT.to_le_bytes());
-    put(4, &(ATTR_SIZE as u32).to_le_bytes());
-    put(16, &1u64.to_le_bytes()); // sample_period: every hit
-    put(40, &(EXCLUDE_KERNEL | EXCLUDE_HV | REMOVE_ON_EXEC | SIGTRAP).to_le_bytes());
-    put(52, &HW_BREAKPOINT_X.to_le_bytes());
-    put(56, &addr.to_le_bytes()); // bp_addr
-    put(64, &8u64.to_le_bytes()); // bp_len: sizeof(long) for execute breakpoints
-    put(120, &addr.to_le_bytes()); // sig_data: si_perf_data of the SIGTRAP
-    // SAFETY: perf_event_open reads `size` bytes of the attribute buffer, which outlives the
-    // call; the result is a new descriptor we own, or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_perf_event_open, attr.as_ptr(), tid, -1i32, -1i32, PERF_FLAG_FD_CLOEXEC) };
+    let mut attr = breakpoint_attr(addr);
+    // SAFETY: perf_event_open reads `size` bytes of the attribute (a fully initialised struct
+    // larger than that), which outlives the call; the result is a new descriptor we own, or -1.
+    let fd = unsafe { perf_event_open_sys::perf_event_open(&mut attr, tid, -1, -1, PERF_FLAG_FD_CLOEXEC.into()) };
     if fd < 0 {
         let e = std::io::Error::last_os_error();
         if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES | libc::ENOSYS | libc::E2BIG | libc::ENOENT | libc::EINVAL)) {
@@ -52,5 +55,33 @@ pub fn breakpoint(tid: i32, addr: u64) -> std::io::Result<OwnedFd> {
         return Err(e);
     }
     // SAFETY: fd is a descriptor perf_event_open just returned, owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The attribute is byte for byte the perf_event_attr(2) layout this file wrote by hand
+    /// before it used the crate's bindings (offsets of PERF_ATTR_SIZE_VER7).
+    #[test]
+    fn attribute_bytes_are_the_abi_layout() {
+        let addr = 0x5555_1234_5678u64;
+        let mut want = [0u8; 128];
+        let mut put = |off: usize, v: &[u8]| want[off..off + v.len()].copy_from_slice(v);
+        put(0, &5u32.to_le_bytes()); // type: PERF_TYPE_BREAKPOINT
+        put(4, &128u32.to_le_bytes()); // size
+        put(16, &1u64.to_le_bytes()); // sample_period
+        put(40, &((1u64 << 5) | (1 << 6) | (1 << 36) | (1 << 37)).to_le_bytes()); // exclude_kernel, exclude_hv, remove_on_exec, sigtrap
+        put(52, &4u32.to_le_bytes()); // bp_type: HW_BREAKPOINT_X
+        put(56, &addr.to_le_bytes()); // bp_addr
+        put(64, &8u64.to_le_bytes()); // bp_len
+        put(120, &addr.to_le_bytes()); // sig_data
+        let attr = breakpoint_attr(addr);
+        assert!(std::mem::size_of::<perf_event_attr>() >= 128);
+        // SAFETY: perf_event_attr is plain data at least 128 bytes long, zero-initialised by Default.
+        let got = unsafe { std::slice::from_raw_parts((&attr as *const perf_event_attr).cast::<u8>(), 128) };
+        assert_eq!(got, &want[..]);
+        assert_eq!(PERF_FLAG_FD_CLOEXEC, 8);
+    }
 }
