@@ -177,7 +177,7 @@ fn run_in(dir: &Path) -> Result<()> {
     let st = livepatch::status::status(pid)?;
     println!("== status read back from the process: {} patch(es): {}", st.stacked, st.patches.iter().map(|p| p.patch_id.as_str()).collect::<Vec<_>>().join(", "));
 
-    let rv = livepatch::revert::revert(pid, false, Default::default(), Duration::from_secs(10))?;
+    let rv = livepatch::revert::revert(pid, false, Default::default(), Duration::from_secs(10), Default::default())?;
     println!("== reverted {} (process stopped for {} us):", rv.reverted.join(", "), rv.pause_us);
     while rx.try_recv().is_ok() {}
     show(2)?;

@@ -7,7 +7,7 @@ use livepatch::bundle::Bundle;
 use livepatch::elf::ElfFile;
 use livepatch::extract;
 use livepatch::signature;
-use livepatch::watchpoint::Strategy;
+use livepatch::watchpoint::{Frames, Strategy};
 use std::path::PathBuf;
 use std::time::Duration;
 use std::process::ExitCode;
@@ -67,6 +67,11 @@ enum Cmd {
         /// Give up (exit 4, target unchanged) when the old code stays active this long.
         #[arg(long, default_value_t = 30.0)]
         timeout: f64,
+        /// Frames of old code stopped at a return site proven to continue in the new code:
+        /// switch them to the new code (a function that never returns gets the fix), or wait
+        /// for them to return like any active frame.
+        #[arg(long, default_value = "switch")]
+        frames: Frames,
         #[arg(long)]
         json: bool,
     },
@@ -88,6 +93,10 @@ enum Cmd {
         strategy: Strategy,
         #[arg(long, default_value_t = 30.0)]
         timeout: f64,
+        /// Frames of the patch's code stopped at a return site proven both ways: switch them
+        /// back to the original code, or wait for them to return.
+        #[arg(long, default_value = "switch")]
+        frames: Frames,
         #[arg(long)]
         json: bool,
     },
@@ -257,9 +266,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print_bundle(&b);
             }
         }
-        Cmd::Apply { pid, bundle, strategy, timeout, json } => {
+        Cmd::Apply { pid, bundle, strategy, timeout, frames, json } => {
             let b = Bundle::read(&bundle)?;
-            let opts = livepatch::apply::Options { strategy, timeout: secs(timeout)? };
+            let opts = livepatch::apply::Options { strategy, timeout: secs(timeout)?, frames };
             let r = livepatch::apply::apply(pid, &b, &opts)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
@@ -275,6 +284,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     r.waited_ms,
                     r.total_ms
                 );
+                for f in &r.switched_frames {
+                    println!("    switched a frame of {} on thread {}: return address {:#x} -> {:#x}", f.function, f.tid, f.old, f.new);
+                }
                 if r.restart_recommended {
                     println!("warning: {} patches are stacked; an offline restart is recommended", r.stacked);
                 }
@@ -294,14 +306,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     for e in &p.entries {
                         println!("    {:<32} {} -> {} {}", e.name, e.entry, e.target, e.state);
                     }
+                    for f in &p.switched {
+                        println!("    frame of {} on thread {} switched at apply: return address {:#x} -> {:#x}", f.function, f.tid, f.old, f.new);
+                    }
                 }
                 for w in &s.warnings {
                     println!("warning: {w}");
                 }
             }
         }
-        Cmd::Revert { pid, all, strategy, timeout, json } => {
-            let r = livepatch::revert::revert(pid, all, strategy, secs(timeout)?)?;
+        Cmd::Revert { pid, all, strategy, timeout, frames, json } => {
+            let r = livepatch::revert::revert(pid, all, strategy, secs(timeout)?, frames)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else if r.reverted.is_empty() {

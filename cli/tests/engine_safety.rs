@@ -3,6 +3,10 @@
 //! exit 4 and the target untouched); revert waiting for the new code; a target that exits
 //! during the update; a bundle for another executable (build-id mismatch, exit 3).
 //!
+//! The `active` scenario's stuck() returns once released, so these tests ask for
+//! `--frames wait` (every call that started in old code ends in old code); switching frames at
+//! return sites, the default, is tested in `engine_frames.rs`.
+//!
 //! Run in two builds: -O2 PIE, and -O3 -fomit-frame-pointer non-PIE without relocations
 //! (unwinding without frame pointers, absolute addresses).
 
@@ -43,7 +47,7 @@ fn active_function_waits_then_succeeds(v: Variant) {
     let mut p = spawn_livepatch(apply_args(
         t.pid,
         &bundle,
-        &["--strategy", "wait", "--timeout", "60"],
+        &["--strategy", "wait", "--frames", "wait", "--timeout", "60"],
     ));
     assert_still_waiting(
         &mut p,
@@ -79,7 +83,7 @@ fn active_function_blocks_until_timeout(v: Variant) {
     assert_eq!(worker.len(), 1, "one worker thread expected");
     let before = Untouched::take(t.pid);
 
-    let run = apply(t.pid, &bundle, &["--strategy", "wait", "--timeout", "2"]);
+    let run = apply(t.pid, &bundle, &["--strategy", "wait", "--frames", "wait", "--timeout", "2"]);
     run.assert_code(4)
         .assert_stderr_mentions("stuck")
         .assert_stderr_mentions(&worker[0].to_string());
@@ -115,7 +119,7 @@ fn revert_waits_for_the_new_code(v: Variant) {
     t.expect("call", "v2 call");
     t.expect("enter", "v2 entered");
 
-    revert(t.pid, &["--timeout", "2"])
+    revert(t.pid, &["--frames", "wait", "--timeout", "2"])
         .assert_code(4)
         .assert_stderr_mentions("stuck");
     t.expect("call", "v2 call");
@@ -140,7 +144,7 @@ fn target_exits_during_update(v: Variant, kill: bool) {
     let mut p = spawn_livepatch(apply_args(
         t.pid,
         &bundle,
-        &["--strategy", "wait", "--timeout", "100"],
+        &["--strategy", "wait", "--frames", "wait", "--timeout", "100"],
     ));
     assert_still_waiting(
         &mut p,

@@ -96,11 +96,12 @@ fn function_that_sleeps_inside_itself(v: Variant) {
 }
 variant_tests!(function_that_sleeps_inside_itself => function_that_sleeps_inside_itself: o2_pie, o3_nopie);
 
-/// serve_forever() never returns: exit 4 at the timeout, naming it; the target goes on with
-/// its old code, and nothing is left behind (hardware breakpoint case: one function).
+/// serve_forever() never returns and v3 changes its frame, so its frame cannot be switched:
+/// exit 4 at the timeout, naming it; the target goes on with its old code, and nothing is left
+/// behind (hardware breakpoint case: one function).
 fn function_that_never_returns(v: Variant) {
     let old = compile("forever", "v1", v);
-    let bundle = build_bundle(&old, &compile("forever", "v2", v), &[]);
+    let bundle = build_bundle(&old, &compile("forever", "v3", v), &[]);
     let mut t = Target::start(&old);
     t.expect("call", "v1 served 1");
     let before = Untouched::take(t.pid);
@@ -248,7 +249,9 @@ impl Drop for Logged {
 /// debug registers).
 fn interrupted_while_waiting(v: Variant, scenario: &str, sig: i32, env: &[(&str, &str)], kind: &str) {
     let old = compile(scenario, "v1", v);
-    let bundle = build_bundle(&old, &compile(scenario, "v2", v), &[]);
+    // forever's v3 changes the frame: the frame cannot be switched, the wait goes on.
+    let to = if scenario == "forever" { "v3" } else { "v2" };
+    let bundle = build_bundle(&old, &compile(scenario, to, v), &[]);
     let mut t = Target::start(&old);
     let functions: Vec<String> = match scenario {
         "forever" => {
@@ -316,7 +319,7 @@ variant_tests!(debug_registers_restored_after_sigint => debug_registers_restored
 /// call of the function afterwards would otherwise die of SIGTRAP).
 fn hardware_breakpoints_vanish_with_a_killed_tool(v: Variant) {
     let old = compile("forever", "v1", v);
-    let bundle = build_bundle(&old, &compile("forever", "v2", v), &[]);
+    let bundle = build_bundle(&old, &compile("forever", "v3", v), &[]); // v3: the frame cannot be switched
     let mut t = Target::start(&old);
     t.expect("call", "v1 served 1");
     let before = text_snapshot(t.pid);

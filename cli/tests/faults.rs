@@ -1177,7 +1177,7 @@ fn thread_churn_library_on_a_worker_thread() {
         assert_eq!(r, Ok(()), "apply ({strategy:?}) on a non-main thread while threads come and go");
         assert_eq!(round(&mut sub.t), vec!["22111"; 4]);
         let r = thread::spawn(move || {
-            livepatch::revert::revert(pid, false, strategy, Duration::from_secs(20)).map(|_| ()).map_err(|e| e.to_string())
+            livepatch::revert::revert(pid, false, strategy, Duration::from_secs(20), Default::default()).map(|_| ()).map_err(|e| e.to_string())
         })
         .join()
         .unwrap();

@@ -10,10 +10,10 @@ use crate::jump::{Jumps, Site};
 use crate::map;
 use crate::process::{Lock, MemoryReader, ProcMem, Process};
 use crate::ptrace::{Gadgets, Stopped};
-use crate::region::{CodeRange, Entry, Header, SiteRecord};
+use crate::region::{CodeRange, Entry, Header, RegValue, SiteRecord};
 use crate::status::{self, Applied};
 use crate::unwind::Modules;
-use crate::watchpoint::{self, Guarded, Strategy, View};
+use crate::watchpoint::{self, Frames, Guarded, Resume, Strategy, View};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -23,11 +23,12 @@ use std::time::{Duration, Instant};
 pub struct Options {
     pub strategy: Strategy,
     pub timeout: Duration,
+    pub frames: Frames,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { strategy: Strategy::default(), timeout: Duration::from_secs(30) }
+        Options { strategy: Strategy::default(), timeout: Duration::from_secs(30), frames: Frames::default() }
     }
 }
 
@@ -201,10 +202,31 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &Options) -> Result<Report> {
             .functions
             .iter()
             .filter(|f| f.has_entry_jump())
-            .flat_map(|f| {
-                let layout = &layout;
-                f.return_sites.iter().filter_map(move |r| {
-                    Some(SiteRecord { name: f.name.clone(), old: r.old.checked_add(bias)?, new: layout.mirror(r.new?), back: r.back })
+            .flat_map(|f| f.return_sites.iter().map(move |r| (f, r)))
+            .filter_map(|(f, r)| {
+                // Constants for the frame's registers: from the fixed-up new code in the image,
+                // and (for a switch back) from the old code in the process.
+                let in_image = |svma: u64| {
+                    let ip = layout.mirror(svma);
+                    let off = ip.checked_sub(layout.base)? as usize;
+                    crate::arch::x86_64::constant_of(image.get(off..(off + 15).min(image.len()))?, ip)
+                };
+                let in_old = |svma: u64| {
+                    let ip = svma.checked_add(bias)?;
+                    crate::arch::x86_64::constant_of(&mem.read_vec(ip, 15).ok()?, ip)
+                };
+                let values = |sets: &[crate::bundle::RegFromCode], at: &dyn Fn(u64) -> Option<u64>| -> Option<Vec<RegValue>> {
+                    sets.iter().map(|s| Some(RegValue { reg: s.reg, value: at(s.at)? })).collect()
+                };
+                let sets = values(&r.sets, &in_image)?;
+                let back_sets = if r.back { values(&r.back_sets, &in_old) } else { None };
+                Some(SiteRecord {
+                    name: f.name.clone(),
+                    old: r.old.checked_add(bias)?,
+                    new: layout.mirror(r.new?),
+                    back: back_sets.is_some(),
+                    sets,
+                    back_sets: back_sets.unwrap_or_default(),
                 })
             })
             .collect(),
@@ -240,7 +262,9 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &Options) -> Result<Report> {
         let at = f.old_svma.unwrap() + bias;
         let end = at + f.old_size.max(f.entry_jump_len() as u64);
         let mut g = Guarded::new(f.name.clone(), at, end);
-        g.switch = header.return_sites.iter().filter(|r| r.name == f.name).map(|r| (r.old, r.new)).collect();
+        if opts.frames == Frames::Switch {
+            g.switch = header.return_sites.iter().filter(|r| r.name == f.name).map(|r| (r.old, Resume { at: r.new, sets: r.sets.clone() })).collect();
+        }
         g.stuck = f.return_sites.iter().filter_map(|r| Some((r.old.checked_add(bias)?, r.why.clone()?))).collect();
         guarded.push(g);
         for a in &live {
@@ -261,18 +285,15 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &Options) -> Result<Report> {
     let switched = watchpoint::frames_to_switch(&view, &stopped, &guarded)?;
     crate::fault::point("stopped");
     let jumps = Jumps::write(&mem, &sites)?;
-    if opts.strategy == Strategy::Trap {
-        watchpoint::trap::move_held_threads(&stopped, &header.entries)?;
-    }
     // Frames at proven return sites: their return addresses now lead into the new code.
-    let frame_sites: Vec<Site> = switched
-        .iter()
-        .map(|s| Site { name: format!("the return address of `{}` on thread {}", s.function, s.tid), at: s.slot, expect: s.old.to_le_bytes().to_vec(), write: s.new.to_le_bytes().to_vec() })
-        .collect();
-    let frames = Jumps::write(&mem, &frame_sites)?;
+    let frames = watchpoint::frames::FrameWrites::write(&mem, &stopped, &switched)?;
     if !switched.is_empty() {
         crate::fault::point("frames-switched");
         record_switched(&region, header.clone(), &switched, layout.header_len)?;
+    }
+    // Last, as nothing undoes it: threads held at an entry go straight to the new code.
+    if opts.strategy == Strategy::Trap {
+        watchpoint::trap::move_held_threads(&stopped, &header.entries)?;
     }
     jumps.commit();
     frames.commit();

@@ -107,9 +107,24 @@ pub struct ReturnSite {
     /// The same proof holds from new to old: revert can switch such a frame back.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub back: bool,
+    /// Callee-saved registers the switch sets, from constant-making instructions of NEW
+    /// (an address hoisted out of a loop: a new string literal, a table).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sets: Vec<RegFromCode>,
+    /// The same for a switch back to OLD (instructions of OLD).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub back_sets: Vec<RegFromCode>,
     /// Why a frame stopped at R cannot be switched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub why: Option<String>,
+}
+
+/// Register `reg` (DWARF number) of a switched frame gets the constant the instruction at `at`
+/// (SVMA of the code the frame continues in) puts in it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RegFromCode {
+    pub reg: u16,
+    pub at: u64,
 }
 
 impl Function {

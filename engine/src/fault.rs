@@ -3,7 +3,9 @@
 //! step leaves the target running its old or new code. Points: `attached`, `injected`,
 //! `mapped`, `stopped`, `jump` (after the first of several jumps, in apply and in revert),
 //! `trap-armed`, `revert-stopped`, `syscall` (a thread holds the registers of an injected
-//! system call: the first one, memfd_create, of an apply). Unset, this costs one environment lookup per process.
+//! system call: the first one, memfd_create, of an apply), `frames-switched` and
+//! `revert-frames-switched` (return addresses and registers of switched frames written, the
+//! switch not yet recorded or committed). Unset, this costs one environment lookup per process.
 use std::sync::OnceLock;
 
 static POINT: OnceLock<Option<String>> = OnceLock::new();

@@ -48,6 +48,11 @@ impl<'a> Jumps<'a> {
     pub fn commit(mut self) {
         self.committed = true;
     }
+
+    /// Commit, for an owner that commits as part of a larger write.
+    pub(crate) fn commit_in_place(&mut self) {
+        self.committed = true;
+    }
 }
 
 impl Drop for Jumps<'_> {

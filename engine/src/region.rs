@@ -97,6 +97,19 @@ pub struct SiteRecord {
     pub new: u64,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub back: bool,
+    /// Callee-saved registers a frame switched to `new` gets (constants of the new code).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sets: Vec<RegValue>,
+    /// The same for a frame switched back to `old`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub back_sets: Vec<RegValue>,
+}
+
+/// Register `reg` (DWARF number) gets `value`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RegValue {
+    pub reg: u16,
+    pub value: u64,
 }
 
 impl Header {
@@ -162,6 +175,9 @@ mod tests {
             len: 0x3000,
             entries: vec![Entry { name: "f".into(), entry: 0x1000, target: 0x12000, original: "5548".into(), previous: "5548".into(), old_start: 0x1000, old_len: 10, short: false }],
             code: vec![CodeRange { name: "f".into(), start: 0x12000, len: 10 }],
+            return_sites: vec![SiteRecord { name: "f".into(), old: 0x10010, new: 0x12010, back: true, sets: vec![RegValue { reg: 13, value: 0x13000 }], back_sets: vec![] }],
+            switched: vec![],
+            switched_unrecorded: 0,
         };
         let mem = Snapshot(vec![(0x10000, h.encode())]);
         assert_eq!(Header::decode(&mem, 0x10000).unwrap(), h);

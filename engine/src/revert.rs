@@ -8,7 +8,7 @@ use crate::map;
 use crate::process::{Lock, MemoryReader, ProcMem, Process};
 use crate::status::{self, Applied};
 use crate::unwind::Modules;
-use crate::watchpoint::{self, Guarded, Strategy, View};
+use crate::watchpoint::{self, Frames, Guarded, Resume, Strategy, View};
 use serde::Serialize;
 use std::time::{Duration, Instant};
 
@@ -26,7 +26,7 @@ pub struct Report {
     pub switched_frames: Vec<watchpoint::FrameSwitch>,
 }
 
-pub fn revert(pid: i32, all: bool, strategy: Strategy, timeout: Duration) -> Result<Report> {
+pub fn revert(pid: i32, all: bool, strategy: Strategy, timeout: Duration, frames: Frames) -> Result<Report> {
     let t0 = Instant::now();
     let proc = Process::open(pid)?;
     let _lock = Lock::take(&proc)?;
@@ -87,8 +87,8 @@ pub fn revert(pid: i32, all: bool, strategy: Strategy, timeout: Duration) -> Res
         .flat_map(|a| {
             a.header.code.iter().map(move |c| {
                 let mut g = Guarded::new(format!("{} (patch {})", c.name, a.header.patch_id), c.start, c.start + c.len);
-                if !older(&c.name) {
-                    g.switch = a.header.return_sites.iter().filter(|r| r.back && r.name == c.name).map(|r| (r.new, r.old)).collect();
+                if frames == Frames::Switch && !older(&c.name) {
+                    g.switch = a.header.return_sites.iter().filter(|r| r.back && r.name == c.name).map(|r| (r.new, Resume { at: r.old, sets: r.back_sets.clone() })).collect();
                 }
                 g
             })
@@ -103,12 +103,11 @@ pub fn revert(pid: i32, all: bool, strategy: Strategy, timeout: Duration) -> Res
     let switched = watchpoint::frames_to_switch(&view, &stopped, &guarded)?;
     crate::fault::point("revert-stopped");
     let jumps = Jumps::write(&mem, &sites)?;
-    let frame_sites: Vec<Site> = switched
-        .iter()
-        .map(|s| Site { name: format!("the return address of `{}` on thread {}", s.function, s.tid), at: s.slot, expect: s.old.to_le_bytes().to_vec(), write: s.new.to_le_bytes().to_vec() })
-        .collect();
     // `new` is where the frame goes: here, back to the original function.
-    let frames = Jumps::write(&mem, &frame_sites)?;
+    let frames = watchpoint::frames::FrameWrites::write(&mem, &stopped, &switched)?;
+    if !switched.is_empty() {
+        crate::fault::point("revert-frames-switched");
+    }
     jumps.commit();
     frames.commit();
     let since = stopped.since();

@@ -35,6 +35,9 @@ pub struct PatchStatus {
     /// `applied`, or `orphan` (mapped but never switched to: a tool died mid-way; harmless,
     /// removed by the next apply or revert).
     pub state: String,
+    /// Frames of old functions moved to this patch's code when it was applied.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub switched: Vec<crate::watchpoint::FrameSwitch>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -120,6 +123,7 @@ pub fn status(pid: i32) -> Result<Status> {
                 })
                 .collect(),
             state: if a.orphan { "orphan".into() } else { "applied".into() },
+            switched: a.header.switched.clone(),
         })
         .collect();
     for a in list.iter().filter(|a| partly_switched(&mem, a)) {

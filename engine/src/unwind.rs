@@ -163,6 +163,27 @@ pub struct Stack {
     pub scanned: Vec<u64>,
     /// Why unwinding stopped early, if it did.
     pub incomplete: Option<String>,
+    /// `homes[i]`: where frame `i`'s callee-saved registers are kept (see [`SAVED`]).
+    pub homes: Vec<[Home; 6]>,
+}
+
+/// The callee-saved registers, in the order of [`Stack::homes`] (DWARF numbers).
+pub const SAVED: [usize; 6] = [RBX, RBP, R12, 13, 14, R15];
+
+/// Where a frame's register value lives while the thread is stopped: still in the thread's
+/// register (no inner frame saved it), in a stack slot where an inner frame saved it, or
+/// unknown (a computed value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Home {
+    Thread(u16),
+    Memory(u64),
+    #[default]
+    Unknown,
+}
+
+fn saved_homes(h: &[Home; 17]) -> [Home; 6] {
+    SAVED.map(|r| h[r])
 }
 
 /// Stack reads come in small, nearby pieces: serve them from one larger read (fewer system
@@ -208,12 +229,13 @@ pub fn unwind(regs: &Regs, modules: &Modules, mem: &dyn MemoryReader, maps: &[Ma
     for (i, v) in vals.iter().enumerate() {
         r[i] = Some(*v);
     }
-    let mut stack = Stack { pcs: vec![regs.rip], ..Default::default() };
+    let mut home: [Home; 17] = std::array::from_fn(|i| Home::Thread(i as u16));
+    let mut stack = Stack { pcs: vec![regs.rip], homes: vec![saved_homes(&home)], ..Default::default() };
     let mut ctx = UnwindContext::new();
     let mut prev_cfa = 0u64;
     for depth in 0..MAX_FRAMES {
         let pc = r[RA].unwrap_or(0);
-        match step(&mut r, depth == 0, modules, mem, &mut ctx) {
+        match step(&mut r, &mut home, depth == 0, modules, mem, &mut ctx) {
             Ok(Some(cfa)) => {
                 if depth > 0 && cfa <= prev_cfa {
                     stack.incomplete = Some(format!("stack does not grow at {pc:#x}"));
@@ -223,7 +245,10 @@ pub fn unwind(regs: &Regs, modules: &Modules, mem: &dyn MemoryReader, maps: &[Ma
                 stack.cfas.push(cfa);
                 match r[RA] {
                     Some(0) | None => return stack,
-                    Some(ra) => stack.pcs.push(ra),
+                    Some(ra) => {
+                        stack.pcs.push(ra);
+                        stack.homes.push(saved_homes(&home));
+                    }
                 }
             }
             Ok(None) => return stack, // outermost frame
@@ -299,16 +324,23 @@ fn compute_row(modules: &Modules, lookup: u64, ctx: &mut UnwindContext<usize>) -
 }
 
 /// Go one frame up. Returns the CFA, or None at the outermost frame.
-fn step(r: &mut [Option<u64>; 17], first: bool, modules: &Modules, mem: &dyn MemoryReader, ctx: &mut UnwindContext<usize>) -> Result<Option<u64>, String> {
+fn step(r: &mut [Option<u64>; 17], home: &mut [Home; 17], first: bool, modules: &Modules, mem: &dyn MemoryReader, ctx: &mut UnwindContext<usize>) -> Result<Option<u64>, String> {
     let pc = r[RA].ok_or("no program counter")?;
     let lookup = if first { pc } else { pc - 1 };
     let row = row_for(modules, lookup, ctx)?;
     let base = r.get(row.cfa_reg as usize).copied().flatten().ok_or_else(|| format!("CFA register {} unknown at {pc:#x}", row.cfa_reg))?;
     let cfa = (base as i64).wrapping_add(row.cfa_off) as u64;
     let old = *r;
+    let old_home = *home;
     let read = |addr: u64| mem.read_u64(addr).map_err(|e| format!("cannot read stack at {addr:#x}: {e}"));
     for (reg, rule) in &row.rules {
         let reg = *reg;
+        home[reg] = match *rule {
+            Rule::Undefined | Rule::Same => old_home[reg],
+            Rule::Offset(o) => Home::Memory((cfa as i64).wrapping_add(o) as u64),
+            Rule::Register(x) => old_home.get(x as usize).copied().unwrap_or(Home::Unknown),
+            Rule::ValOffset(_) | Rule::Unsupported => Home::Unknown,
+        };
         r[reg] = match *rule {
             // An undefined return address marks the outermost frame (`_start`, the thread
             // entry in `clone`); other undefined registers keep their value.
@@ -322,6 +354,7 @@ fn step(r: &mut [Option<u64>; 17], first: bool, modules: &Modules, mem: &dyn Mem
         };
     }
     r[RSP] = Some(cfa);
+    home[RSP] = Home::Unknown;
     Ok(Some(cfa))
 }
 

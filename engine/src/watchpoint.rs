@@ -8,7 +8,6 @@
 use crate::error::{Error, Result};
 use crate::process::{Mapping, ProcMem, Process};
 use crate::ptrace::Stopped;
-use crate::process::MemoryReader;
 use crate::unwind::{self, Modules, Stack};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -34,6 +33,30 @@ impl std::str::FromStr for Strategy {
     }
 }
 
+/// What to do with frames of old code stopped at return sites proven to continue in the new
+/// code (see [`crate::extract::frames`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Frames {
+    /// Move them to the new code at the switch: a function that never returns is updated.
+    #[default]
+    Switch,
+    /// Wait for them to return, as for any active frame: every call that started in old code
+    /// ends in old code.
+    Wait,
+}
+
+impl std::str::FromStr for Frames {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "switch" => Ok(Frames::Switch),
+            "wait" => Ok(Frames::Wait),
+            _ => Err(format!("unknown frames policy `{s}` (switch or wait)")),
+        }
+    }
+}
+
 /// Code that must not be active: an old function (or a copy being removed).
 #[derive(Debug, Clone, Default)]
 pub struct Guarded {
@@ -41,10 +64,17 @@ pub struct Guarded {
     pub start: u64,
     pub end: u64,
     /// Return addresses in this code where a frame is proven to continue in other code
-    /// (live old address -> live new address): such a frame is switched, not waited for.
-    pub switch: BTreeMap<u64, u64>,
+    /// (live old address -> where it resumes): such a frame is switched, not waited for.
+    pub switch: BTreeMap<u64, Resume>,
     /// Return addresses where a frame cannot be switched, and why.
     pub stuck: BTreeMap<u64, String>,
+}
+
+/// Where a switched frame continues, and the registers it gets there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resume {
+    pub at: u64,
+    pub sets: Vec<crate::region::RegValue>,
 }
 
 impl Guarded {
@@ -134,43 +164,6 @@ pub fn activation_of(v: &View, tid: i32, st: &Stack, guarded: &[Guarded]) -> Opt
     })
 }
 
-/// A frame of guarded code stopped at a proven return site, moved to the new code at the
-/// switch: the return address in its callee's frame is rewritten.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct FrameSwitch {
-    pub tid: i32,
-    pub function: String,
-    /// Where the return address is kept (the callee's CFA - 8).
-    pub slot: u64,
-    pub old: u64,
-    pub new: u64,
-}
-
-/// Every frame of the stopped threads that stands at a switchable return site of `guarded`.
-/// Only frames found through call-frame information count (a scanned word is no frame, and
-/// blocks). The caller holds every thread stopped, with no guarded code otherwise active.
-pub fn frames_to_switch(v: &View, stopped: &Stopped, guarded: &[Guarded]) -> Result<Vec<FrameSwitch>> {
-    let mut out = Vec::new();
-    if guarded.iter().all(|g| g.switch.is_empty()) {
-        return Ok(out);
-    }
-    for tid in stopped.tids() {
-        let regs = stopped.regs(tid)?;
-        let st = unwind::unwind(&regs, v.modules, v.mem, v.maps);
-        for (d, pc) in st.pcs.iter().enumerate().skip(1) {
-            let Some(g) = guarded.iter().find(|g| g.switch.contains_key(pc)) else { continue };
-            // The return address of frame d-1 sits just below its CFA (x86-64 `call`).
-            let slot = st.cfas.get(d - 1).and_then(|c| c.checked_sub(8)).ok_or_else(|| Error::Other(format!("thread {tid}: no frame address for the return to {pc:#x}")))?;
-            let held = v.mem.read_u64(slot)?;
-            if held != *pc {
-                return Err(Error::Other(format!("thread {tid}: the return address to {pc:#x} is not at {slot:#x} (found {held:#x}); not switching")));
-            }
-            out.push(FrameSwitch { tid, function: g.name.clone(), slot, old: *pc, new: g.switch[pc] });
-        }
-    }
-    Ok(out)
-}
-
 /// Every thread stopped, none in guarded code: the moment to switch.
 pub struct Quiet {
     pub stopped: Stopped,
@@ -225,5 +218,8 @@ pub fn blocked(a: &Activation, timeout: Duration, strategy: Strategy) -> Error {
     Error::Blocked(format!("{a} for {:.1} s (the timeout); the target is unchanged. {advice}", timeout.as_secs_f64()))
 }
 
+pub mod frames;
 mod perf;
 pub mod trap;
+
+pub use frames::{frames_to_switch, FrameSwitch, RegWrite};

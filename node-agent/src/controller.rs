@@ -482,7 +482,7 @@ impl<'a> Work<'a> {
             let status = v.status(self.generation, &spec.container_id, self.this_attempt(), &self.patch_id);
             self.write(&status).await?;
         }
-        let opts = apply::Options { strategy: engine::strategy(spec.strategy), timeout: Duration::from_secs(spec.timeout_seconds.max(1) as u64) };
+        let opts = apply::Options { strategy: engine::strategy(spec.strategy), timeout: Duration::from_secs(spec.timeout_seconds.max(1) as u64), ..Default::default() };
         let outcomes = self.run_engine(&query, found, Some(bundle), opts).await?;
         let verdict = report::apply_verdict(&self.patch_id, &outcomes, self.last_attempt());
         let worked = verdict.worked;
@@ -498,7 +498,7 @@ impl<'a> Work<'a> {
             Ok(found) => found,
             Err(v) => return self.finish(v, true, Some(&pod)).await,
         };
-        let opts = apply::Options { strategy: engine::strategy(self.task.spec.strategy), timeout: Duration::from_secs(self.task.spec.timeout_seconds.max(1) as u64) };
+        let opts = apply::Options { strategy: engine::strategy(self.task.spec.strategy), timeout: Duration::from_secs(self.task.spec.timeout_seconds.max(1) as u64), ..Default::default() };
         let outcomes = self.run_engine(&query, found, None, opts).await?;
         let verdict = report::revert_verdict(&self.patch_id, &outcomes);
         self.finish(verdict, true, Some(&pod)).await

@@ -30,7 +30,7 @@ impl Engine for LiveEngine {
         apply::apply(pid, bundle, opts)
     }
     fn revert_newest(&self, pid: i32, strategy: Strategy, timeout: Duration) -> livepatch::Result<revert::Report> {
-        revert::revert(pid, false, strategy, timeout)
+        revert::revert(pid, false, strategy, timeout, Default::default())
     }
 }
 

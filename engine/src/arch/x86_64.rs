@@ -176,6 +176,20 @@ pub fn decode_refs(code: &[u8], ip: u64) -> Result<Vec<CodeRef>, DecodeError> {
     Ok(out)
 }
 
+/// The constant a `lea sym(%rip), %reg` or `mov $imm, %reg` at `ip` puts in its register.
+pub fn constant_of(code: &[u8], ip: u64) -> Option<u64> {
+    let mut d = Decoder::with_ip(64, code, ip, DecoderOptions::NONE);
+    let x = d.decode();
+    if x.is_invalid() || x.op_count() != 2 || x.op0_kind() != OpKind::Register {
+        return None;
+    }
+    match (x.mnemonic(), x.op1_kind()) {
+        (Mnemonic::Lea, OpKind::Memory) if x.is_ip_rel_memory_operand() => Some(x.ip_rel_memory_address()),
+        (Mnemonic::Mov, OpKind::Immediate32 | OpKind::Immediate64 | OpKind::Immediate32to64) => Some(x.immediate(1)),
+        _ => None,
+    }
+}
+
 /// Instruction boundaries of `code` placed at `ip` (for "is this pc at an instruction start").
 pub fn instruction_starts(code: &[u8], ip: u64) -> Result<Vec<u64>, DecodeError> {
     let mut out = Vec::new();

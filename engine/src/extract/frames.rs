@@ -17,7 +17,7 @@
 //! call already happened); decisions old code already took stay taken, as for any update that
 //! lands between two instructions.
 use super::{describe, function_refs, relative_jump_table};
-use crate::bundle::ReturnSite;
+use crate::bundle::{RegFromCode, ReturnSite};
 use super::regs::{Clobbers, RegSet};
 use crate::elf::{ElfFile, SymKind, Symbol};
 use crate::unwind::Modules;
@@ -48,12 +48,17 @@ pub fn return_sites(old: &ElfFile, of: &Symbol, new: &ElfFile, nf: &Symbol) -> V
                 Err(why) => refused(r, why),
                 Ok(()) => match Proof::new(&n, &o, &back_pairs).live_values_match(j, i) {
                     Err(why) => refused(r, why),
-                    Ok(()) => ReturnSite {
-                        old: r,
-                        new: Some(n.insns[j].next_ip),
-                        back: Proof::new(&o, &n, &pairs).live_values_match(i, j).is_ok(),
-                        why: None,
-                    },
+                    Ok(sets) => {
+                        let back = Proof::new(&o, &n, &pairs).live_values_match(i, j);
+                        ReturnSite {
+                            old: r,
+                            new: Some(n.insns[j].next_ip),
+                            back: back.is_ok(),
+                            sets,
+                            back_sets: back.unwrap_or_default(),
+                            why: None,
+                        }
+                    }
                 },
             },
         };
@@ -63,7 +68,7 @@ pub fn return_sites(old: &ElfFile, of: &Symbol, new: &ElfFile, nf: &Symbol) -> V
 }
 
 fn refused(old: u64, why: String) -> ReturnSite {
-    ReturnSite { old, new: None, back: false, why: Some(why) }
+    ReturnSite { old, new: None, back: false, sets: Vec::new(), back_sets: Vec::new(), why: Some(why) }
 }
 
 /// Return addresses of the direct calls of `f`, for refusing them all at once.
@@ -138,6 +143,10 @@ struct Insn {
     succ: Vec<usize>,
     /// Leaves the function: a return, or a jump to other code.
     exit: Option<Exit>,
+    /// Puts a constant in a register and reads nothing else: an address taken rip-relative
+    /// (`lea sym(%rip), %r13`) or an immediate. Such a value, hoisted out of a loop, can be
+    /// put into a switched frame.
+    constant: bool,
     /// Offsets of %rsp and of a frame-pointer %rbp from the CFA when known.
     rsp: Option<i64>,
     rbp: Option<i64>,
@@ -183,6 +192,9 @@ struct Func<'a> {
     preds: Vec<Vec<usize>>,
     /// Loop depth of each instruction (backward branches around it).
     depth: Vec<u32>,
+    /// CFA offsets of the frame objects whose address leaves the function (`None`: an address
+    /// of the frame escapes in a way not placed).
+    escaped: Option<BTreeSet<i64>>,
 }
 
 /// Interned instruction keys shared by the two sides of one comparison.
@@ -261,7 +273,7 @@ impl<'a> Func<'a> {
             }
         }
         let frame = stack_offsets(&raw, &succ);
-        let escaped = raw.iter().zip(&frame).any(|(x, (_, rbp))| escapes(x, rbp.is_some()));
+        let escaped = escaped_offsets(&raw, &frame);
         let mut depth = vec![0u32; raw.len()];
         for (b, s) in succ.iter().enumerate() {
             for &t in s.iter().filter(|t| **t <= b) {
@@ -286,7 +298,7 @@ impl<'a> Func<'a> {
                 },
                 _ => Clobbered(RegSet::CALLER_SAVED),
             };
-            let (uses, defs) = locations(&mut factory, x, rsp, rbp, escaped, clobbered);
+            let (uses, defs) = locations(&mut factory, x, rsp, rbp, clobbered);
             let off = (x.ip() - f.addr) as usize;
             let mut bytes = code[off..off + x.len()].to_vec();
             let mut what = Vec::new();
@@ -304,6 +316,10 @@ impl<'a> Func<'a> {
                 ip: x.ip(),
                 next_ip: x.next_ip(),
                 call: matches!(x.flow_control(), FlowControl::Call | FlowControl::IndirectCall),
+                constant: x.op_count() == 2
+                    && x.op_kind(0) == OpKind::Register
+                    && ((x.mnemonic() == Mnemonic::Lea && x.is_ip_rel_memory_operand())
+                        || (x.mnemonic() == Mnemonic::Mov && matches!(x.op_kind(1), OpKind::Immediate32 | OpKind::Immediate64 | OpKind::Immediate32to64))),
                 key,
                 uses,
                 defs,
@@ -313,7 +329,26 @@ impl<'a> Func<'a> {
                 rbp,
             });
         }
-        Ok(Func { name: &f.name, insns, preds, depth })
+        // %al counts the vector registers of a variadic call, and GCC sets it in the call's
+        // block; a call whose block does not set %rax does not read it.
+        for c in 0..insns.len() {
+            if !insns[c].call {
+                continue;
+            }
+            let mut k = c;
+            let mut sets_rax = false;
+            while k > 0 && preds[k] == [k - 1] && insns[k - 1].succ == [k] && !insns[k - 1].call {
+                k -= 1;
+                if insns[k].defs.iter().any(|d| d.loc == Loc::Reg(Register::RAX)) {
+                    sets_rax = true;
+                    break;
+                }
+            }
+            if !sets_rax {
+                insns[c].uses.retain(|u| *u != Loc::Reg(Register::RAX));
+            }
+        }
+        Ok(Func { name: &f.name, insns, preds, depth, escaped })
     }
 
     fn calls(&self) -> impl Iterator<Item = usize> + '_ {
@@ -396,25 +431,41 @@ fn is_reg(x: &Instruction, op: u32, r: Register) -> bool {
     op < x.op_count() && x.op_kind(op) == OpKind::Register && x.op_register(op).full_register() == r
 }
 
-/// Whether the instruction lets an address of the frame out (so memory written through other
-/// pointers, or by a callee, may be the frame's).
-fn escapes(x: &Instruction, frame_pointer: bool) -> bool {
-    let frame_reg = |r: Register| r == Register::RSP || (frame_pointer && r == Register::RBP);
-    if x.mnemonic() == Mnemonic::Lea {
-        return frame_reg(x.memory_base()) && !is_reg(x, 0, Register::RSP) && !is_reg(x, 0, Register::RBP);
+/// Where the frame objects whose address leaves the function start (CFA offsets): `lea` of
+/// a frame address into another register. `None` when a frame address escapes otherwise
+/// (`mov %rsp, %rdi`, `push %rsp`, a `lea` at an untracked stack offset).
+fn escaped_offsets(raw: &[Instruction], frame: &[(Option<i64>, Option<i64>)]) -> Option<BTreeSet<i64>> {
+    let mut out = BTreeSet::new();
+    for (x, (rsp, rbp)) in raw.iter().zip(frame) {
+        let frame_reg = |r: Register| r == Register::RSP || (rbp.is_some() && r == Register::RBP);
+        if x.mnemonic() == Mnemonic::Lea && frame_reg(x.memory_base()) && !is_reg(x, 0, Register::RSP) && !is_reg(x, 0, Register::RBP) {
+            let base = if x.memory_base() == Register::RSP { *rsp } else { *rbp };
+            out.insert(base? + x.memory_displacement64() as i64);
+            continue;
+        }
+        let adjusts = matches!(x.mnemonic(), Mnemonic::Sub | Mnemonic::Add | Mnemonic::And) && is_reg(x, 0, Register::RSP)
+            || x.mnemonic() == Mnemonic::Mov && (is_reg(x, 0, Register::RBP) && is_reg(x, 1, Register::RSP) || is_reg(x, 0, Register::RSP) && is_reg(x, 1, Register::RBP));
+        // `mov %rsp, %rdi`: the object at the stack pointer.
+        if x.mnemonic() == Mnemonic::Mov && x.op_count() == 2 && x.op_kind(0) == OpKind::Register && x.op_kind(1) == OpKind::Register && frame_reg(x.op_register(1).full_register()) && !adjusts {
+            let base = if x.op_register(1).full_register() == Register::RSP { *rsp } else { *rbp };
+            out.insert(base?);
+            continue;
+        }
+        let read_as_value = (1..x.op_count()).any(|i| x.op_kind(i) == OpKind::Register && frame_reg(x.op_register(i).full_register()))
+            || (x.mnemonic() == Mnemonic::Push && x.op_kind(0) == OpKind::Register && frame_reg(x.op_register(0).full_register()));
+        if !adjusts && read_as_value {
+            return None;
+        }
     }
-    let adjusts = matches!(x.mnemonic(), Mnemonic::Sub | Mnemonic::Add | Mnemonic::And) && is_reg(x, 0, Register::RSP)
-        || x.mnemonic() == Mnemonic::Mov && (is_reg(x, 0, Register::RBP) && is_reg(x, 1, Register::RSP) || is_reg(x, 0, Register::RSP) && is_reg(x, 1, Register::RBP));
-    let read_as_value = (1..x.op_count()).any(|i| x.op_kind(i) == OpKind::Register && frame_reg(x.op_register(i).full_register()))
-        || (x.mnemonic() == Mnemonic::Push && x.op_kind(0) == OpKind::Register && frame_reg(x.op_register(0).full_register()));
-    !adjusts && read_as_value
+    Some(out)
 }
 
-
 /// What an instruction reads and writes, with stack memory placed relative to the CFA.
-/// Memory that is not the frame is state both versions share and is not tracked; a store
-/// through an unknown pointer may write the frame when its address escaped.
-fn locations(factory: &mut InstructionInfoFactory, x: &Instruction, rsp: Option<i64>, rbp: Option<i64>, escaped: bool, clobbers: Clobbered) -> (Vec<Loc>, Vec<Def>) {
+/// Memory that is not the frame is state both versions share and is not tracked. So are the
+/// contents of frame objects whose address escapes (buffers handed to callees) beyond the
+/// function's own direct stores: what callees write there is shared state too, and
+/// [`escaped_offsets`] makes sure both versions keep such objects at the same places.
+fn locations(factory: &mut InstructionInfoFactory, x: &Instruction, rsp: Option<i64>, rbp: Option<i64>, clobbers: Clobbered) -> (Vec<Loc>, Vec<Def>) {
     let mut uses = BTreeSet::new();
     let mut defs: Vec<Def> = Vec::new();
     let is_call = matches!(x.flow_control(), FlowControl::Call | FlowControl::IndirectCall);
@@ -459,7 +510,6 @@ fn locations(factory: &mut InstructionInfoFactory, x: &Instruction, rsp: Option<
                     defs.push(Def { loc: at, partial: m.access() != OpAccess::Write || at == Loc::AnySlot, scratch: false });
                 }
             }
-            None if writes && escaped => defs.push(Def { loc: Loc::AnySlot, partial: true, scratch: false }),
             None => {}
         }
     }
@@ -510,17 +560,9 @@ fn locations(factory: &mut InstructionInfoFactory, x: &Instruction, rsp: Option<
             }
         }
         defs.push(Def { loc: Loc::Flags, partial: false, scratch: true });
-        if escaped {
-            defs.push(Def { loc: Loc::AnySlot, partial: true, scratch: false });
-        }
-    } else {
-        // Partial and conditional writes merge with the old value.
-        for d in &defs {
-            if d.partial && d.loc != Loc::AnySlot {
-                uses.insert(d.loc);
-            }
-        }
     }
+    // A partial or conditional write merges with the old value: liveness lets it through (such
+    // a def does not kill), and the proof adds the old value as an input of that def only.
     defs.sort_by_key(|d| d.loc);
     defs.dedup();
     (uses.into_iter().collect(), defs)
@@ -620,6 +662,13 @@ fn same_frame(ocfi: Option<&Modules>, o: &Func, i: usize, ncfi: Option<&Modules>
             return Err(format!("return site {r:#x}: the frame differs (call-frame information at {a:#x} in the old code and {b:#x} in the new: {ra:?} and {rb:?})"));
         }
     }
+    match (&o.escaped, &n.escaped) {
+        (Some(a), Some(b)) if a == b => {}
+        (Some(a), Some(b)) => {
+            return Err(format!("return site {r:#x}: the frame objects whose address is passed on lie elsewhere (CFA offsets {a:?} in the old code, {b:?} in the new)"))
+        }
+        _ => return Err(format!("return site {r:#x}: an address of the frame escapes where it cannot be placed")),
+    }
     let (x, y) = (&o.insns[i + 1], &n.insns[j + 1]);
     if x.rsp.is_none() || x.rsp != y.rsp || x.rbp != y.rbp {
         return Err(format!("return site {r:#x}: the stack pointer's distance from the frame differs or is unknown (old {:?}, new {:?})", x.rsp, y.rsp));
@@ -654,26 +703,52 @@ impl<'a> Proof<'a> {
         Proof { to, from, pairs, memo: HashMap::new(), budget: BUDGET, stopped_in: (usize::MAX, usize::MAX) }
     }
 
-    /// `call_to` and `call_from` are the matched calls; the frames stand after them.
-    fn live_values_match(mut self, call_to: usize, call_from: usize) -> Result<(), String> {
+    /// `call_to` and `call_from` are the matched calls; the frames stand after them. A live
+    /// callee-saved register that holds a constant made by one instruction in `to` (a hoisted
+    /// address) need not be proven: the switch puts that constant in (returned).
+    fn live_values_match(mut self, call_to: usize, call_from: usize) -> Result<Vec<RegFromCode>, String> {
         self.stopped_in = (call_to, call_from);
         let (pt, pf) = (call_to + 1, call_from + 1);
         let live = live_in(self.to, pt);
         let r = self.from.insns[call_from].next_ip;
+        let mut sets = Vec::new();
         for loc in live {
             // The frame's own position: compared through the CFI and the tracked offsets.
             if loc == Loc::Reg(Register::RSP) || (loc == Loc::Reg(Register::RBP) && self.to.insns[pt].rbp.is_some()) {
                 continue;
             }
-            if let Err(why) = self.same(loc, pt, pf) {
-                return Err(format!(
-                    "return site {r:#x} of `{}`: the new code reads {} after the call, and {why}",
-                    self.from.name,
-                    loc.show()
-                ));
+            // A failed attempt may leave co-inductive assumptions behind: forget them.
+            let memo = self.memo.clone();
+            let proven = self.same(loc, pt, pf);
+            let Err(why) = proven else { continue };
+            self.memo = memo;
+            if let Some(set) = self.constant(loc, pt) {
+                sets.push(set);
+                continue;
             }
+            return Err(format!("return site {r:#x} of `{}`: the new code reads {} after the call, and {why}", self.from.name, loc.show()));
         }
-        Ok(())
+        Ok(sets)
+    }
+
+    /// `loc`, live before `pt` in `to`, is a callee-saved register that only one instruction
+    /// can have set, to a constant.
+    fn constant(&self, loc: Loc, pt: usize) -> Option<RegFromCode> {
+        let Loc::Reg(r) = loc else { return None };
+        let dwarf = match r {
+            Register::RBX => 3,
+            Register::RBP => 6,
+            Register::R12 => 12,
+            Register::R13 => 13,
+            Register::R14 => 14,
+            Register::R15 => 15,
+            _ => return None,
+        };
+        let defs = Self::reaching(self.to, pt, loc);
+        let [Site::At(i)] = defs.iter().copied().collect::<Vec<_>>()[..] else { return None };
+        let x = &self.to.insns[i];
+        let whole = x.defs.iter().any(|d| d.loc == loc && !d.partial);
+        (x.constant && whole && x.uses.is_empty()).then_some(RegFromCode { reg: dwarf, at: x.ip })
     }
 
     /// Reaching definitions of `loc` just before instruction `point` of `f`.

@@ -1,13 +1,15 @@
 /*
  * Scenario "forever": a function that never returns.
  *
- * A worker thread runs serve_forever(), a request loop that never leaves. It is always
- * active, so no strategy can switch it: apply must end with exit 4 after --timeout, and
- * the process must go on serving with its old code.
+ * A worker thread runs serve_forever(), a request loop that never leaves: it is always on
+ * the worker's stack, stopped in read() waiting for the next request. v2 only changes what a
+ * request prints, so the frame is switched to v2 at the return from read() (issue 12). v3
+ * keeps a buffer in the frame: the frame changes, the switch is refused, and apply ends with
+ * exit 4 after --timeout, naming the return site; the process goes on with its old code.
  *
  * Commands:
- *   call   -> the worker serves one request: "v1 served N" (N counts from 1)
- *             (v2 would print "v2 served N"; it must never appear)
+ *   call   -> the worker serves one request: "v1 served N" (N counts from 1); v2 "v2 served
+ *             N"; v3 "v3 served N"
  *   ping   -> "pong" (main thread)
  *   quit   -> "bye"
  */
