@@ -1125,7 +1125,7 @@ fn traced_by_someone_else_library_leaves_no_thread_attached() {
         // is also our child: its threads left traced by us could never be reaped).
         let b = bundle.clone();
         let (err, leaked) = thread::spawn(move || {
-            let opts = livepatch::apply::Options { strategy, timeout: Duration::from_secs(5) };
+            let opts = livepatch::apply::Options { strategy, timeout: Duration::from_secs(5), ..Default::default() };
             let err = livepatch::apply::apply(pid, &b, &opts).err().map(|e| e.to_string());
             let me = unsafe { libc::gettid() };
             let leaked: Vec<i32> = threads(pid)
@@ -1169,7 +1169,7 @@ fn thread_churn_library_on_a_worker_thread() {
         let strategy = if i % 2 == 0 { Strategy::Trap } else { Strategy::Wait };
         let b = bundle.clone();
         let r = thread::spawn(move || {
-            let opts = livepatch::apply::Options { strategy, timeout: Duration::from_secs(20) };
+            let opts = livepatch::apply::Options { strategy, timeout: Duration::from_secs(20), ..Default::default() };
             livepatch::apply::apply(pid, &b, &opts).map(|_| ()).map_err(|e| e.to_string())
         })
         .join()

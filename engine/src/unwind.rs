@@ -67,6 +67,29 @@ pub struct Row {
     rules: Vec<(usize, Rule)>,
 }
 
+impl std::fmt::Display for Row {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = |r: usize| match r {
+            RBX => "rbx".to_string(),
+            RBP => "rbp".to_string(),
+            RSP => "rsp".to_string(),
+            RA => "the return address".to_string(),
+            n => format!("r{n}"),
+        };
+        write!(f, "CFA = {}{:+}", name(self.cfa_reg as usize), self.cfa_off)?;
+        for (r, rule) in &self.rules {
+            match rule {
+                Rule::Offset(o) => write!(f, ", {} at CFA{o:+}", name(*r))?,
+                Rule::ValOffset(o) => write!(f, ", {} = CFA{o:+}", name(*r))?,
+                Rule::Register(x) => write!(f, ", {} in {}", name(*r), name(*x as usize))?,
+                Rule::Unsupported => write!(f, ", {} by an expression", name(*r))?,
+                Rule::Undefined | Rule::Same => {}
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Rule {
     Undefined,

@@ -268,7 +268,7 @@ fn patches_a_container_found_by_container_id_and_pod_uid() {
 
     step("discovery checks done");
     // Apply through the agent's per-process path.
-    let opts = apply::Options { strategy: Strategy::Trap, timeout: Duration::from_secs(30) };
+    let opts = apply::Options { strategy: Strategy::Trap, timeout: Duration::from_secs(30), ..Default::default() };
     let before = output(&out_path).len();
     let outcome = engine::apply_one(&LiveEngine, &discovery, &query, &target, &bundle, &opts);
     match &outcome {

@@ -659,7 +659,7 @@ fn same_frame(ocfi: Option<&Modules>, o: &Func, i: usize, ncfi: Option<&Modules>
         let ra = oc.row_at(a).map_err(|e| format!("return site {r:#x}: {e}"))?;
         let rb = nc.row_at(b).map_err(|e| format!("return site {r:#x}: {e}"))?;
         if ra != rb {
-            return Err(format!("return site {r:#x}: the frame differs (call-frame information at {a:#x} in the old code and {b:#x} in the new: {ra:?} and {rb:?})"));
+            return Err(format!("return site {r:#x}: the frame differs (call-frame information at {a:#x} in the old code: {ra}; at {b:#x} in the new: {rb})"));
         }
     }
     match (&o.escaped, &n.escaped) {

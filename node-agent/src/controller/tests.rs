@@ -75,6 +75,7 @@ impl Engine for FakeEngine {
                 functions: vec!["price".into()],
                 entries: vec![],
                 state: "applied".into(),
+                switched: vec![],
             })
             .collect();
         Ok(status::Status { pid, build_id: None, patches, stacked: live.len(), restart_recommended: live.len() > 4, warnings: vec![] })
