@@ -4,6 +4,8 @@
 //!   against the pause the tool reports (1, 8, 64 threads), next to the gap seen with no update
 //!   and to the floor (the least any update does while the target is stopped, same run), with
 //!   the ratios to that floor;
+//! * functions that never return: 8 and 64 threads in a patched loop, every frame switched
+//!   at each apply and back at each revert: pause, gap, and the ratio to the floor;
 //! * time to patched: from the command's start to the target's first new output;
 //! * call overhead: calls per second of a tiny function before and after patching, one run;
 //! * many processes: 50 and 200 copies patched by concurrent invocations, total time and the
@@ -43,6 +45,19 @@ static void *gap_worker(void *a) {
     }
     return 0;
 }
+/* Never returns, and is patched (VERSION): its frames are switched at the return from usleep. */
+__attribute__((noinline)) void loop_body(long i) {
+    double last = now_us();
+    for (;;) {
+        for (int k = 0; k < 200; k++) sink += k + VERSION;
+        double t = now_us();
+        if (reset_flag[i]) { reset_flag[i] = 0; maxgap[i] = 0; last = t; continue; }
+        if (t - last > maxgap[i]) maxgap[i] = t - last;
+        last = t;
+        usleep(50);
+    }
+}
+static void *loop_worker(void *a) { loop_body((long)a); return 0; }
 static void *hot_worker(void *a) { for (;;) sink += hot((long)a); return 0; }
 static void *rec_worker(void *a) { (void)a; for (;;) { long v = rec(30); printf("rec v%ld\n", v); fflush(stdout); } return 0; }
 int main(int argc, char **argv) {
@@ -51,6 +66,7 @@ int main(int argc, char **argv) {
     pthread_t t;
     if (!strcmp(mode, "gap")) for (long i = 0; i < n; i++) pthread_create(&t, 0, gap_worker, (void *)i);
     if (!strcmp(mode, "hot")) for (long i = 0; i < n; i++) pthread_create(&t, 0, hot_worker, (void *)i);
+    if (!strcmp(mode, "loop")) for (long i = 0; i < n; i++) pthread_create(&t, 0, loop_worker, (void *)i);
     if (!strcmp(mode, "rec")) pthread_create(&t, 0, rec_worker, 0);
     printf("ready\n"); fflush(stdout);
     char line[64];
@@ -170,6 +186,7 @@ fn main() {
     let tiny_svma = symbol_addr(&v1, "tiny");
     println!("| threads | target gap, no update (median / worst) | floor: pause / target gap (median) | livepatch: pause (median / worst) | livepatch: target gap (median / worst) | pause / floor | gap / floor |");
     println!("|---|---|---|---|---|---|---|");
+    let mut floors = std::collections::BTreeMap::new();
     for n in [1usize, 8, 64] {
         let mut t = Target::spawn(&v1, &["gap", &n.to_string()]);
         let (mut base, mut gaps, mut pauses, mut fpause, mut fgap) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -193,11 +210,35 @@ fn main() {
         let (pm, pw) = stats(&mut pauses);
         let (fpm, _) = stats(&mut fpause);
         let (fgm, _) = stats(&mut fgap);
+        floors.insert(n, fpm);
         println!(
             "| {n} | {bm:.0} / {bw:.0} us | {fpm:.0} / {fgm:.0} us | {pm:.0} / {pw:.0} us | {gm:.0} / {gw:.0} us | {:.2} | {:.2} |",
             pm / fpm,
             gm / fgm
         );
+    }
+
+    // Functions that never return: every thread sits in loop_body(), whose frames each apply
+    // switches to the new code (and each revert back).
+    println!("\n| threads in a loop that never returns | frames switched per update | livepatch: pause (median / worst) | livepatch: target gap (median / worst) | pause / floor (same thread count, above) |");
+    println!("|---|---|---|---|---|");
+    for n in [8usize, 64] {
+        let mut t = Target::spawn(&v1, &["loop", &n.to_string()]);
+        let (mut gaps, mut pauses, mut frames) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..cycles {
+            for op in ["apply", "revert"] {
+                t.ask("reset");
+                let r = if op == "apply" { run_tool(&["apply", "--pid", &t.pid(), b, "--json"]) } else { run_tool(&["revert", "--pid", &t.pid(), "--json"]) };
+                pauses.push(r["pause_us"].as_f64().unwrap_or(f64::NAN));
+                frames.push(r["switched_frames"].as_array().map(|a| a.len()).unwrap_or(0) as f64);
+                gaps.push(t.ask("gap").parse::<f64>().unwrap());
+            }
+        }
+        let (gm, gw) = stats(&mut gaps);
+        let (pm, pw) = stats(&mut pauses);
+        let (fm, _) = stats(&mut frames);
+        let floor = floors.get(&n).copied().unwrap_or(f64::NAN);
+        println!("| {n} | {fm:.0} | {pm:.0} / {pw:.0} us | {gm:.0} / {gw:.0} us | {:.2} |", pm / floor);
     }
 
     println!("\n| time to patched (command start to first new output) | wait | trap |");
