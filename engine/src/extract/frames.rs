@@ -162,11 +162,22 @@ const CALLEE_SAVED: [Register; 6] = [Register::RBX, Register::RBP, Register::R12
 const ARGS: [Register; 7] = [Register::RDI, Register::RSI, Register::RDX, Register::RCX, Register::R8, Register::R9, Register::RAX];
 const CALLER_SAVED_GPR: [Register; 9] =
     [Register::RAX, Register::RCX, Register::RDX, Register::RSI, Register::RDI, Register::R8, Register::R9, Register::R10, Register::R11];
-const RESULTS: [Register; 4] = [Register::RAX, Register::RDX, Register::ZMM0, Register::ZMM1];
+const RESULTS: [Register; 4] = [Register::RAX, Register::RDX, Register::XMM0, Register::XMM1];
 
-fn zmm(n: u32) -> Register {
-    // ZMM0..ZMM31 are consecutive in iced's numbering.
-    Register::try_from(Register::ZMM0 as usize + n as usize).unwrap_or(Register::ZMM0)
+/// Vector register `n` as a location: its low 128 bits (xmm). Scalar and 128-bit code never
+/// gives the upper halves a meaning, and the ABI clobbers them across calls.
+fn xmm(n: u32) -> Register {
+    // XMM0..XMM31 are consecutive in iced's numbering.
+    Register::try_from(Register::XMM0 as usize + n as usize).unwrap_or(Register::XMM0)
+}
+
+/// The location a register operand names: the full general register, or the xmm of a vector.
+fn location_of(r: Register) -> Register {
+    if r.is_vector_register() && r.number() < 32 {
+        xmm(r.number() as u32)
+    } else {
+        r.full_register()
+    }
 }
 
 /// Caller-saved registers a call may change.
@@ -177,8 +188,8 @@ impl Clobbered {
     fn contains(self, r: Register) -> bool {
         let bit = if r.is_gpr64() {
             r as u32 - Register::RAX as u32
-        } else if r.is_zmm() {
-            16 + (r as u32 - Register::ZMM0 as u32)
+        } else if r.is_xmm() {
+            16 + (r as u32 - Register::XMM0 as u32)
         } else {
             return true;
         };
@@ -514,7 +525,7 @@ fn locations(factory: &mut InstructionInfoFactory, x: &Instruction, rsp: Option<
         }
     }
     for u in info.used_registers() {
-        let full = u.register().full_register();
+        let full = location_of(u.register());
         if matches!(full, Register::RSP | Register::RIP | Register::None) || u.register().is_segment_register() {
             continue; // the stack pointer is tracked as an offset from the CFA
         }
@@ -522,7 +533,7 @@ fn locations(factory: &mut InstructionInfoFactory, x: &Instruction, rsp: Option<
             continue; // only the base of a frame slot
         }
         // A 32-bit write zero-extends; 8- and 16-bit writes and legacy SSE writes keep the rest.
-        let whole = u.register().is_gpr64() || u.register().is_gpr32() || u.register().is_zmm();
+        let whole = u.register().is_gpr64() || u.register().is_gpr32() || u.register().is_vector_register();
         match u.access() {
             OpAccess::Read | OpAccess::CondRead => {
                 if !zeroing {
@@ -535,7 +546,7 @@ fn locations(factory: &mut InstructionInfoFactory, x: &Instruction, rsp: Option<
                 if !clean {
                     uses.insert(Loc::Reg(full));
                 }
-                defs.push(Def { loc: Loc::Reg(full), partial: !(clean && (whole || u.register().is_xmm())), scratch: false });
+                defs.push(Def { loc: Loc::Reg(full), partial: !(clean && whole), scratch: false });
             }
             _ => {}
         }
@@ -554,7 +565,7 @@ fn locations(factory: &mut InstructionInfoFactory, x: &Instruction, rsp: Option<
         defs.retain(|d| !matches!(d.loc, Loc::Flags | Loc::Reg(_)));
         // A register the callee (with its callees) leaves alone keeps its value: a local callee
         // under IPA-RA; what it may clobber is its result or its scratch.
-        for r in CALLER_SAVED_GPR.iter().copied().chain((0..32).map(zmm)) {
+        for r in CALLER_SAVED_GPR.iter().copied().chain((0..32).map(xmm)) {
             if clobbers.contains(r) {
                 defs.push(Def { loc: Loc::Reg(r), partial: false, scratch: !RESULTS.contains(&r) });
             }
@@ -866,7 +877,7 @@ fn live_in(f: &Func, point: usize) -> BTreeSet<Loc> {
             Exit::Return => s.extend(RESULTS.iter().map(|r| Loc::Reg(*r))),
             Exit::TailJump => {
                 s.extend(ARGS.iter().map(|r| Loc::Reg(*r)));
-                s.extend((0..8).map(|k| Loc::Reg(zmm(k))));
+                s.extend((0..8).map(|k| Loc::Reg(xmm(k))));
             }
         }
         s
@@ -910,10 +921,13 @@ mod tests {
     }
 
     #[test]
-    fn zmm_numbers_are_consecutive() {
-        assert_eq!(zmm(0), Register::ZMM0);
-        assert_eq!(zmm(1), Register::ZMM1);
-        assert_eq!(zmm(15), Register::ZMM15);
+    fn vector_registers_are_their_xmm() {
+        assert_eq!(xmm(0), Register::XMM0);
+        assert_eq!(xmm(15), Register::XMM15);
+        assert_eq!(xmm(31), Register::XMM31);
+        assert_eq!(location_of(Register::YMM3), Register::XMM3);
+        assert_eq!(location_of(Register::ZMM20), Register::XMM20);
+        assert_eq!(location_of(Register::EAX), Register::RAX);
     }
 
     fn decode_bytes(code: &[u8]) -> Vec<Instruction> {
