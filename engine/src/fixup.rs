@@ -8,8 +8,11 @@
 //! ```
 use crate::arch::x86_64::{self, RefKind, STUB_LEN};
 use crate::bundle::{Bundle, Target};
-use crate::error::{Error, Result};
-use crate::process::Mapping;
+use crate::error::{Error, RefusalKind, Result};
+use crate::process::{Mapping, MemoryReader};
+use crate::ptrace::Stopped;
+use crate::region::{CodeRange, Entry, Header, OldEntry, RegValue, SiteRecord};
+use crate::target::{self, Executable};
 use goblin::elf::{sym, Elf};
 use std::collections::{BTreeMap, HashMap};
 
@@ -281,4 +284,139 @@ pub fn find_live_symbol(pid: i32, maps: &[Mapping], exe_inode: u64, name: &str) 
         }
     }
     None
+}
+
+/// The region's contents for the place its layout was given: the header (the target's own
+/// record of the patch) followed by the new code with every reference bound to the process.
+pub struct Image {
+    pub bytes: Vec<u8>,
+    pub header: Header,
+}
+
+/// Fix up `bundle` for the region placed by `layout` in `target`: bind imports (asking IFUNC
+/// resolvers in the target), build the image, and write the header into it.
+pub fn fixup(target: &target::Target, exe: &Executable, bundle: &Bundle, entries: &[OldEntry], layout: &Layout) -> Result<Image> {
+    let imports = resolve_imports(target, exe_inode(&target.proc)?, layout)?;
+    let mut bytes = build_image(bundle, layout, &imports)?;
+    let header = header(target, exe, bundle, entries, layout, &bytes)?;
+    let enc = header.encode();
+    if enc.len() as u64 > layout.header_len {
+        return Err(Error::Other("patch region header does not fit its reserved space".into()));
+    }
+    bytes[..enc.len()].copy_from_slice(&enc);
+    Ok(Image { bytes, header })
+}
+
+/// The header: entries with their jumps' targets, the code the region carries, and the return
+/// sites with the constants a switched frame gets (read from the fixed-up image, and for a
+/// switch back from the old code in the process).
+fn header(target: &target::Target, exe: &Executable, bundle: &Bundle, entries: &[OldEntry], layout: &Layout, image: &[u8]) -> Result<Header> {
+    let m = &bundle.manifest;
+    let live = target.live();
+    let function = |name: &str| m.functions.iter().find(|f| f.name == name).ok_or_else(|| Error::Bundle(format!("entry of unknown function `{name}`")));
+    let mut out_entries = Vec::new();
+    for e in entries {
+        let f = function(&e.function)?;
+        let entry = Entry {
+            name: f.name.clone(),
+            entry: e.at,
+            // A short entry jumps to its trampoline, which jumps to the new code.
+            target: match (e.short, f.trampoline) {
+                (true, Some(t)) => exe.avma(t)?,
+                _ => layout.entry_target(f),
+            },
+            original: hex::encode(&e.original),
+            previous: hex::encode(&e.current),
+            old_start: exe.avma(f.old_svma.unwrap_or(0))?,
+            old_len: f.old_size,
+            short: e.short,
+        };
+        if entry.jump().is_none() {
+            return Err(Error::Other(format!("`{}`: new code out of jump range", entry.name)));
+        }
+        out_entries.push(entry);
+    }
+    let in_image = |svma: u64| {
+        let ip = layout.mirror(svma);
+        let off = ip.checked_sub(layout.base)? as usize;
+        crate::arch::x86_64::constant_of(image.get(off..(off + 15).min(image.len()))?, ip)
+    };
+    let in_old = |svma: u64| {
+        let ip = svma.checked_add(exe.bias)?;
+        crate::arch::x86_64::constant_of(&target.mem.read_vec(ip, 15).ok()?, ip)
+    };
+    let values = |sets: &[crate::bundle::RegFromCode], at: &dyn Fn(u64) -> Option<u64>| -> Option<Vec<RegValue>> {
+        sets.iter().map(|s| Some(RegValue { reg: s.reg, value: at(s.at)? })).collect()
+    };
+    let return_sites = m
+        .functions
+        .iter()
+        .filter(|f| f.has_entry_jump())
+        .flat_map(|f| f.return_sites.iter().map(move |r| (f, r)))
+        .filter_map(|(f, r)| {
+            // A site whose constants cannot be read is simply not switchable.
+            let sets = values(&r.sets, &in_image)?;
+            let back_sets = if r.back { values(&r.back_sets, &in_old) } else { None };
+            Some(SiteRecord {
+                name: f.name.clone(),
+                old: r.old.checked_add(exe.bias)?,
+                new: layout.mirror(r.new?),
+                back: back_sets.is_some(),
+                sets,
+                back_sets: back_sets.unwrap_or_default(),
+            })
+        })
+        .collect();
+    Ok(Header {
+        patch_id: bundle.patch_id(),
+        bundle_sha256: bundle.digest.clone(),
+        build_id: m.target.build_id.clone(),
+        applied_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        seq: live.iter().map(|a| a.header.seq).max().unwrap_or(0) + 1,
+        base: layout.base,
+        len: layout.len,
+        entries: out_entries,
+        code: m
+            .functions
+            .iter()
+            .map(|f| CodeRange { name: f.name.clone(), start: layout.mirror(f.new_svma), len: f.new_size })
+            .chain(layout.thunk_ranges().map(|(n, start, len)| CodeRange { name: n.to_string(), start, len }))
+            .collect(),
+        return_sites,
+        switched: Vec::new(),
+        switched_unrecorded: 0,
+    })
+}
+
+fn exe_inode(proc: &crate::process::Process) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(proc.exe_path()).map_err(|e| crate::process::proc_err(proc.pid, "stat its executable", e))?.ino())
+}
+
+/// Live addresses of the dynamic symbols the new code needs and OLD never linked.
+fn resolve_imports(target: &target::Target, exe_ino: u64, layout: &Layout) -> Result<HashMap<String, u64>> {
+    let pid = target.pid;
+    let mut out = HashMap::new();
+    for name in layout.imports() {
+        if out.contains_key(name) {
+            continue;
+        }
+        let s = find_live_symbol(pid, &target.maps, exe_ino, name).ok_or_else(|| {
+            Error::refused_kind(RefusalKind::MissingSymbol, format!("the new code calls `{name}`, which no library loaded in process {pid} defines"))
+        })?;
+        let addr = if s.ifunc {
+            // An indirect function: ask its resolver, in the target, for the implementation.
+            let mut t = Stopped::one(&target.proc, pid, std::time::Duration::from_secs(5))?;
+            let a = t.call(pid, target.gadgets, s.addr, [0; 6])?;
+            drop(t);
+            if a == 0 || target.mem.read_vec(a, 1).is_err() {
+                return Err(Error::Process { pid, msg: format!("resolver of `{name}` returned {a:#x}") });
+            }
+            a
+        } else {
+            s.addr
+        };
+        out.insert(name.to_string(), addr);
+    }
+    Ok(out)
 }

@@ -1,7 +1,13 @@
-//! Jump: redirect old entries to new code. [`Jumps`] is the side effect "these entries were
-//! overwritten": until committed, dropping it puts every original byte back.
+//! Jump: redirect old entries to new code, and switch the frames the watch found. [`Jumps`] is
+//! the side effect "these bytes were overwritten": until committed, dropping it puts every
+//! original byte back. [`jump`] is the last step of apply.
 use crate::error::{Error, Result};
+use crate::map::{Mapped, MappedRegion};
 use crate::process::{MemoryReader, ProcMem};
+use crate::region::Header;
+use crate::target::Target;
+use crate::watchpoint::frames::FrameWrites;
+use crate::watchpoint::{FrameSwitch, Strategy, Watched};
 
 /// One entry to overwrite.
 #[derive(Debug, Clone)]
@@ -65,5 +71,67 @@ impl Drop for Jumps<'_> {
                 tracing::error!("could not restore the entry at {at:#x}: {e}");
             }
         }
+    }
+}
+
+/// What the switch did.
+pub struct Switched {
+    /// How long every thread of the target was stopped (microseconds).
+    pub pause_us: u64,
+    pub map_us: u64,
+    /// The region, as `start-end`.
+    pub region: String,
+    pub frames: Vec<FrameSwitch>,
+}
+
+/// With every thread stopped (`watched`): write the jumps, switch the frames at proven return
+/// sites, record them in the region's header, move threads held at an entry to the new code,
+/// and let the target go. Until the commit at the end, any failure undoes every write; the
+/// region is unmapped when `mapped` is dropped.
+pub fn jump(target: &Target, mapped: Mapped, watched: Watched, strategy: Strategy) -> Result<Switched> {
+    let Watched { stopped, switched, .. } = watched;
+    let sites: Vec<Site> = mapped
+        .header
+        .entries
+        .iter()
+        .map(|e| {
+            let write = e.jump().ok_or_else(|| Error::Other(format!("`{}`: new code out of jump range", e.name)))?;
+            let expect = hex::decode(&e.previous).map_err(|_| Error::Other("corrupt region header".into()))?;
+            Ok(Site { name: format!("the entry of `{}`", e.name), at: e.entry, expect, write })
+        })
+        .collect::<Result<_>>()?;
+    let jumps = Jumps::write(&target.mem, &sites)?;
+    // Frames at proven return sites: their return addresses now lead into the new code.
+    let frames = FrameWrites::write(&target.mem, &stopped, &switched)?;
+    if !switched.is_empty() {
+        crate::fault::point("frames-switched");
+        record_switched(&mapped.region, mapped.header.clone(), &switched, mapped.layout.header_len)?;
+    }
+    // Last, as nothing undoes it: threads held at an entry go straight to the new code.
+    if strategy == Strategy::Trap {
+        crate::watchpoint::trap::move_held_threads(&stopped, &mapped.header.entries)?;
+    }
+    jumps.commit();
+    frames.commit();
+    let since = stopped.since();
+    stopped.detach();
+    let pause_us = since.elapsed().as_micros() as u64;
+    let Mapped { region, layout, map_us, .. } = mapped;
+    region.commit();
+    Ok(Switched { pause_us, map_us, region: format!("{:#x}-{:#x}", layout.base, layout.base + layout.len), frames: switched })
+}
+
+/// Add the switched frames to the region's header (for `status`), as many as its room holds.
+fn record_switched(region: &MappedRegion, mut header: Header, switched: &[FrameSwitch], room: u64) -> Result<()> {
+    header.switched = switched.to_vec();
+    loop {
+        let enc = header.encode();
+        if enc.len() as u64 <= room {
+            return region.rewrite(0, &enc);
+        }
+        if header.switched.pop().is_none() {
+            return Err(Error::Other("patch region header does not fit its reserved space".into()));
+        }
+        header.switched_unrecorded += 1;
     }
 }

@@ -30,6 +30,7 @@ pub mod region;
 pub mod revert;
 pub mod signature;
 pub mod status;
+pub mod target;
 pub mod unwind;
 pub mod watchpoint;
 pub mod apply;

@@ -6,11 +6,13 @@
 //! [`MappedRegion`] unmaps itself on drop unless committed.
 use crate::arch::x86_64::sigframe;
 use crate::error::{Error, Result};
-use crate::fixup::PAGE;
+use crate::fixup::{Image, Layout, PAGE};
 use crate::process::{Mapping, MemoryReader, ProcMem, Process};
 use crate::ptrace::{Gadgets, Stopped, INJECT_SCRATCH};
+use crate::region::Header;
+use crate::target::{Executable, Target};
 use std::os::unix::fs::FileExt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 // The injected calls' numbers and flags are the target's ABI; libc's are this process's, the
 // same architecture (ptrace does not cross architectures).
@@ -285,6 +287,33 @@ pub fn map_region(proc: &Process, mem: &ProcMem, maps: &[Mapping], gadget: Gadge
         return Err(Error::Process { pid, msg: format!("patch region landed at {got:#x} instead of {addr:#x}") });
     }
     Ok(region)
+}
+
+/// The mapped region with what it holds. Dropping it unmaps the region (until committed).
+pub struct Mapped {
+    pub region: MappedRegion,
+    pub layout: Layout,
+    pub header: Header,
+    /// How long one thread was held for the injected system calls (microseconds).
+    pub map_us: u64,
+}
+
+/// Place the region within reach of the old code (below 2 GiB for non-PIE code), have `fill`
+/// make its image for that place, and map it in the target.
+pub fn map(target: &Target, exe: &Executable, mut layout: Layout, fill: impl FnOnce(&Layout) -> Result<Image>) -> Result<Mapped> {
+    let (lo, hi) = exe.elf.image_range();
+    let addr = choose_address(&target.maps, lo.wrapping_add(exe.bias), hi.wrapping_add(exe.bias), layout.len, !exe.elf.pie).ok_or_else(|| Error::Process {
+        pid: target.pid,
+        msg: format!("no free address range of {} bytes within reach of the executable's code", layout.len),
+    })?;
+    layout.place(addr);
+    let image = fill(&layout)?;
+    let t0 = Instant::now();
+    let name = format!("{}{}", crate::region::NAME_PREFIX, image.header.patch_id);
+    let region = map_region(&target.proc, &target.mem, &target.maps, target.gadgets, &name, addr, &image.bytes)?;
+    let map_us = t0.elapsed().as_micros() as u64;
+    crate::fault::point("mapped");
+    Ok(Mapped { region, layout, header: image.header, map_us })
 }
 
 #[cfg(test)]

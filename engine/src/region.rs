@@ -52,6 +52,20 @@ impl Entry {
     }
 }
 
+/// What an old entry (or a trampoline in the padding) holds before the patch, found by
+/// [`crate::apply`] and recorded in the header by [`crate::fixup`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OldEntry {
+    pub function: String,
+    pub at: u64,
+    /// The bytes before any patch.
+    pub original: Vec<u8>,
+    /// The bytes now (an earlier patch's jump, or the original).
+    pub current: Vec<u8>,
+    /// A 2-byte jump to the function's trampoline.
+    pub short: bool,
+}
+
 /// Code carried by the region (for activation checks on revert and stacking).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CodeRange {

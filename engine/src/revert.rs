@@ -5,8 +5,9 @@
 use crate::error::{Error, Result};
 use crate::jump::{Jumps, Site};
 use crate::map;
-use crate::process::{Lock, MemoryReader, ProcMem, Process};
-use crate::status::{self, Applied};
+use crate::process::{MemoryReader, ProcMem};
+use crate::target::Target;
+use crate::status::Applied;
 use crate::unwind::Modules;
 use crate::watchpoint::{self, Frames, Guarded, Resume, Strategy, View};
 use serde::Serialize;
@@ -28,22 +29,49 @@ pub struct Report {
 
 pub fn revert(pid: i32, all: bool, strategy: Strategy, timeout: Duration, frames: Frames) -> Result<Report> {
     let t0 = Instant::now();
-    let proc = Process::open(pid)?;
-    let _lock = Lock::take(&proc)?;
-    let mem = ProcMem::open(pid)?;
-    let maps = proc.maps()?;
-    let gadget = map::find_gadgets(&mem, &maps)?;
-    let (applied, _) = status::applied(&mem, &maps);
-    let (orphans, live): (Vec<&Applied>, Vec<&Applied>) = applied.iter().partition(|a| a.orphan);
-    for o in &orphans {
-        let _ = map::unmap(pid, gadget, o.mapping.start, o.mapping.end - o.mapping.start);
-    }
-    let _ = map::close_leaked_memfds(pid, gadget);
+    let target = Target::open(pid)?;
+    target.remove_leftovers();
+    let (mem, maps, gadget) = (&target.mem, &target.maps, target.gadgets);
+    let live = target.live();
     if live.is_empty() {
         // Idempotent: callers revert to make sure; an empty `reverted` says nothing was applied.
         return Ok(Report { pid, reverted: vec![], functions: vec![], pause_us: 0, attempts: 0, remaining: 0, total_ms: t0.elapsed().as_millis() as u64, switched_frames: vec![] });
     }
     let removing: Vec<&Applied> = if all { live.clone() } else { vec![*live.last().unwrap()] };
+    let (sites, functions) = entry_sites(mem, &live, &removing, all)?;
+    let guarded = guarded_code(&live, &removing, frames);
+    let modules = Modules::load(pid, maps, mem);
+    let view = View { proc: &target.proc, mem, maps, modules: &modules };
+    // A thread that reaches an entry now is held there and, once the old bytes are back, runs
+    // the code the entry had before this patch.
+    let entries: Vec<crate::region::Entry> = removing.iter().flat_map(|a| a.header.entries.iter().cloned()).collect();
+    let watchpoint::Quiet { stopped, attempts, .. } = watchpoint::until_inactive(&view, strategy, &guarded, &entries, timeout)?;
+    let switched = watchpoint::frames_to_switch(&view, &stopped, &guarded)?;
+    crate::fault::point("revert-stopped");
+    let jumps = Jumps::write(mem, &sites)?;
+    // `new` is where the frame goes: here, back to the original function.
+    let frames = watchpoint::frames::FrameWrites::write(mem, &stopped, &switched)?;
+    if !switched.is_empty() {
+        crate::fault::point("revert-frames-switched");
+    }
+    jumps.commit();
+    frames.commit();
+    let since = stopped.since();
+    stopped.detach();
+    let pause_us = since.elapsed().as_micros() as u64;
+    let mut reverted = Vec::new();
+    for a in &removing {
+        if let Err(e) = map::unmap(pid, gadget, a.mapping.start, a.mapping.end - a.mapping.start) {
+            tracing::warn!("patch {} reverted but its region stays mapped: {e}", a.header.patch_id);
+        }
+        reverted.push(a.header.patch_id.clone());
+    }
+    Ok(Report { pid, reverted, functions, pause_us, attempts, remaining: live.len() - removing.len(), total_ms: t0.elapsed().as_millis() as u64, switched_frames: switched })
+}
+
+/// The jumps to undo: each entry of the removed patches back to what it held before them
+/// (`all`: its original bytes), newest first; and the functions concerned.
+fn entry_sites(mem: &ProcMem, live: &[&Applied], removing: &[&Applied], all: bool) -> Result<(Vec<Site>, Vec<String>)> {
     let mut sites: Vec<Site> = Vec::new();
     let mut functions = Vec::new();
     for a in removing.iter().rev() {
@@ -79,10 +107,16 @@ pub fn revert(pid: i32, all: bool, strategy: Strategy, timeout: Duration, frames
             }
         }
     }
+    Ok((sites, functions))
+}
+
+/// The code being removed, with the return sites where a frame of it can go back to the
+/// original function.
+fn guarded_code(live: &[&Applied], removing: &[&Applied], frames: Frames) -> Vec<Guarded> {
     // A frame of new code stopped at a return site proven both ways goes back to the original
     // function, when that is what its entry gets back (no older patch of it stays).
     let older = |name: &str| live.iter().any(|o| !removing.iter().any(|r| r.header.seq == o.header.seq) && o.header.entries.iter().any(|e| e.name == name));
-    let guarded: Vec<Guarded> = removing
+    removing
         .iter()
         .flat_map(|a| {
             a.header.code.iter().map(move |c| {
@@ -93,32 +127,5 @@ pub fn revert(pid: i32, all: bool, strategy: Strategy, timeout: Duration, frames
                 g
             })
         })
-        .collect();
-    let modules = Modules::load(pid, &maps, &mem);
-    let view = View { proc: &proc, mem: &mem, maps: &maps, modules: &modules };
-    // A thread that reaches an entry now is held there and, once the old bytes are back, runs
-    // the code the entry had before this patch.
-    let entries: Vec<crate::region::Entry> = removing.iter().flat_map(|a| a.header.entries.iter().cloned()).collect();
-    let watchpoint::Quiet { stopped, attempts, .. } = watchpoint::until_inactive(&view, strategy, &guarded, &entries, timeout)?;
-    let switched = watchpoint::frames_to_switch(&view, &stopped, &guarded)?;
-    crate::fault::point("revert-stopped");
-    let jumps = Jumps::write(&mem, &sites)?;
-    // `new` is where the frame goes: here, back to the original function.
-    let frames = watchpoint::frames::FrameWrites::write(&mem, &stopped, &switched)?;
-    if !switched.is_empty() {
-        crate::fault::point("revert-frames-switched");
-    }
-    jumps.commit();
-    frames.commit();
-    let since = stopped.since();
-    stopped.detach();
-    let pause_us = since.elapsed().as_micros() as u64;
-    let mut reverted = Vec::new();
-    for a in &removing {
-        if let Err(e) = map::unmap(pid, gadget, a.mapping.start, a.mapping.end - a.mapping.start) {
-            tracing::warn!("patch {} reverted but its region stays mapped: {e}", a.header.patch_id);
-        }
-        reverted.push(a.header.patch_id.clone());
-    }
-    Ok(Report { pid, reverted, functions, pause_us, attempts, remaining: live.len() - removing.len(), total_ms: t0.elapsed().as_millis() as u64, switched_frames: switched })
+        .collect()
 }

@@ -8,6 +8,9 @@
 use crate::error::{Error, Result};
 use crate::process::{Mapping, ProcMem, Process};
 use crate::ptrace::Stopped;
+use crate::bundle::{Bundle, FunctionKind};
+use crate::map::Mapped;
+use crate::target::{Executable, Target};
 use crate::unwind::{self, Modules, Stack};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -162,6 +165,49 @@ pub fn activation_of(v: &View, tid: i32, st: &Stack, guarded: &[Guarded]) -> Opt
             stuck: if depth > 0 { g.stuck.get(&pc).cloned() } else { None },
         })
     })
+}
+
+/// The moment to switch, found: every thread stopped, no old code active but the frames to
+/// switch at proven return sites.
+pub struct Watched {
+    pub stopped: Stopped,
+    pub attempts: u32,
+    pub waited: Duration,
+    pub switched: Vec<FrameSwitch>,
+}
+
+/// Wait until the old functions of `bundle` (and the copies earlier patches carry) are not
+/// active in `target`, with `strategy`, for at most `timeout`. With [`Frames::Switch`], frames at
+/// return sites proven to continue in the new code (the region's header) do not count; they
+/// are returned, to be switched with the jumps.
+pub fn watch(target: &Target, exe: &Executable, bundle: &Bundle, mapped: &Mapped, strategy: Strategy, frames: Frames, timeout: Duration) -> Result<Watched> {
+    let header = &mapped.header;
+    let mut guarded = Vec::new();
+    for f in bundle.manifest.functions.iter().filter(|f| f.kind != FunctionKind::Added) {
+        let at = exe.avma(f.old_svma.unwrap_or(0))?;
+        let end = at + f.old_size.max(f.entry_jump_len() as u64);
+        let mut g = Guarded::new(f.name.clone(), at, end);
+        if frames == Frames::Switch {
+            g.switch = header.return_sites.iter().filter(|r| r.name == f.name).map(|r| (r.old, Resume { at: r.new, sets: r.sets.clone() })).collect();
+        }
+        g.stuck = f.return_sites.iter().filter_map(|r| Some((r.old.checked_add(exe.bias)?, r.why.clone()?))).collect();
+        guarded.push(g);
+        for a in target.live() {
+            for c in a.header.code.iter().filter(|c| c.name == f.name) {
+                guarded.push(Guarded::new(format!("{} (patch {})", f.name, a.header.patch_id), c.start, c.start + c.len));
+            }
+        }
+    }
+    let maps = target.proc.maps()?;
+    let modules = Modules::load(target.pid, &maps, &target.mem);
+    let view = View { proc: &target.proc, mem: &target.mem, maps: &maps, modules: &modules };
+    let Quiet { stopped, attempts, waited } = until_inactive(&view, strategy, &guarded, &header.entries, timeout)?;
+    // The wait strategy lets the process run untraced between two checks: had it called exec
+    // meanwhile, the entries would belong to another program and the region would be gone.
+    target.check_region_still_mapped(mapped.region.base, &header.patch_id)?;
+    let switched = frames_to_switch(&view, &stopped, &guarded)?;
+    crate::fault::point("stopped");
+    Ok(Watched { stopped, attempts, waited, switched })
 }
 
 /// Every thread stopped, none in guarded code: the moment to switch.

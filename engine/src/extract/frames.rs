@@ -304,7 +304,7 @@ impl<'a> Func<'a> {
             let (rsp, rbp) = frame[i];
             let clobbered = match x.flow_control() {
                 FlowControl::Call => match elf.symbol_at(x.near_branch_target()).filter(|s| s.kind == SymKind::Func && s.addr == x.near_branch_target()) {
-                    Some(callee) if !elf.plt_entry(callee.addr).is_some() => Clobbered(clob.of(callee)),
+                    Some(callee) if elf.plt_entry(callee.addr).is_none() => Clobbered(clob.of(callee)),
                     _ => Clobbered(RegSet::CALLER_SAVED),
                 },
                 _ => Clobbered(RegSet::CALLER_SAVED),
@@ -512,16 +512,13 @@ fn locations(factory: &mut InstructionInfoFactory, x: &Instruction, rsp: Option<
         }
         let reads = matches!(m.access(), OpAccess::Read | OpAccess::CondRead | OpAccess::ReadWrite | OpAccess::ReadCondWrite);
         let writes = matches!(m.access(), OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite);
-        match slot {
-            Some(at) => {
-                if reads {
-                    uses.insert(at);
-                }
-                if writes {
-                    defs.push(Def { loc: at, partial: m.access() != OpAccess::Write || at == Loc::AnySlot, scratch: false });
-                }
+        if let Some(at) = slot {
+            if reads {
+                uses.insert(at);
             }
-            None => {}
+            if writes {
+                defs.push(Def { loc: at, partial: m.access() != OpAccess::Write || at == Loc::AnySlot, scratch: false });
+            }
         }
     }
     for u in info.used_registers() {
@@ -532,7 +529,8 @@ fn locations(factory: &mut InstructionInfoFactory, x: &Instruction, rsp: Option<
         if frame_bases.contains(&full) && !explicit(full) {
             continue; // only the base of a frame slot
         }
-        // A 32-bit write zero-extends; 8- and 16-bit writes and legacy SSE writes keep the rest.
+        // A 32-bit write zero-extends, 8- and 16-bit writes keep the rest; a vector register is
+        // its xmm (see `location_of`).
         let whole = u.register().is_gpr64() || u.register().is_gpr32() || u.register().is_vector_register();
         match u.access() {
             OpAccess::Read | OpAccess::CondRead => {

@@ -1,0 +1,90 @@
+//! The process being updated, as every step of apply and revert sees it: opened, locked against
+//! other livepatch processes, its memory and mappings, and the patches already applied (read
+//! from the process itself, so any livepatch process knows them).
+use crate::elf::ElfFile;
+use crate::error::{Error, Result};
+use crate::map;
+use crate::process::{Lock, Mapping, ProcMem, Process};
+use crate::ptrace::Gadgets;
+use crate::status::{self, Applied};
+
+pub struct Target {
+    pub pid: i32,
+    pub proc: Process,
+    pub mem: ProcMem,
+    /// The mappings when the update started.
+    pub maps: Vec<Mapping>,
+    /// Every patch region, oldest first; orphans (a tool died between map and jump) included.
+    pub applied: Vec<Applied>,
+    /// Where injected system calls enter the kernel and return.
+    pub gadgets: Gadgets,
+    _lock: Lock,
+}
+
+impl Target {
+    pub fn open(pid: i32) -> Result<Target> {
+        let proc = Process::open(pid)?;
+        let lock = Lock::take(&proc)?;
+        let mem = ProcMem::open(pid)?;
+        let maps = proc.maps()?;
+        let (applied, _) = status::applied(&mem, &maps);
+        let gadgets = map::find_gadgets(&mem, &maps)?;
+        Ok(Target { pid, proc, mem, maps, applied, gadgets, _lock: lock })
+    }
+
+    /// The executable the process runs, as it sees it, and its load bias.
+    pub fn executable(&self) -> Result<Executable> {
+        let elf = self.proc.exe()?;
+        let bias = self.proc.exe_bias(&elf, &self.maps)?;
+        Ok(Executable { elf, bias })
+    }
+
+    /// The patches in effect, oldest first.
+    pub fn live(&self) -> Vec<&Applied> {
+        self.applied.iter().filter(|a| !a.orphan).collect()
+    }
+
+    /// Remove what a tool that died between map and jump left: unreachable regions and memfd
+    /// descriptors (best effort: they are harmless, only wasteful).
+    pub fn remove_leftovers(&self) {
+        for a in self.applied.iter().filter(|a| a.orphan) {
+            let _ = map::unmap(self.pid, self.gadgets, a.mapping.start, a.mapping.end - a.mapping.start);
+        }
+        let _ = map::close_leaked_memfds(self.pid, self.gadgets);
+    }
+
+    /// A patch only partly switched (a tool died between two jumps) is neither applied nor a
+    /// base to stack on: revert repairs it.
+    pub fn refuse_partly_switched(&self) -> Result<()> {
+        match self.live().into_iter().find(|a| status::partly_switched(&self.mem, a)) {
+            Some(a) => Err(Error::Other(format!(
+                "patch {} is only partly switched in process {} (a livepatch process died while writing its jumps); run `livepatch revert --pid {} --all` to restore the original code, then apply again",
+                a.header.patch_id, self.pid, self.pid
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// The process calls exec while a `wait` strategy lets it run: the region is then gone
+    /// and the entries belong to another program.
+    pub fn check_region_still_mapped(&self, base: u64, patch_id: &str) -> Result<()> {
+        if self.proc.maps()?.iter().any(|m| m.start == base && m.path.contains(patch_id)) {
+            Ok(())
+        } else {
+            Err(Error::Process { pid: self.pid, msg: "called exec during the operation (the patch region is gone); it runs another program now".into() })
+        }
+    }
+}
+
+/// The running executable and its load bias (AVMA = SVMA + bias).
+pub struct Executable {
+    pub elf: ElfFile,
+    pub bias: u64,
+}
+
+impl Executable {
+    /// The live address of `svma` of the executable.
+    pub fn avma(&self, svma: u64) -> Result<u64> {
+        svma.checked_add(self.bias).ok_or_else(|| Error::Bundle(format!("address {svma:#x} overflows with the load bias")))
+    }
+}
