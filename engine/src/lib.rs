@@ -13,7 +13,7 @@
 //! * [`jump`] writes the jumps, keeping the original bytes in the region header ([`region`]).
 //! * [`revert`] and [`status`] work from what the target itself holds.
 //!
-//! Architecture specifics live in [`arch`], one module per ISA, always compiled.
+//! Architecture specifics live in [`arch`], one module per ISA behind `cfg(target_arch)`.
 pub mod arch;
 pub mod bundle;
 pub mod cancel;
