@@ -5,7 +5,8 @@
 //! - four worker threads in their loops, some in read(), some sleeping,
 //! - recursion: every frame of rec() on a stack is switched at once,
 //! - a change of the frame (a new buffer): refused precisely, the target unchanged,
-//! - revert switches the frames back.
+//! - revert switches the frames back;
+//! - values kept elsewhere by the new code (another register allocation) are moved.
 //!
 //! Real builds (Debian hardening, -Os, LTO, plain -O2/-Os, all with debug info; bundles from the
 //! source diff) and the labelled live-patching builds without debug info (PIE and non-PIE).
@@ -207,3 +208,33 @@ fn killed_tool_at_every_step(v: Variant) {
     }
 }
 variant_tests!(killed_tool => killed_tool_at_every_step: real_hardened, o2_pie);
+
+/// Another register allocation: v2 keeps the request count in %r12 instead of %rbx and its
+/// double at 8(%rsp) instead of 0(%rsp). The frame stopped in wait_request() is switched with
+/// both values moved to where v2 reads them (the register where the callee saved it or the
+/// thread's own, the slot in the frame), and moved back by revert: the counts go on.
+fn values_moved_to_another_allocation(v: Variant) {
+    let old = compile("renamed", "v1", v);
+    // Top-level assembly has no DWARF lines for a source diff to find: name the function.
+    let bundle = build_bundle(&old, &compile("renamed", "v2", v), &["spin"]);
+    let mut t = Target::start(&old);
+    t.expect("call", "v1 n=1 m=2");
+    t.expect("call", "v1 n=2 m=4");
+    let run = apply(t.pid, &bundle, IDLE);
+    let a = run.assert_ok().applied();
+    let frames = a.raw["switched_frames"].as_array().cloned().unwrap_or_default();
+    assert_eq!(frames.len(), 1, "spin's frame must be switched\n{}", run.describe());
+    let regs = frames[0]["regs"].as_array().map(|r| r.len()).unwrap_or(0);
+    let slots = frames[0]["slots"].as_array().map(|s| s.len()).unwrap_or(0);
+    assert_eq!((regs, slots), (1, 1), "one register and one slot moved\n{}", run.describe());
+    assert_eq!(frames[0]["regs"][0]["reg"], 12, "n goes to %r12\n{}", run.describe());
+    assert_eq!(frames[0]["regs"][0]["value"], 2, "n is 2 when the frame is switched\n{}", run.describe());
+    t.expect("call", "v2 n=3 m=6");
+    t.expect("call", "v2 n=4 m=8");
+    let r = revert(t.pid, IDLE);
+    r.assert_ok();
+    assert_eq!(switched(&r.json()).len(), 1, "revert must move spin's frame back\n{}", r.describe());
+    t.expect("call", "v1 n=5 m=10");
+    t.expect("ping", "pong");
+}
+variant_tests!(values_moved => values_moved_to_another_allocation: real_hardened, o2_pie, o3_nopie);

@@ -114,9 +114,35 @@ pub struct ReturnSite {
     /// The same for a switch back to OLD (instructions of OLD).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub back_sets: Vec<RegFromCode>,
+    /// Values the new code keeps elsewhere than the old one (another register allocation),
+    /// moved at the switch.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub moves: Vec<Move>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub back_moves: Vec<Move>,
+    /// The frame's CFA minus the stack pointer at R and R' (proven the same): where the frame's
+    /// slots are once its callee has returned.
+    #[serde(default)]
+    pub cfa_above_sp: i64,
     /// Why a frame stopped at R cannot be switched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub why: Option<String>,
+}
+
+/// A place of a stopped frame: a callee-saved register (DWARF number) or a slot of the frame
+/// (offset from the CFA, width in bytes).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Place {
+    Reg(u16),
+    Slot { offset: i64, width: u32 },
+}
+
+/// The value at `from` (in the frame as the old code left it) goes to `to`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Move {
+    pub from: Place,
+    pub to: Place,
 }
 
 /// Register `reg` (DWARF number) of a switched frame gets the constant the instruction at `at`

@@ -363,6 +363,9 @@ fn header(target: &target::Target, exe: &Executable, bundle: &Bundle, entries: &
                 new: layout.mirror(r.new?),
                 back: back_sets.is_some(),
                 sets,
+                moves: r.moves.clone(),
+                back_moves: if back_sets.is_some() { r.back_moves.clone() } else { Vec::new() },
+                cfa_above_sp: r.cfa_above_sp,
                 back_sets: back_sets.unwrap_or_default(),
             })
         })

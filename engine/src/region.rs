@@ -117,6 +117,15 @@ pub struct SiteRecord {
     /// The same for a frame switched back to `old`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub back_sets: Vec<RegValue>,
+    /// Values the new code keeps elsewhere than the old one: moved when a frame is switched to
+    /// `new` (and, `back_moves`, back to `old`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub moves: Vec<crate::bundle::Move>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub back_moves: Vec<crate::bundle::Move>,
+    /// The frame's CFA minus the stack pointer at `old` and `new`.
+    #[serde(default)]
+    pub cfa_above_sp: i64,
 }
 
 /// Register `reg` (DWARF number) gets `value`.
@@ -189,7 +198,7 @@ mod tests {
             len: 0x3000,
             entries: vec![Entry { name: "f".into(), entry: 0x1000, target: 0x12000, original: "5548".into(), previous: "5548".into(), old_start: 0x1000, old_len: 10, short: false }],
             code: vec![CodeRange { name: "f".into(), start: 0x12000, len: 10 }],
-            return_sites: vec![SiteRecord { name: "f".into(), old: 0x10010, new: 0x12010, back: true, sets: vec![RegValue { reg: 13, value: 0x13000 }], back_sets: vec![] }],
+            return_sites: vec![SiteRecord { name: "f".into(), old: 0x10010, new: 0x12010, back: true, sets: vec![RegValue { reg: 13, value: 0x13000 }], back_sets: vec![], moves: vec![], back_moves: vec![], cfa_above_sp: 48 }],
             switched: vec![],
             switched_unrecorded: 0,
         };

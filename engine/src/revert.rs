@@ -122,7 +122,7 @@ fn guarded_code(live: &[&Applied], removing: &[&Applied], frames: Frames) -> Vec
             a.header.code.iter().map(move |c| {
                 let mut g = Guarded::new(format!("{} (patch {})", c.name, a.header.patch_id), c.start, c.start + c.len);
                 if frames == Frames::Switch && !older(&c.name) {
-                    g.switch = a.header.return_sites.iter().filter(|r| r.back && r.name == c.name).map(|r| (r.new, Resume { at: r.old, sets: r.back_sets.clone() })).collect();
+                    g.switch = a.header.return_sites.iter().filter(|r| r.back && r.name == c.name).map(|r| (r.new, Resume { at: r.old, sets: r.back_sets.clone(), moves: r.back_moves.clone(), cfa_above_sp: r.cfa_above_sp })).collect();
                 }
                 g
             })

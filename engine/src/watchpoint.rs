@@ -78,6 +78,9 @@ pub struct Guarded {
 pub struct Resume {
     pub at: u64,
     pub sets: Vec<crate::region::RegValue>,
+    pub moves: Vec<crate::bundle::Move>,
+    /// The frame's CFA minus its stack pointer at the return address.
+    pub cfa_above_sp: i64,
 }
 
 impl Guarded {
@@ -188,7 +191,7 @@ pub fn watch(target: &Target, exe: &Executable, bundle: &Bundle, mapped: &Mapped
         let end = at + f.old_size.max(f.entry_jump_len() as u64);
         let mut g = Guarded::new(f.name.clone(), at, end);
         if frames == Frames::Switch {
-            g.switch = header.return_sites.iter().filter(|r| r.name == f.name).map(|r| (r.old, Resume { at: r.new, sets: r.sets.clone() })).collect();
+            g.switch = header.return_sites.iter().filter(|r| r.name == f.name).map(|r| (r.old, Resume { at: r.new, sets: r.sets.clone(), moves: r.moves.clone(), cfa_above_sp: r.cfa_above_sp })).collect();
         }
         g.stuck = f.return_sites.iter().filter_map(|r| Some((r.old.checked_add(exe.bias)?, r.why.clone()?))).collect();
         guarded.push(g);

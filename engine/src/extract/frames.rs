@@ -17,7 +17,7 @@
 //! call already happened); decisions old code already took stay taken, as for any update that
 //! lands between two instructions.
 use super::{describe, function_refs, relative_jump_table};
-use crate::bundle::{RegFromCode, ReturnSite};
+use crate::bundle::{Move, Place, RegFromCode, ReturnSite};
 use super::regs::{Clobbers, RegSet};
 use crate::elf::{ElfFile, SymKind, Symbol};
 use crate::unwind::Modules;
@@ -36,6 +36,8 @@ pub fn return_sites(old: &ElfFile, of: &Symbol, new: &ElfFile, nf: &Symbol) -> V
         return o.calls().map(|i| refused(o.insns[i].next_ip, "the function is too large to align old and new code".into())).collect();
     };
     let back_pairs = invert(&pairs, n.insns.len());
+    let shapes = align_by(&o, &n, |x| x.shape).map(|p| fill_gaps(&o, &n, p)).unwrap_or_else(|| vec![None; o.insns.len()]);
+    let back_shapes = invert(&shapes, n.insns.len());
     let mut out = Vec::new();
     for i in o.calls() {
         let r = o.insns[i].next_ip;
@@ -46,16 +48,19 @@ pub fn return_sites(old: &ElfFile, of: &Symbol, new: &ElfFile, nf: &Symbol) -> V
             Err(why) => refused(r, why),
             Ok(j) => match same_frame(ocfi.as_ref(), &o, i, ncfi.as_ref(), &n, j) {
                 Err(why) => refused(r, why),
-                Ok(()) => match Proof::new(&n, &o, &back_pairs).live_values_match(j, i) {
+                Ok(()) => match Proof::new(&n, &o, &back_pairs, &back_shapes).live_values_match(j, i) {
                     Err(why) => refused(r, why),
-                    Ok(sets) => {
-                        let back = Proof::new(&o, &n, &pairs).live_values_match(i, j);
+                    Ok(there) => {
+                        let back = Proof::new(&o, &n, &pairs, &shapes).live_values_match(i, j).ok();
                         ReturnSite {
                             old: r,
                             new: Some(n.insns[j].next_ip),
-                            back: back.is_ok(),
-                            sets,
-                            back_sets: back.unwrap_or_default(),
+                            back: back.is_some(),
+                            sets: there.sets,
+                            moves: there.moves,
+                            back_sets: back.as_ref().map(|b| b.sets.clone()).unwrap_or_default(),
+                            back_moves: back.map(|b| b.moves).unwrap_or_default(),
+                            cfa_above_sp: -o.insns[i + 1].rsp.unwrap_or(0),
                             why: None,
                         }
                     }
@@ -68,7 +73,7 @@ pub fn return_sites(old: &ElfFile, of: &Symbol, new: &ElfFile, nf: &Symbol) -> V
 }
 
 fn refused(old: u64, why: String) -> ReturnSite {
-    ReturnSite { old, new: None, back: false, sets: Vec::new(), back_sets: Vec::new(), why: Some(why) }
+    ReturnSite { old, new: None, back: false, sets: Vec::new(), moves: Vec::new(), back_sets: Vec::new(), back_moves: Vec::new(), cfa_above_sp: 0, why: Some(why) }
 }
 
 /// Return addresses of the direct calls of `f`, for refusing them all at once.
@@ -138,6 +143,11 @@ struct Insn {
     call: bool,
     /// What the instruction is, independent of where the function was placed.
     key: u32,
+    /// The same without its registers and frame offsets: what it computes, for pairing
+    /// instructions of two register allocations.
+    shape: u32,
+    /// Its explicit operands, in order, as locations.
+    ops: Vec<Operand>,
     uses: Vec<Loc>,
     defs: Vec<Def>,
     succ: Vec<usize>,
@@ -150,6 +160,15 @@ struct Insn {
     /// Offsets of %rsp and of a frame-pointer %rbp from the CFA when known.
     rsp: Option<i64>,
     rbp: Option<i64>,
+}
+
+/// An explicit operand: a register, a memory operand (the registers its address reads, or the
+/// frame slot it is), or something else (an immediate, a branch target, the stack pointer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Operand {
+    Reg { loc: Loc, read: bool, write: bool },
+    Mem { address: Vec<Loc>, slot: Option<Loc>, read: bool, write: bool },
+    Other,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -323,6 +342,8 @@ impl<'a> Func<'a> {
             }
             let key = format!("{}|{}|{uses:?}|{defs:?}", hex::encode(&bytes), what.join(","));
             let key = intern(keys, key);
+            let ops = operands(&mut factory, x, rsp, rbp);
+            let shape = intern(keys, shape_of(x, &ops, &uses, &defs, &what));
             insns.push(Insn {
                 ip: x.ip(),
                 next_ip: x.next_ip(),
@@ -332,6 +353,8 @@ impl<'a> Func<'a> {
                     && ((x.mnemonic() == Mnemonic::Lea && x.is_ip_rel_memory_operand())
                         || (x.mnemonic() == Mnemonic::Mov && matches!(x.op_kind(1), OpKind::Immediate32 | OpKind::Immediate64 | OpKind::Immediate32to64))),
                 key,
+                shape,
+                ops,
                 uses,
                 defs,
                 succ: succ[i].clone(),
@@ -577,18 +600,104 @@ fn locations(factory: &mut InstructionInfoFactory, x: &Instruction, rsp: Option<
     (uses.into_iter().collect(), defs)
 }
 
+/// The explicit operands of `x` as locations (frame memory placed relative to the CFA).
+fn operands(factory: &mut InstructionInfoFactory, x: &Instruction, rsp: Option<i64>, rbp: Option<i64>) -> Vec<Operand> {
+    let info = factory.info(x);
+    let access = |k: u32| info.op_access(k);
+    let reads = |a: OpAccess| matches!(a, OpAccess::Read | OpAccess::CondRead | OpAccess::ReadWrite | OpAccess::ReadCondWrite);
+    let writes = |a: OpAccess| matches!(a, OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite);
+    (0..x.op_count())
+        .map(|k| match x.op_kind(k) {
+            OpKind::Register => {
+                let loc = location_of(x.op_register(k));
+                if matches!(loc, Register::RSP | Register::RIP) || x.op_register(k).is_segment_register() {
+                    Operand::Other
+                } else {
+                    Operand::Reg { loc: Loc::Reg(loc), read: reads(access(k)), write: writes(access(k)) }
+                }
+            }
+            OpKind::Memory => {
+                let base = x.memory_base().full_register();
+                let index = x.memory_index().full_register();
+                let frame = match base {
+                    Register::RSP => Some(rsp),
+                    Register::RBP if rbp.is_some() => Some(rbp),
+                    _ => None,
+                };
+                let slot = frame.map(|o| match (o, index) {
+                    (Some(o), Register::None) => Loc::Slot(o + x.memory_displacement64() as i64, x.memory_size().size().max(1) as u32),
+                    _ => Loc::AnySlot,
+                });
+                let mut address = Vec::new();
+                if frame.is_none() && !matches!(base, Register::None | Register::RIP) {
+                    address.push(Loc::Reg(base));
+                }
+                if index != Register::None {
+                    address.push(Loc::Reg(index));
+                }
+                let a = access(k);
+                // `lea` reads no memory: its operand is an address computation.
+                let lea = x.mnemonic() == Mnemonic::Lea;
+                Operand::Mem { address, slot, read: !lea && reads(a), write: !lea && writes(a) }
+            }
+            _ => Operand::Other,
+        })
+        .collect()
+}
+
+/// What `x` computes, without the registers and frame slots it names: two instructions of the
+/// same shape compute the same function of corresponding operands.
+fn shape_of(x: &Instruction, ops: &[Operand], uses: &[Loc], defs: &[Def], what: &[String]) -> String {
+    use std::fmt::Write as _;
+    let mut k = format!("{:?}", x.code());
+    for i in 0..x.op_count() {
+        match x.op_kind(i) {
+            OpKind::Register => {
+                let r = x.op_register(i);
+                let _ = write!(k, "|r{}{}", r.size(), if matches!(location_of(r), Register::RSP | Register::RIP) { "sp" } else { "" });
+            }
+            OpKind::Memory => {
+                let frame = matches!(&ops[i as usize], Operand::Mem { slot: Some(_), .. });
+                let disp = if frame { 0 } else { x.memory_displacement64() as i64 };
+                let _ = write!(k, "|m{}:{}:{}:{:?}", x.memory_size().size(), if frame { "frame" } else { "" }, disp, x.memory_index_scale());
+            }
+            OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64 => k.push_str("|b"),
+            _ => {
+                let _ = write!(k, "|i{:#x}", x.immediate(i));
+            }
+        }
+    }
+    // Locations touched implicitly (flags, a call's registers, push/pop slots) must be equal.
+    let explicit: Vec<Loc> = ops
+        .iter()
+        .flat_map(|o| match o {
+            Operand::Reg { loc, .. } => vec![*loc],
+            Operand::Mem { address, slot, .. } => address.iter().copied().chain(slot.iter().copied()).collect(),
+            Operand::Other => vec![],
+        })
+        .collect();
+    let implicit_uses: Vec<&Loc> = uses.iter().filter(|u| !explicit.contains(u)).collect();
+    let implicit_defs: Vec<&Def> = defs.iter().filter(|d| !explicit.contains(&d.loc)).collect();
+    let _ = write!(k, "|{}|{implicit_uses:?}|{implicit_defs:?}", what.join(","));
+    k
+}
+
 /// Pair old instructions with new ones: a longest common subsequence of their keys, after the
 /// common prefix and suffix. `None` when the middle is too large to align.
 fn align(o: &Func, n: &Func) -> Option<Vec<Option<usize>>> {
-    let (a, b) = (&o.insns, &n.insns);
+    align_by(o, n, |x| x.key)
+}
+
+fn align_by(o: &Func, n: &Func, key: impl Fn(&Insn) -> u32) -> Option<Vec<Option<usize>>> {
+    let (a, b): (Vec<u32>, Vec<u32>) = (o.insns.iter().map(&key).collect(), n.insns.iter().map(&key).collect());
     let mut pairs = vec![None; a.len()];
     let mut p = 0;
-    while p < a.len() && p < b.len() && a[p].key == b[p].key {
+    while p < a.len() && p < b.len() && a[p] == b[p] {
         pairs[p] = Some(p);
         p += 1;
     }
     let mut s = 0;
-    while s < a.len() - p && s < b.len() - p && a[a.len() - 1 - s].key == b[b.len() - 1 - s].key {
+    while s < a.len() - p && s < b.len() - p && a[a.len() - 1 - s] == b[b.len() - 1 - s] {
         pairs[a.len() - 1 - s] = Some(b.len() - 1 - s);
         s += 1;
     }
@@ -600,12 +709,12 @@ fn align(o: &Func, n: &Func) -> Option<Vec<Option<usize>>> {
     let mut t = vec![0u32; n1 * m1];
     for i in (0..am.len()).rev() {
         for j in (0..bm.len()).rev() {
-            t[i * m1 + j] = if am[i].key == bm[j].key { t[(i + 1) * m1 + j + 1] + 1 } else { t[(i + 1) * m1 + j].max(t[i * m1 + j + 1]) };
+            t[i * m1 + j] = if am[i] == bm[j] { t[(i + 1) * m1 + j + 1] + 1 } else { t[(i + 1) * m1 + j].max(t[i * m1 + j + 1]) };
         }
     }
     let (mut i, mut j) = (0, 0);
     while i < am.len() && j < bm.len() {
-        if am[i].key == bm[j].key {
+        if am[i] == bm[j] {
             pairs[p + i] = Some(p + j);
             i += 1;
             j += 1;
@@ -616,6 +725,35 @@ fn align(o: &Func, n: &Func) -> Option<Vec<Option<usize>>> {
         }
     }
     Some(pairs)
+}
+
+/// Pair the instructions the alignment left out with an unpaired instruction of the same
+/// shape near where the alignment puts them: a compiler that schedules two independent
+/// instructions the other way round (`xor %r15d,%r15d` before or after `mov %rdi,%r14`) leaves
+/// them out of a longest common subsequence. Extra pairs are safe: the proof checks every
+/// value it relies on.
+fn fill_gaps(o: &Func, n: &Func, mut pairs: Vec<Option<usize>>) -> Vec<Option<usize>> {
+    const WINDOW: usize = 8;
+    let mut used = vec![false; n.insns.len()];
+    for j in pairs.iter().flatten() {
+        used[*j] = true;
+    }
+    let mut anchor: Option<(usize, usize)> = None;
+    for k in 0..o.insns.len() {
+        if let Some(j) = pairs[k] {
+            anchor = Some((k, j));
+            continue;
+        }
+        let expected = anchor.map_or(k, |(ak, aj)| aj + (k - ak));
+        let lo = expected.saturating_sub(WINDOW);
+        let hi = (expected + WINDOW + 1).min(n.insns.len());
+        let best = (lo..hi).filter(|j| !used[*j] && n.insns[*j].shape == o.insns[k].shape).min_by_key(|j| j.abs_diff(expected));
+        if let Some(j) = best {
+            pairs[k] = Some(j);
+            used[j] = true;
+        }
+    }
+    pairs
 }
 
 fn invert(pairs: &[Option<usize>], n: usize) -> Vec<Option<usize>> {
@@ -700,6 +838,9 @@ struct Proof<'a> {
     from: &'a Func<'a>,
     pairs: &'a [Option<usize>],
     memo: HashMap<(Loc, usize, usize), bool>,
+    /// `pairs` by shape (another register allocation), and the memo of [`Proof::moved`].
+    shape_pairs: &'a [Option<usize>],
+    memo2: HashMap<(Loc, usize, Loc, usize), bool>,
     budget: usize,
     /// The call the frame is stopped in (`to`'s index, `from`'s index): its result is the callee's.
     stopped_in: (usize, usize),
@@ -708,19 +849,21 @@ struct Proof<'a> {
 const BUDGET: usize = 200_000;
 
 impl<'a> Proof<'a> {
-    fn new(to: &'a Func<'a>, from: &'a Func<'a>, pairs: &'a [Option<usize>]) -> Self {
-        Proof { to, from, pairs, memo: HashMap::new(), budget: BUDGET, stopped_in: (usize::MAX, usize::MAX) }
+    fn new(to: &'a Func<'a>, from: &'a Func<'a>, pairs: &'a [Option<usize>], shape_pairs: &'a [Option<usize>]) -> Self {
+        Proof { to, from, pairs, memo: HashMap::new(), shape_pairs, memo2: HashMap::new(), budget: BUDGET, stopped_in: (usize::MAX, usize::MAX) }
     }
 
     /// `call_to` and `call_from` are the matched calls; the frames stand after them. A live
     /// callee-saved register that holds a constant made by one instruction in `to` (a hoisted
     /// address) need not be proven: the switch puts that constant in (returned).
-    fn live_values_match(mut self, call_to: usize, call_from: usize) -> Result<Vec<RegFromCode>, String> {
+    fn live_values_match(mut self, call_to: usize, call_from: usize) -> Result<Values, String> {
         self.stopped_in = (call_to, call_from);
         let (pt, pf) = (call_to + 1, call_from + 1);
         let live = live_in(self.to, pt);
+        let live_from = live_in(self.from, pf);
         let r = self.from.insns[call_from].next_ip;
         let mut sets = Vec::new();
+        let mut moves = Vec::new();
         for loc in live {
             // The frame's own position: compared through the CFI and the tracked offsets.
             if loc == Loc::Reg(Register::RSP) || (loc == Loc::Reg(Register::RBP) && self.to.insns[pt].rbp.is_some()) {
@@ -735,24 +878,139 @@ impl<'a> Proof<'a> {
                 sets.push(set);
                 continue;
             }
+            if let Some(mv) = self.moved(loc, pt, pf, &live_from) {
+                moves.push(mv);
+                continue;
+            }
             return Err(format!("return site {r:#x} of `{}`: the new code reads {} after the call, and {why}", self.from.name, loc.show()));
         }
-        Ok(sets)
+        Ok(Values { sets, moves })
+    }
+
+    /// Another register allocation: a location of `from`'s frame at `pf` that holds the value
+    /// `to` expects in `lt` at `pt`, proven with instructions paired by shape; the switch then
+    /// moves it. Both must be places a stopped frame keeps (callee-saved registers, frame slots).
+    fn moved(&mut self, lt: Loc, pt: usize, pf: usize, live_from: &BTreeSet<Loc>) -> Option<Move> {
+        let to = place(lt)?;
+        for &lf in live_from {
+            let Some(from) = place(lf) else { continue };
+            let (memo, memo2) = (self.memo.clone(), self.memo2.clone());
+            if self.same2(lt, pt, lf, pf).is_ok() {
+                return Some(Move { from, to });
+            }
+            (self.memo, self.memo2) = (memo, memo2);
+        }
+        None
+    }
+
+    /// Whether `lt` before `pt` in `to` holds the value `lf` holds before `pf` in `from`, their
+    /// definitions paired by shape and corresponding operand by operand.
+    fn same2(&mut self, lt: Loc, pt: usize, lf: Loc, pf: usize) -> Result<(), String> {
+        if lt == lf {
+            let memo = self.memo.clone();
+            if self.same(lt, pt, pf).is_ok() {
+                return Ok(());
+            }
+            self.memo = memo;
+        }
+        if let Some(&ok) = self.memo2.get(&(lt, pt, lf, pf)) {
+            return if ok { Ok(()) } else { Err(format!("{} and {} differ", lt.show(), lf.show())) };
+        }
+        if lt == Loc::AnySlot || lf == Loc::AnySlot || self.budget == 0 {
+            return Err("untracked stack memory, or too many steps".into());
+        }
+        self.budget -= 1;
+        self.memo2.insert((lt, pt, lf, pf), true);
+        let r = self.same2_uncached(lt, pt, lf, pf);
+        self.memo2.insert((lt, pt, lf, pf), r.is_ok());
+        r
+    }
+
+    fn same2_uncached(&mut self, lt: Loc, pt: usize, lf: Loc, pf: usize) -> Result<(), String> {
+        let dt = Self::reaching(self.to, pt, lt);
+        let df = Self::reaching(self.from, pf, lf);
+        let differ = || format!("{} and {} are written at different places", lt.show(), lf.show());
+        if dt.len() != df.len() {
+            return Err(differ());
+        }
+        let mut defs = Vec::new();
+        // One definition on each side: whatever path led here, the value comes from those two
+        // instructions, so they correspond if they compute the same thing. With several, the
+        // alignment says which corresponds to which (the same paths through both versions).
+        let single = match (dt.iter().next(), df.iter().next()) {
+            (Some(Site::At(i)), Some(Site::At(j))) if dt.len() == 1 && df.len() == 1 && self.to.insns[*i].shape == self.from.insns[*j].shape => Some((*i, *j)),
+            _ => None,
+        };
+        for s in dt.iter().filter(|_| single.is_none()) {
+            match *s {
+                Site::Entry if lt == lf && df.contains(&Site::Entry) => {}
+                Site::At(i) => match self.shape_pairs[i] {
+                    Some(j) if df.contains(&Site::At(j)) => defs.push((i, j)),
+                    _ => return Err(differ()),
+                },
+                _ => return Err(differ()),
+            }
+        }
+        defs.extend(single);
+        for (i, j) in defs {
+            let (x, y) = (&self.to.insns[i], &self.from.insns[j]);
+            let scratch = |z: &Insn, l: Loc| z.defs.iter().any(|d| d.scratch && d.loc == l);
+            if scratch(x, lt) && scratch(y, lf) {
+                continue;
+            }
+            let mut inputs: Vec<(Loc, Loc)> = Vec::new();
+            if x.call {
+                // A call's result is in fixed registers; what it leaves alone passes through.
+                let result = matches!(lt, Loc::Reg(r) if RESULTS.contains(&r));
+                if lt != lf && result {
+                    return Err(differ());
+                }
+                if !result {
+                    inputs.push((lt, lf));
+                }
+                if (i, j) != self.stopped_in {
+                    inputs.extend(ARGS.iter().map(|a| (Loc::Reg(*a), Loc::Reg(*a))).filter(|(a, _)| x.uses.contains(a)));
+                }
+                inputs.extend(operand_inputs(&x.ops, &y.ops)?.into_iter().filter(|(a, _)| x.uses.contains(a)));
+            } else {
+                let written = |z: &Insn, l: Loc| {
+                    z.ops.iter().position(|o| match o {
+                        Operand::Reg { loc, write: true, .. } => *loc == l,
+                        Operand::Mem { slot: Some(s), write: true, .. } => *s == l,
+                        _ => false,
+                    })
+                };
+                match (written(x, lt), written(y, lf)) {
+                    (Some(a), Some(b)) if a == b => {}
+                    (None, None) if lt == lf => {}
+                    _ => return Err(differ()),
+                }
+                let partial = x.defs.iter().any(|d| d.loc.overlaps(lt) && (d.partial || !d.loc.covers(lt)));
+                if partial {
+                    inputs.push((lt, lf));
+                }
+                // What the instruction really reads (a zeroing idiom names its register twice).
+                inputs.extend(operand_inputs(&x.ops, &y.ops)?.into_iter().filter(|(a, _)| x.uses.contains(a)));
+                // Implicit reads are the same locations on both sides (the shapes are equal).
+                let explicit = |z: &Insn| -> Vec<Loc> { z.ops.iter().flat_map(operand_locs).collect() };
+                let ex = explicit(x);
+                inputs.extend(x.uses.iter().filter(|u| !ex.contains(u)).map(|u| (*u, *u)));
+            }
+            for (a, b) in inputs {
+                if a == Loc::Reg(Register::RSP) && b == a {
+                    continue;
+                }
+                self.same2(a, i, b, j)?;
+            }
+        }
+        Ok(())
     }
 
     /// `loc`, live before `pt` in `to`, is a callee-saved register that only one instruction
     /// can have set, to a constant.
     fn constant(&self, loc: Loc, pt: usize) -> Option<RegFromCode> {
         let Loc::Reg(r) = loc else { return None };
-        let dwarf = match r {
-            Register::RBX => 3,
-            Register::RBP => 6,
-            Register::R12 => 12,
-            Register::R13 => 13,
-            Register::R14 => 14,
-            Register::R15 => 15,
-            _ => return None,
-        };
+        let dwarf = dwarf_callee_saved(r)?;
         let defs = Self::reaching(self.to, pt, loc);
         let [Site::At(i)] = defs.iter().copied().collect::<Vec<_>>()[..] else { return None };
         let x = &self.to.insns[i];
@@ -863,6 +1121,66 @@ impl<'a> Proof<'a> {
         }
         Ok(())
     }
+}
+
+/// What a switched frame gets besides its return address: constants, and values moved from
+/// where the old code keeps them.
+struct Values {
+    sets: Vec<RegFromCode>,
+    moves: Vec<Move>,
+}
+
+/// A location as a place of a stopped frame the switch can read and write: a callee-saved
+/// register (DWARF number) or a frame slot.
+fn place(l: Loc) -> Option<Place> {
+    match l {
+        Loc::Reg(r) => Some(Place::Reg(dwarf_callee_saved(r)?)),
+        Loc::Slot(offset, width) if width <= 8 => Some(Place::Slot { offset, width }),
+        _ => None,
+    }
+}
+
+fn dwarf_callee_saved(r: Register) -> Option<u16> {
+    Some(match r {
+        Register::RBX => 3,
+        Register::RBP => 6,
+        Register::R12 => 12,
+        Register::R13 => 13,
+        Register::R14 => 14,
+        Register::R15 => 15,
+        _ => return None,
+    })
+}
+
+/// The locations an operand names.
+fn operand_locs(o: &Operand) -> Vec<Loc> {
+    match o {
+        Operand::Reg { loc, .. } => vec![*loc],
+        Operand::Mem { address, slot, .. } => address.iter().copied().chain(slot.iter().copied()).collect(),
+        Operand::Other => vec![],
+    }
+}
+
+/// Corresponding inputs of two instructions of the same shape: read registers, address
+/// registers, read frame slots, operand by operand.
+fn operand_inputs(a: &[Operand], b: &[Operand]) -> Result<Vec<(Loc, Loc)>, String> {
+    let mut out = Vec::new();
+    for (x, y) in a.iter().zip(b) {
+        match (x, y) {
+            (Operand::Reg { loc: p, read: true, .. }, Operand::Reg { loc: q, read: true, .. }) => out.push((*p, *q)),
+            (Operand::Mem { address: p, slot: s, read, .. }, Operand::Mem { address: q, slot: t, .. }) => {
+                if p.len() != q.len() || s.is_some() != t.is_some() {
+                    return Err("operands of another form".into());
+                }
+                out.extend(p.iter().copied().zip(q.iter().copied()));
+                if let (true, Some(s), Some(t)) = (*read, s, t) {
+                    out.push((*s, *t));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
 }
 
 /// Locations `f` reads at or after `point` before writing them, until it returns.

@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::jump::{Jumps, Site};
 use crate::process::{MemoryReader, ProcMem};
 use crate::ptrace::{Regs, Stopped};
+use crate::bundle::Place;
 use crate::unwind::{self, Home};
 
 /// A frame of guarded code stopped at a proven return site, moved to the new code at the
@@ -23,6 +24,16 @@ pub struct FrameSwitch {
     /// Callee-saved registers of the frame set for the new code, and where each is kept.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub regs: Vec<RegWrite>,
+    /// Frame slots set for the new code (values it keeps in other slots than the old code).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub slots: Vec<SlotWrite>,
+}
+
+/// Bytes written into a slot of a switched frame.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SlotWrite {
+    pub at: u64,
+    pub bytes: Vec<u8>,
 }
 
 /// A register of a switched frame: its value now, the value it gets, and where it lives (the
@@ -54,16 +65,47 @@ pub fn frames_to_switch(v: &View, stopped: &Stopped, guarded: &[Guarded]) -> Res
                 return Err(Error::Other(format!("thread {tid}: the return address to {pc:#x} is not at {slot:#x} (found {held:#x}); not switching")));
             }
             let resume = &g.switch[pc];
-            let mut regs = Vec::new();
-            for s in &resume.sets {
-                let k = unwind::SAVED.iter().position(|r| *r == s.reg as usize).ok_or_else(|| Error::Other(format!("register {} is not callee-saved", s.reg)))?;
-                let home = st.homes.get(d).map(|h| h[k]).unwrap_or_default();
-                if home == unwind::Home::Unknown {
-                    return Err(Error::Other(format!("thread {tid}: where the frame at {pc:#x} keeps register {} is unknown; not switching", s.reg)));
+            let home = |reg: u16| -> Result<Home> {
+                let k = unwind::SAVED.iter().position(|r| *r == reg as usize).ok_or_else(|| Error::Other(format!("register {reg} is not callee-saved")))?;
+                match st.homes.get(d).map(|h| h[k]).unwrap_or_default() {
+                    Home::Unknown => Err(Error::Other(format!("thread {tid}: where the frame at {pc:#x} keeps register {reg} is unknown; not switching"))),
+                    h => Ok(h),
                 }
-                regs.push(RegWrite { reg: s.reg, home, value: s.value });
+            };
+            // The frame's CFA from its callee's (its stack pointer once the callee returned): the
+            // patch region has no call-frame information for the unwinder, the bundle knows it.
+            let cfa = (slot + 8).wrapping_add(resume.cfa_above_sp as u64);
+            if let (Some(unwound), false) = (st.cfas.get(d), resume.moves.is_empty()) {
+                if *unwound != cfa {
+                    return Err(Error::Other(format!("thread {tid}: the frame at {pc:#x} has its CFA at {unwound:#x}, the bundle says {cfa:#x}; not switching")));
+                }
             }
-            out.push(FrameSwitch { tid, function: g.name.clone(), slot, old: *pc, new: resume.at, regs });
+            let slot_at = |offset: i64| (cfa as i64).checked_add(offset).map(|a| a as u64).ok_or_else(|| Error::Other("frame slot address overflows".into()));
+            let mut regs = Vec::new();
+            let mut slots = Vec::new();
+            for s in &resume.sets {
+                regs.push(RegWrite { reg: s.reg, home: home(s.reg)?, value: s.value });
+            }
+            // Every value is read before anything is written (a parallel move).
+            for m in &resume.moves {
+                let value = match m.from {
+                    Place::Reg(r) => match home(r)? {
+                        Home::Thread(n) => *reg_field(&mut stopped.regs(tid)?, n).ok_or_else(|| Error::Other(format!("register {n} is not callee-saved")))?,
+                        Home::Memory(a) => v.mem.read_u64(a)?,
+                        Home::Unknown => unreachable!("home() refuses unknown homes"),
+                    },
+                    Place::Slot { offset, width } => {
+                        let mut b = [0u8; 8];
+                        v.mem.read(slot_at(offset)?, &mut b[..width.min(8) as usize])?;
+                        u64::from_le_bytes(b)
+                    }
+                };
+                match m.to {
+                    Place::Reg(r) => regs.push(RegWrite { reg: r, home: home(r)?, value }),
+                    Place::Slot { offset, width } => slots.push(SlotWrite { at: slot_at(offset)?, bytes: value.to_le_bytes()[..width.min(8) as usize].to_vec() }),
+                }
+            }
+            out.push(FrameSwitch { tid, function: g.name.clone(), slot, old: *pc, new: resume.at, regs, slots });
         }
     }
     Ok(out)
@@ -90,6 +132,10 @@ impl<'a> FrameWrites<'a> {
                     let now = mem.read_vec(at, 8)?;
                     sites.push(Site { name: format!("register {} of `{}` saved at {at:#x} on thread {}", r.reg, s.function, s.tid), at, expect: now, write: r.value.to_le_bytes().to_vec() });
                 }
+            }
+            for w in &s.slots {
+                let now = mem.read_vec(w.at, w.bytes.len())?;
+                sites.push(Site { name: format!("a frame slot of `{}` at {:#x} on thread {}", s.function, w.at, s.tid), at: w.at, expect: now, write: w.bytes.clone() });
             }
         }
         let memory = Jumps::write(mem, &sites)?;
