@@ -7,10 +7,10 @@
 //! breakpoints (per thread, set in new threads as they appear) when four are enough: perf
 //! events owned by our descriptors where the kernel allows them (they vanish if we are
 //! killed), else debug registers written with ptrace; beyond four, `int3` bytes with the
-//! original byte kept. When no activation is left, every thread is
-//! stopped, the stacks are checked once more with a full unwind, and the caller writes the
-//! jumps; held threads are moved straight to the new code. Every breakpoint is removed on
-//! every path.
+//! original byte kept (forked children get the original bytes back: [`forks`]). When no
+//! activation is left, every thread is stopped, the stacks are checked once more with a full
+//! unwind, and the caller writes the jumps; held threads are moved straight to the new code.
+//! Every breakpoint is removed on every path.
 use super::{find_activation, perf, Activation, Guarded, Quiet, View};
 use crate::arch::x86_64::{debugreg_offset, dr7_execute, HW_BREAKPOINTS, INT3};
 use crate::error::{Error, Result};
@@ -24,6 +24,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
+mod forks;
 
 /// Where a thread inside old code will come back out.
 #[derive(Debug, Clone, Copy)]
@@ -59,7 +60,7 @@ impl Breakpoints {
         } else {
             let sites = self.addrs.iter().map(|&a| Ok((a, v.mem.read_vec(a, 1)?[0]))).collect::<Result<Vec<(u64, u8)>>>()?;
             // A child forked while the bytes are armed gets its original bytes back.
-            s.trace_forks(Some(sites.clone()))?;
+            forks::repair(s, sites.clone())?;
             for (a, orig) in sites {
                 v.mem.write(a, &[INT3])?;
                 self.saved.insert(a, orig);
@@ -121,7 +122,7 @@ impl Breakpoints {
         }
         let mut first_err = None;
         if !self.hardware {
-            if let Err(e) = s.trace_forks(None) {
+            if let Err(e) = forks::stop(s) {
                 first_err.get_or_insert(e);
             }
         }
