@@ -7,6 +7,7 @@ use livepatch::bundle::Bundle;
 use livepatch::elf::ElfFile;
 use livepatch::extract;
 use livepatch::signature;
+use livepatch::watchpoint::trap::BreakpointKind;
 use livepatch::watchpoint::{Frames, Strategy};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -72,6 +73,10 @@ enum Cmd {
         /// for them to return like any active frame.
         #[arg(long, default_value = "switch")]
         frames: Frames,
+        /// Hardware breakpoints of the trap strategy: perf events falling back to debug
+        /// registers (auto), perf events only (perf), or debug registers (debugreg).
+        #[arg(long, env = "LIVEPATCH_BREAKPOINTS", default_value = "auto")]
+        breakpoints: BreakpointKind,
         #[arg(long)]
         json: bool,
     },
@@ -97,6 +102,9 @@ enum Cmd {
         /// back to the original code, or wait for them to return.
         #[arg(long, default_value = "switch")]
         frames: Frames,
+        /// As for apply.
+        #[arg(long, env = "LIVEPATCH_BREAKPOINTS", default_value = "auto")]
+        breakpoints: BreakpointKind,
         #[arg(long)]
         json: bool,
     },
@@ -266,7 +274,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print_bundle(&b);
             }
         }
-        Cmd::Apply { pid, bundle, strategy, timeout, frames, json } => {
+        Cmd::Apply { pid, bundle, strategy, timeout, frames, breakpoints, json } => {
+            livepatch::watchpoint::trap::set_breakpoint_kind(breakpoints);
             let b = Bundle::read(&bundle)?;
             let opts = livepatch::apply::Options { strategy, timeout: secs(timeout)?, frames };
             let r = livepatch::apply::apply(pid, &b, &opts)?;
@@ -315,7 +324,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Cmd::Revert { pid, all, strategy, timeout, frames, json } => {
+        Cmd::Revert { pid, all, strategy, timeout, frames, breakpoints, json } => {
+            livepatch::watchpoint::trap::set_breakpoint_kind(breakpoints);
             let r = livepatch::revert::revert(pid, all, strategy, secs(timeout)?, frames)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);

@@ -3,9 +3,9 @@
 //! TRAP_PERF), which we as its tracer see as a signal stop. Unlike debug registers written
 //! with ptrace, which stay in the thread after its tracer is gone, these vanish with the
 //! descriptor: a tool killed in the middle of a trap wait leaves no breakpoint behind.
-//! `LIVEPATCH_BREAKPOINTS=debugreg` forces debug registers (as when perf is refused).
+//! [`set_breakpoint_kind`] chooses, for the whole process, between these and debug registers.
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use perf_event_open_sys::bindings::{perf_event_attr, HW_BREAKPOINT_X, PERF_ATTR_SIZE_VER7, PERF_FLAG_FD_CLOEXEC, PERF_TYPE_BREAKPOINT};
 
@@ -16,6 +16,51 @@ pub const TRAP_PERF: i32 = 6;
 /// permission: seccomp, perf_event_paranoid without CAP_PERFMON; too old a kernel): later
 /// rounds go straight to debug registers.
 static REFUSED: AtomicBool = AtomicBool::new(false);
+
+/// Which hardware breakpoints the trap strategy uses when the watched addresses fit in the
+/// four slots (beyond four it uses `int3` bytes whatever this says).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BreakpointKind {
+    /// Perf events, or debug registers where the kernel refuses perf.
+    #[default]
+    Auto,
+    /// Perf events only: a round the kernel refuses them for fails instead of leaving
+    /// breakpoints that a killed tool cannot take back.
+    Perf,
+    /// Debug registers written with ptrace (what `Auto` falls back to), never perf.
+    DebugRegisters,
+}
+
+impl std::str::FromStr for BreakpointKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(BreakpointKind::Auto),
+            "perf" => Ok(BreakpointKind::Perf),
+            "debugreg" => Ok(BreakpointKind::DebugRegisters),
+            _ => Err(format!("unknown breakpoint kind `{s}` (auto, perf or debugreg)")),
+        }
+    }
+}
+
+/// The process-wide [`BreakpointKind`], as its discriminant. Process-wide because the trap
+/// strategy's inputs come from the apply and revert sequences, which do not carry it; an
+/// embedder sets it once at start.
+static KIND: AtomicU8 = AtomicU8::new(BreakpointKind::Auto as u8);
+
+/// Choose the hardware breakpoints of every later trap round in this process.
+pub fn set_breakpoint_kind(kind: BreakpointKind) {
+    KIND.store(kind as u8, Ordering::Relaxed);
+}
+
+/// The kind chosen with [`set_breakpoint_kind`] (`Auto` if never set).
+pub fn breakpoint_kind() -> BreakpointKind {
+    match KIND.load(Ordering::Relaxed) {
+        k if k == BreakpointKind::Perf as u8 => BreakpointKind::Perf,
+        k if k == BreakpointKind::DebugRegisters as u8 => BreakpointKind::DebugRegisters,
+        _ => BreakpointKind::Auto,
+    }
+}
 
 /// An execute breakpoint at `addr`, user space only, signalling every hit with SIGTRAP (the
 /// address as si_perf_data), removed by an exec.
@@ -37,10 +82,10 @@ fn breakpoint_attr(addr: u64) -> perf_event_attr {
     attr
 }
 
-/// An execute breakpoint at `addr` in thread `tid`. Errors are the kernel's; the caller falls
-/// back to debug registers.
+/// An execute breakpoint at `addr` in thread `tid`. Errors are the kernel's (EPERM when
+/// debug registers are chosen); the caller falls back to debug registers unless perf is chosen.
 pub fn breakpoint(tid: i32, addr: u64) -> std::io::Result<OwnedFd> {
-    if REFUSED.load(Ordering::Relaxed) || std::env::var_os("LIVEPATCH_BREAKPOINTS").is_some_and(|v| v == "debugreg") {
+    if breakpoint_kind() == BreakpointKind::DebugRegisters || (REFUSED.load(Ordering::Relaxed) && breakpoint_kind() == BreakpointKind::Auto) {
         return Err(std::io::Error::from_raw_os_error(libc::EPERM));
     }
     let mut attr = breakpoint_attr(addr);

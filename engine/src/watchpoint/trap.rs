@@ -26,6 +26,9 @@ use std::time::{Duration, Instant};
 
 mod forks;
 
+// The embedder's choice of hardware breakpoints (perf is a private module of `watchpoint`).
+pub use super::perf::{breakpoint_kind, set_breakpoint_kind, BreakpointKind};
+
 /// Where a thread inside old code will come back out.
 #[derive(Debug, Clone, Copy)]
 struct Exit {
@@ -77,6 +80,9 @@ impl Breakpoints {
             Ok(fds) => {
                 self.armed.insert(tid, Some(fds));
                 return Ok(());
+            }
+            Err(e) if perf::breakpoint_kind() == BreakpointKind::Perf => {
+                return Err(Error::Process { pid: s.pid, msg: format!("thread {tid}: perf breakpoints refused ({e}), and only perf breakpoints were allowed") });
             }
             Err(e) => tracing::debug!(tid, "perf breakpoints refused ({e}); using debug registers"),
         }
