@@ -56,6 +56,30 @@ struct CodeIndex {
     callers: HashMap<u64, Vec<u64>>,
 }
 
+/// Names carried by more than one symbol of the same kind, each with a bit per such kind
+/// ([`kind_bit`]). A handful in a real program: only these need their source file in a key.
+fn shared_names(symbols: &[Symbol]) -> HashMap<String, u8> {
+    let mut seen: HashMap<&str, u8> = HashMap::new();
+    let mut shared: HashMap<String, u8> = HashMap::new();
+    for s in symbols {
+        let bit = kind_bit(s.kind);
+        let kinds = seen.entry(&s.name).or_default();
+        if *kinds & bit != 0 {
+            *shared.entry(s.name.clone()).or_default() |= bit;
+        }
+        *kinds |= bit;
+    }
+    shared
+}
+
+fn kind_bit(k: SymKind) -> u8 {
+    match k {
+        SymKind::Func => 1,
+        SymKind::Object => 2,
+        SymKind::Tls => 4,
+    }
+}
+
 /// A symbol name without the numbering LTO adds to promoted statics (`foo.lto_priv.3`): the
 /// number depends on the partition, not on the program.
 pub fn canonical_name(name: &str) -> &str {
@@ -165,6 +189,9 @@ pub struct ElfFile {
     pub interp: Option<String>,
     /// What the code refers to, from one decoding pass (computed on first use).
     code_index: std::sync::OnceLock<CodeIndex>,
+    /// Names that more than one symbol of the same kind carries (a [`kind_bit`] per kind),
+    /// for [`ElfFile::stable_key`]; built once from `symbols` at parse time.
+    shared_names: HashMap<String, u8>,
 }
 
 impl std::fmt::Debug for ElfFile {
@@ -257,6 +284,7 @@ impl ElfFile {
             });
         }
         symbols.sort_by(|a, b| a.addr.cmp(&b.addr).then(b.size.cmp(&a.size)));
+        let shared_names = shared_names(&symbols);
 
         let build_id = elf
             .iter_note_sections(&data, Some(".note.gnu.build-id"))
@@ -341,6 +369,7 @@ impl ElfFile {
             interp,
             data: Vec::new(),
             code_index: std::sync::OnceLock::new(),
+            shared_names,
         };
         drop(elf);
         f.data = data;
@@ -378,7 +407,7 @@ impl ElfFile {
     /// A name for `s` comparable across builds: the bare name when it is unique in this file,
     /// else qualified by its source file.
     pub fn stable_key(&self, s: &Symbol) -> String {
-        let dup = self.symbols.iter().filter(|o| o.name == s.name && o.kind == s.kind).take(2).count() > 1;
+        let dup = self.shared_names.get(&s.name).is_some_and(|kinds| kinds & kind_bit(s.kind) != 0);
         let key = if dup { s.key() } else { s.name.clone() };
         canonical_name(&key).to_string()
     }
@@ -524,5 +553,21 @@ mod tests {
         assert_eq!(super::canonical_name("HEX.13.lto_priv.12"), "HEX.13");
         assert_eq!(super::canonical_name("x.lto_priv.a"), "x.lto_priv.a");
         assert_eq!(super::canonical_name("main"), "main");
+    }
+
+    /// The index answers what a scan of every symbol answers, for every symbol of a real
+    /// executable (this test binary: thousands of symbols, same-named statics among them).
+    #[test]
+    fn stable_key_index_agrees_with_a_scan() {
+        let exe = std::env::current_exe().unwrap();
+        let f = super::ElfFile::open(&exe).unwrap();
+        let mut shared = 0;
+        for s in &f.symbols {
+            let dup = f.symbols.iter().filter(|o| o.name == s.name && o.kind == s.kind).take(2).count() > 1;
+            shared += usize::from(dup);
+            let key = if dup { s.key() } else { s.name.clone() };
+            assert_eq!(f.stable_key(s), super::canonical_name(&key), "{s:?}");
+        }
+        assert!(f.symbols.len() > 1000 && shared > 0, "{} symbols, {shared} sharing a name: not a real test", f.symbols.len());
     }
 }
