@@ -16,7 +16,7 @@
 //! the same way (for the call a frame is stopped in, what the callee will return, since that
 //! call already happened); decisions old code already took stay taken, as for any update that
 //! lands between two instructions.
-use super::{describe, function_refs, relative_jump_table};
+use super::{fingerprint::describe, refs::{function_refs, relative_jump_table}};
 use crate::bundle::{Move, Place, RegFromCode, ReturnSite};
 use super::regs::{Clobbers, RegSet};
 use crate::elf::{ElfFile, SymKind, Symbol};
