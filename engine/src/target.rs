@@ -85,6 +85,6 @@ pub struct Executable {
 impl Executable {
     /// The live address of `svma` of the executable.
     pub fn avma(&self, svma: u64) -> Result<u64> {
-        svma.checked_add(self.bias).ok_or_else(|| Error::Bundle(format!("address {svma:#x} overflows with the load bias")))
+        svma.checked_add(self.bias).ok_or_else(|| Error::Bundle(format!("old address overflows: {svma:#x} plus the load bias {:#x}", self.bias)))
     }
 }
