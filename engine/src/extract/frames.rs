@@ -21,7 +21,7 @@ use crate::bundle::{Move, Place, RegFromCode, ReturnSite};
 use super::regs::{Clobbers, RegSet};
 use crate::elf::{ElfFile, SymKind, Symbol};
 use crate::unwind::Modules;
-use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, OpKind, Register};
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfo, InstructionInfoFactory, Mnemonic, OpAccess, OpKind, Register};
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 /// Every return site of `of` (in OLD) and what becomes of a frame stopped there.
@@ -328,7 +328,8 @@ impl<'a> Func<'a> {
                 },
                 _ => Clobbered(RegSet::CALLER_SAVED),
             };
-            let (uses, defs) = locations(&mut factory, x, rsp, rbp, clobbered);
+            let info = factory.info(x);
+            let (uses, defs) = locations(info, x, rsp, rbp, clobbered);
             let off = (x.ip() - f.addr) as usize;
             let mut bytes = code[off..off + x.len()].to_vec();
             let mut what = Vec::new();
@@ -342,7 +343,7 @@ impl<'a> Func<'a> {
             }
             let key = format!("{}|{}|{uses:?}|{defs:?}", hex::encode(&bytes), what.join(","));
             let key = intern(keys, key);
-            let ops = operands(&mut factory, x, rsp, rbp);
+            let ops = operands(info, x, rsp, rbp);
             let shape = intern(keys, shape_of(x, &ops, &uses, &defs, &what));
             insns.push(Insn {
                 ip: x.ip(),
@@ -499,11 +500,10 @@ fn escaped_offsets(raw: &[Instruction], frame: &[(Option<i64>, Option<i64>)]) ->
 /// contents of frame objects whose address escapes (buffers handed to callees) beyond the
 /// function's own direct stores: what callees write there is shared state too, and
 /// [`escaped_offsets`] makes sure both versions keep such objects at the same places.
-fn locations(factory: &mut InstructionInfoFactory, x: &Instruction, rsp: Option<i64>, rbp: Option<i64>, clobbers: Clobbered) -> (Vec<Loc>, Vec<Def>) {
+fn locations(info: &InstructionInfo, x: &Instruction, rsp: Option<i64>, rbp: Option<i64>, clobbers: Clobbered) -> (Vec<Loc>, Vec<Def>) {
     let mut uses = BTreeSet::new();
     let mut defs: Vec<Def> = Vec::new();
     let is_call = matches!(x.flow_control(), FlowControl::Call | FlowControl::IndirectCall);
-    let info = factory.info(x);
     // Zeroing idioms write without reading.
     let zeroing = matches!(x.mnemonic(), Mnemonic::Xor | Mnemonic::Sub | Mnemonic::Pxor | Mnemonic::Xorps | Mnemonic::Xorpd | Mnemonic::Vpxor | Mnemonic::Vxorps)
         && x.op_count() >= 2
@@ -515,15 +515,7 @@ fn locations(factory: &mut InstructionInfoFactory, x: &Instruction, rsp: Option<
     for m in info.used_memory() {
         let base = m.base().full_register();
         let index = m.index().full_register();
-        let off = match base {
-            Register::RSP => Some(rsp),
-            Register::RBP if rbp.is_some() => Some(rbp),
-            _ => None,
-        };
-        let slot = off.map(|o| match (o, index) {
-            (Some(o), Register::None) => Loc::Slot(o + m.displacement() as i64, m.memory_size().size().max(1) as u32),
-            _ => Loc::AnySlot,
-        });
+        let slot = frame_slot(base, index, m.displacement() as i64, m.memory_size().size(), rsp, rbp);
         if slot.is_some() {
             frame_bases.insert(base);
         }
@@ -600,9 +592,23 @@ fn locations(factory: &mut InstructionInfoFactory, x: &Instruction, rsp: Option<
     (uses.into_iter().collect(), defs)
 }
 
+/// The frame slot a memory operand addresses (base `%rsp`, or `%rbp` as a frame pointer): a
+/// slot relative to the CFA, or stack memory at an untracked address (an index register, an
+/// unknown stack offset); `None` for memory that is not the frame.
+fn frame_slot(base: Register, index: Register, disp: i64, size: usize, rsp: Option<i64>, rbp: Option<i64>) -> Option<Loc> {
+    let off = match base {
+        Register::RSP => rsp,
+        Register::RBP if rbp.is_some() => rbp,
+        _ => return None,
+    };
+    Some(match (off, index) {
+        (Some(o), Register::None) => Loc::Slot(o + disp, size.max(1) as u32),
+        _ => Loc::AnySlot,
+    })
+}
+
 /// The explicit operands of `x` as locations (frame memory placed relative to the CFA).
-fn operands(factory: &mut InstructionInfoFactory, x: &Instruction, rsp: Option<i64>, rbp: Option<i64>) -> Vec<Operand> {
-    let info = factory.info(x);
+fn operands(info: &InstructionInfo, x: &Instruction, rsp: Option<i64>, rbp: Option<i64>) -> Vec<Operand> {
     let access = |k: u32| info.op_access(k);
     let reads = |a: OpAccess| matches!(a, OpAccess::Read | OpAccess::CondRead | OpAccess::ReadWrite | OpAccess::ReadCondWrite);
     let writes = |a: OpAccess| matches!(a, OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite);
@@ -619,17 +625,9 @@ fn operands(factory: &mut InstructionInfoFactory, x: &Instruction, rsp: Option<i
             OpKind::Memory => {
                 let base = x.memory_base().full_register();
                 let index = x.memory_index().full_register();
-                let frame = match base {
-                    Register::RSP => Some(rsp),
-                    Register::RBP if rbp.is_some() => Some(rbp),
-                    _ => None,
-                };
-                let slot = frame.map(|o| match (o, index) {
-                    (Some(o), Register::None) => Loc::Slot(o + x.memory_displacement64() as i64, x.memory_size().size().max(1) as u32),
-                    _ => Loc::AnySlot,
-                });
+                let slot = frame_slot(base, index, x.memory_displacement64() as i64, x.memory_size().size(), rsp, rbp);
                 let mut address = Vec::new();
-                if frame.is_none() && !matches!(base, Register::None | Register::RIP) {
+                if slot.is_none() && !matches!(base, Register::None | Register::RIP) {
                     address.push(Loc::Reg(base));
                 }
                 if index != Register::None {

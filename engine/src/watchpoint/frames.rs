@@ -54,8 +54,8 @@ pub fn frames_to_switch(v: &View, stopped: &Stopped, guarded: &[Guarded]) -> Res
         return Ok(out);
     }
     for tid in stopped.tids() {
-        let regs = stopped.regs(tid)?;
-        let st = unwind::unwind(&regs, v.modules, v.mem, v.maps);
+        let thread_regs = stopped.regs(tid)?;
+        let st = unwind::unwind(&thread_regs, v.modules, v.mem, v.maps);
         for (d, pc) in st.pcs.iter().enumerate().skip(1) {
             let Some(g) = guarded.iter().find(|g| g.switch.contains_key(pc)) else { continue };
             // The return address of frame d-1 sits just below its CFA (x86-64 `call`).
@@ -90,7 +90,8 @@ pub fn frames_to_switch(v: &View, stopped: &Stopped, guarded: &[Guarded]) -> Res
             for m in &resume.moves {
                 let value = match m.from {
                     Place::Reg(r) => match home(r)? {
-                        Home::Thread(n) => *reg_field(&mut stopped.regs(tid)?, n).ok_or_else(|| Error::Other(format!("register {n} is not callee-saved")))?,
+                        // The thread is stopped: its registers are those read for the unwind.
+                        Home::Thread(n) => *reg_field(&mut thread_regs.clone(), n).ok_or_else(|| Error::Other(format!("register {n} is not callee-saved")))?,
                         Home::Memory(a) => v.mem.read_u64(a)?,
                         Home::Unknown => unreachable!("home() refuses unknown homes"),
                     },
