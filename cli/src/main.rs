@@ -7,7 +7,6 @@ use livepatch::bundle::Bundle;
 use livepatch::elf::ElfFile;
 use livepatch::extract;
 use livepatch::signature;
-use livepatch::watchpoint::trap::BreakpointKind;
 use livepatch::watchpoint::{Frames, Strategy};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -62,7 +61,8 @@ enum Cmd {
         #[arg(long)]
         pid: i32,
         bundle: PathBuf,
-        /// How to wait until the old code is not active: trap (breakpoints) or wait (poll stacks).
+        /// How to wait until the old code is not active: trap (entries lead to gates where new
+        /// calls wait; stacks polled) or wait (poll stacks, entries untouched).
         #[arg(long, default_value = "trap")]
         strategy: Strategy,
         /// Give up (exit 4, target unchanged) when the old code stays active this long.
@@ -73,10 +73,6 @@ enum Cmd {
         /// for them to return like any active frame.
         #[arg(long, default_value = "switch")]
         frames: Frames,
-        /// Hardware breakpoints of the trap strategy: perf events falling back to debug
-        /// registers (auto), perf events only (perf), or debug registers (debugreg).
-        #[arg(long, env = "LIVEPATCH_BREAKPOINTS", default_value = "auto")]
-        breakpoints: BreakpointKind,
         #[arg(long)]
         json: bool,
     },
@@ -102,9 +98,6 @@ enum Cmd {
         /// back to the original code, or wait for them to return.
         #[arg(long, default_value = "switch")]
         frames: Frames,
-        /// As for apply.
-        #[arg(long, env = "LIVEPATCH_BREAKPOINTS", default_value = "auto")]
-        breakpoints: BreakpointKind,
         #[arg(long)]
         json: bool,
     },
@@ -274,8 +267,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print_bundle(&b);
             }
         }
-        Cmd::Apply { pid, bundle, strategy, timeout, frames, breakpoints, json } => {
-            livepatch::watchpoint::trap::set_breakpoint_kind(breakpoints);
+        Cmd::Apply { pid, bundle, strategy, timeout, frames, json } => {
             let b = Bundle::read(&bundle)?;
             let opts = livepatch::apply::Options { strategy, timeout: secs(timeout)?, frames };
             let r = livepatch::apply::apply(pid, &b, &opts)?;
@@ -324,8 +316,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Cmd::Revert { pid, all, strategy, timeout, frames, breakpoints, json } => {
-            livepatch::watchpoint::trap::set_breakpoint_kind(breakpoints);
+        Cmd::Revert { pid, all, strategy, timeout, frames, json } => {
             let r = livepatch::revert::revert(pid, all, strategy, secs(timeout)?, frames)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);

@@ -5,12 +5,13 @@
 //! - a function that sleeps inside itself,
 //!   all switched within a few seconds with `--strategy trap`;
 //! - a function that never returns: exit 4, the target keeps its old code;
-//! - more than four functions at once (software breakpoints: only four debug registers);
+//! - more than four functions at once;
 //! - after success, timeout and error (the tool interrupted by SIGTERM/SIGINT while it waits,
-//!   once its breakpoints are armed: its debug log says so and the target shows them)
-//!   every breakpoint byte is restored (the text, read from /proc/PID/mem, is what it was
-//!   except the 5-byte jumps on success) and DR7 is zero in every thread (read with ptrace
-//!   after the tool has exited), and no thread is left traced or stopped.
+//!   once its gates are armed: its debug log says so and the entries show them) every entry
+//!   byte is restored (the text, read from /proc/PID/mem, is what it was except the 5-byte
+//!   jumps on success), no debug register is set, and no thread is left traced or stopped;
+//! - a tool SIGKILLed with its gates armed: the target runs on (old code), and the next
+//!   command repairs.
 //!
 //! Run in two builds: -O2 PIE, and -O3 -fomit-frame-pointer non-PIE without relocations.
 
@@ -154,13 +155,6 @@ fn software_breakpoints_restored_after_timeout(v: Variant) {
 }
 variant_tests!(software_breakpoints_restored_after_timeout => software_breakpoints_restored_after_timeout: o2_pie, o3_nopie);
 
-/// The perf events a process holds (hardware breakpoints of the trap strategy).
-fn perf_fds(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok()).filter(|l| l.to_string_lossy().contains("perf_event")).count())
-        .unwrap_or(0)
-}
-
 /// `livepatch ARGS...` with its debug log (`LIVEPATCH_LOG`) read line by line while it runs, so
 /// a test can wait for what the tool did before acting.
 struct Logged {
@@ -241,13 +235,35 @@ impl Drop for Logged {
     }
 }
 
+/// Whether the entry at `at` of `pid` jumps into a livepatch region (a gate, while a switch is
+/// pending).
+fn jumps_into_region(pid: i32, at: u64) -> bool {
+    let b = read_mem(pid, at, 5);
+    if b[0] != 0xe9 {
+        return false;
+    }
+    let to = (at as i64 + 5 + i32::from_le_bytes(b[1..5].try_into().unwrap()) as i64) as u64;
+    memfd_regions(pid).iter().any(|(lo, hi)| to >= *lo && to < *hi)
+}
+
+/// The livepatch regions mapped in `pid`.
+fn memfd_regions(pid: i32) -> Vec<(u64, u64)> {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("/memfd:livepatch:"))
+        .filter_map(|l| {
+            let (lo, hi) = l.split_whitespace().next()?.split_once('-')?;
+            Some((u64::from_str_radix(lo, 16).ok()?, u64::from_str_radix(hi, 16).ok()?))
+        })
+        .collect()
+}
+
 /// The tool is interrupted (SIGTERM / SIGINT, as when an agent is shut down) while it waits
-/// with its traps set: it must restore everything, exit with 1, and leave the target running
-/// its old code. The signal comes only once the breakpoints are armed, as `kind` (`int3`,
-/// `perf`, `debugreg`): the tool logs it, and the target shows it (int3 bytes at the entries,
-/// perf event descriptors held by the tool, or the tool tracing every thread to hold the
-/// debug registers).
-fn interrupted_while_waiting(v: Variant, scenario: &str, sig: i32, env: &[(&str, &str)], kind: &str) {
+/// with the entries led to their gates: it must take them back, exit with 1, and leave the
+/// target running its old code. The signal comes only once the gates are armed: the tool
+/// logs it, and the target shows it (the entries jump into the patch region).
+fn interrupted_while_waiting(v: Variant, scenario: &str, sig: i32) {
     let old = compile(scenario, "v1", v);
     // forever's v3 changes the frame: the frame cannot be switched, the wait goes on.
     let to = if scenario == "forever" { "v3" } else { "v2" };
@@ -264,25 +280,13 @@ fn interrupted_while_waiting(v: Variant, scenario: &str, sig: i32, env: &[(&str,
         }
     };
     let before = Untouched::take(t.pid);
-    let mut p = Logged::spawn(&apply_args(t.pid, &bundle, &["--strategy", "trap", "--timeout", "60"]), env);
-    let armed = p.wait_for("breakpoints armed", Duration::from_secs(20));
-    assert!(armed.contains(&format!("kind=\"{kind}\"")), "breakpoints armed, but not as {kind}: {armed}");
-    match kind {
-        "int3" => {
-            let entries = live_entries(t.pid, &old, &functions);
-            assert!(
-                entries.iter().any(|(_, e)| read_mem(t.pid, *e, 1)[0] == 0xcc),
-                "the tool says it armed int3 breakpoints, but no entry of {functions:?} holds one"
-            );
-        }
-        "perf" => assert!(perf_fds(p.pid()) > 0, "the tool says it armed perf breakpoints, but holds no perf event"),
-        _ => {
-            for tid in threads(t.pid) {
-                let tracer = task_status_field(t.pid, tid, "TracerPid:");
-                assert_eq!(tracer, Some(p.pid().to_string()), "thread {tid} is not traced by the tool holding its debug registers");
-            }
-        }
-    }
+    let mut p = Logged::spawn(&apply_args(t.pid, &bundle, &["--strategy", "trap", "--timeout", "60"]), &[]);
+    p.wait_for("gates armed", Duration::from_secs(20));
+    let entries = live_entries(t.pid, &old, &functions);
+    assert!(
+        entries.iter().all(|(_, e)| jumps_into_region(t.pid, *e)),
+        "the tool says it armed the gates, but not every entry of {functions:?} leads into the patch region"
+    );
     // SAFETY: kill() of our own child with a valid signal.
     unsafe { libc::kill(p.pid(), sig) };
     let (exit, log) = p.finish(Duration::from_secs(30));
@@ -302,50 +306,49 @@ fn interrupted_while_waiting(v: Variant, scenario: &str, sig: i32, env: &[(&str,
     assert!(status(t.pid).patches.is_empty());
 }
 
-fn hardware_breakpoints_restored_after_sigint(v: Variant) {
-    interrupted_while_waiting(v, "forever", libc::SIGINT, &[], "perf");
+fn gates_taken_back_after_sigint(v: Variant) {
+    interrupted_while_waiting(v, "forever", libc::SIGINT);
 }
-variant_tests!(hardware_breakpoints_restored_after_sigint => hardware_breakpoints_restored_after_sigint: o2_pie, o3_nopie);
+variant_tests!(gates_taken_back_after_sigint => gates_taken_back_after_sigint: o2_pie, o3_nopie);
 
-/// The same with debug registers written through ptrace (what the engine falls back to when
-/// the kernel refuses perf breakpoints): they must be cleared on the way out.
-fn debug_registers_restored_after_sigint(v: Variant) {
-    interrupted_while_waiting(v, "forever", libc::SIGINT, &[("LIVEPATCH_BREAKPOINTS", "debugreg")], "debugreg");
-}
-variant_tests!(debug_registers_restored_after_sigint => debug_registers_restored_after_sigint: o2_pie);
-
-/// Hardware breakpoints are perf events held by the tool's descriptors: the tool waiting on
-/// a function that stays active holds some, and SIGKILLing it leaves none in the target (a
-/// call of the function afterwards would otherwise die of SIGTRAP).
-fn hardware_breakpoints_vanish_with_a_killed_tool(v: Variant) {
+/// A tool SIGKILLed while its gates are armed: the thread that calls the function again
+/// waits at the gate until the heartbeat has stopped long enough, then runs the old code; the
+/// target never dies of a trap. `status` says the patch was interrupted, and the next command
+/// takes the gates back and unmaps the region.
+fn gates_give_way_after_a_killed_tool(v: Variant) {
     let old = compile("forever", "v1", v);
     let bundle = build_bundle(&old, &compile("forever", "v3", v), &[]); // v3: the frame cannot be switched
     let mut t = Target::start(&old);
     t.expect("call", "v1 served 1");
     let before = text_snapshot(t.pid);
-    let mut p = spawn_livepatch(apply_args(t.pid, &bundle, &["--strategy", "trap", "--timeout", "60"]));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while perf_fds(p.pid()) == 0 {
-        assert!(p.is_running() && Instant::now() < deadline, "the tool never held a perf breakpoint");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    p.signal(libc::SIGKILL);
-    let run = p.finish(Duration::from_secs(30));
-    assert_eq!(run.signal, Some(libc::SIGKILL));
-    // The function is reached again: a breakpoint left behind would kill the target here.
+    let mut p = Logged::spawn(&apply_args(t.pid, &bundle, &["--strategy", "trap", "--timeout", "60"]), &[]);
+    p.wait_for("gates armed", Duration::from_secs(20));
+    let entry = live_entries(t.pid, &old, &["serve_forever".to_string()])[0].1;
+    assert!(jumps_into_region(t.pid, entry), "gates armed, but the entry does not lead into the region");
+    // SAFETY: kill() of our own child with a valid signal.
+    unsafe { libc::kill(p.pid(), libc::SIGKILL) };
+    let (exit, _) = p.finish(Duration::from_secs(30));
+    assert_eq!(exit.signal(), Some(libc::SIGKILL));
+    // The function is reached again, through the gate: old code, and alive.
     t.expect("call", "v1 served 2");
     t.expect("call", "v1 served 3");
-    // The region mapped before the wait stays as an orphan, removed by the next command.
-    assert_text_unchanged(&before, t.pid);
-    assert_debug_registers_clear(t.pid);
     assert_not_traced(t.pid);
+    let st = status(t.pid);
+    assert_eq!(st.patches.len(), 1, "{st:?}");
+    assert_eq!(st.raw["patches"][0]["state"], "interrupted", "{st:?}");
+    // The next command repairs: the entry back, the region gone.
+    let out = revert(t.pid, &["--all"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_text_unchanged(&before, t.pid);
+    assert!(memfd_regions(t.pid).is_empty(), "the interrupted patch's region is still mapped: {}", out.stderr);
+    t.expect("call", "v1 served 4");
 }
-variant_tests!(hardware_breakpoints_vanish_with_a_killed_tool => hardware_breakpoints_vanish_with_a_killed_tool: o2_pie);
+variant_tests!(gates_give_way_after_a_killed_tool => gates_give_way_after_a_killed_tool: o2_pie);
 
-fn software_breakpoints_restored_after_sigterm(v: Variant) {
-    interrupted_while_waiting(v, "many", libc::SIGTERM, &[], "int3");
+fn gates_taken_back_after_sigterm(v: Variant) {
+    interrupted_while_waiting(v, "many", libc::SIGTERM);
 }
-variant_tests!(software_breakpoints_restored_after_sigterm => software_breakpoints_restored_after_sigterm: o2_pie, o3_nopie);
+variant_tests!(gates_taken_back_after_sigterm => gates_taken_back_after_sigterm: o2_pie, o3_nopie);
 
 /// The trap strategy on the issue-2 "several threads" target (calls with pauses between).
 fn several_threads_trap(v: Variant) {

@@ -85,7 +85,7 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &Options) -> Result<Report> {
     let mapped = map::map(&target, &exe, Layout::new(bundle, exe.bias), |layout| fixup::fixup(&target, &exe, bundle, &entries, layout))?;
     let watched = watchpoint::watch(&target, &exe, bundle, &mapped, opts.strategy, opts.frames, opts.timeout)?;
     let (attempts, waited) = (watched.attempts, watched.waited);
-    let switched = jump::jump(&target, mapped, watched, opts.strategy)?;
+    let switched = jump::jump(&target, mapped, watched)?;
 
     report.already_applied = false;
     report.pause_us = switched.pause_us;

@@ -4,14 +4,16 @@
 //! ```text
 //! base         header (magic, version, JSON: patch id, digest, entries with original bytes)
 //! mirror_base  NEW's span [span.lo, span.lo+len) with the carried pieces at their offsets
-//! tail         import stubs (jmp *[rip]; addr) and address slots (GOT entries OLD lacks)
+//! tail         import stubs (jmp *[rip]; addr) and address slots (GOT entries OLD lacks),
+//!              register thunks, library detours, and one gate per entry ([`crate::gate`])
+//! control      one page, the only one the target may write: the gates' commit word
 //! ```
 use crate::arch::x86_64::{self, RefKind, STUB_LEN};
 use crate::bundle::{Bundle, Target};
 use crate::error::{Error, RefusalKind, Result};
 use crate::process::{Mapping, MemoryReader};
 use crate::ptrace::Stopped;
-use crate::region::{CodeRange, Entry, Header, OldEntry, RegValue, SiteRecord};
+use crate::region::{CodeRange, Entry, GateRecord, Header, OldEntry, RegValue, SiteRecord};
 use crate::target::{self, Executable};
 use goblin::elf::{sym, Elf};
 use std::collections::{BTreeMap, HashMap};
@@ -45,6 +47,11 @@ pub struct Layout {
     thunks: BTreeMap<String, Thunk>,
     /// Offset in the tail of the library-variable detours (one `DETOUR_LEN` each, in order).
     detours_at: u64,
+    /// Offset in the tail of the gates (one `GATE_ROOM` each, in the order of `gated`).
+    gates_at: u64,
+    gated: Vec<String>,
+    /// Offset of the control page from `base`.
+    control_off: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -104,10 +111,15 @@ impl Layout {
         at = at.div_ceil(16) * 16;
         let detours_at = at;
         at += m.detours.len() as u64 * x86_64::DETOUR_LEN as u64;
+        at = at.div_ceil(16) * 16;
+        let gates_at = at;
+        let gated: Vec<String> = m.functions.iter().filter(|f| f.has_entry_jump()).map(|f| f.name.clone()).collect();
+        at += gated.len() as u64 * x86_64::gate::GATE_ROOM;
         let tail_len = page_up(at);
+        let control_off = header_len + m.span.len + tail_len;
         Layout {
             base: 0,
-            len: header_len + m.span.len + tail_len,
+            len: control_off + PAGE,
             header_len,
             mirror_base: 0,
             span_lo: m.span.lo,
@@ -118,7 +130,21 @@ impl Layout {
             slots,
             thunks,
             detours_at,
+            gates_at,
+            gated,
+            control_off,
         }
+    }
+
+    /// Where the gate of function `name`'s entry goes.
+    pub fn gate_at(&self, name: &str) -> Option<u64> {
+        let i = self.gated.iter().position(|n| n == name)? as u64;
+        Some(self.tail + self.gates_at + i * x86_64::gate::GATE_ROOM)
+    }
+
+    /// The control page (live address): the one page the target may write.
+    pub fn control(&self) -> u64 {
+        self.base + self.control_off
     }
 
     /// Where the jump at the old entry of `f` leads: its register thunk, else the new code.
@@ -162,6 +188,9 @@ impl Layout {
 pub fn build_image(bundle: &Bundle, l: &Layout, imports: &HashMap<String, u64>) -> Result<Vec<u8>> {
     let mut img = vec![0u8; l.len as usize];
     let off = |avma: u64| (avma - l.base) as usize;
+    // Until the switch, a gate whose tool is gone lets its thread run the old code.
+    let control = x86_64::gate::control_page(x86_64::gate::OLD);
+    img[l.control_off as usize..][..control.len()].copy_from_slice(&control);
     for p in &bundle.manifest.pieces {
         let at = off(l.mirror(p.svma));
         img[at..at + p.len as usize].copy_from_slice(bundle.piece_bytes(p));
@@ -298,13 +327,51 @@ pub struct Image {
 pub fn fixup(target: &target::Target, exe: &Executable, bundle: &Bundle, entries: &[OldEntry], layout: &Layout) -> Result<Image> {
     let imports = resolve_imports(target, exe_inode(&target.proc)?, layout)?;
     let mut bytes = build_image(bundle, layout, &imports)?;
-    let header = header(target, exe, bundle, entries, layout, &bytes)?;
+    let mut header = header(target, exe, bundle, entries, layout, &bytes)?;
+    match gates(target, bundle, entries, layout, &mut bytes) {
+        Ok(g) => header.gates = g,
+        Err(why) => {
+            tracing::warn!(pid = target.pid, "no gates for this patch, its jumps are written one after the other: {why}");
+            header.ungated = Some(why);
+        }
+    }
     let enc = header.encode();
     if enc.len() as u64 > layout.header_len {
         return Err(Error::Other("patch region header does not fit its reserved space".into()));
     }
     bytes[..enc.len()].copy_from_slice(&enc);
     Ok(Image { bytes, header })
+}
+
+/// One gate per entry, written into `image` (see [`crate::gate`]); why not, when an entry
+/// cannot have one.
+fn gates(target: &target::Target, bundle: &Bundle, entries: &[OldEntry], layout: &Layout, image: &mut [u8]) -> std::result::Result<Vec<GateRecord>, String> {
+    use x86_64::gate::{displaced_len, gate, GATE_ROOM};
+    let mut out = Vec::new();
+    for e in entries {
+        let f = bundle.manifest.functions.iter().find(|f| f.name == e.function).ok_or_else(|| format!("entry of unknown function `{}`", e.function))?;
+        if e.short || f.trampoline.is_some() {
+            return Err(format!("`{}` is shorter than a jump (its entry jumps through a trampoline)", f.name));
+        }
+        // The old function as it runs, with its original first bytes (what a branch in it sees).
+        let mut function = target.mem.read_vec(e.at, f.old_size as usize).map_err(|e| e.to_string())?;
+        let n = function.len().min(e.original.len());
+        function[..n].copy_from_slice(&e.original[..n]);
+        // What the entry holds now (an earlier patch's jump, or the original), then the rest.
+        let mut code = e.current.clone();
+        code.extend_from_slice(function.get(e.current.len()..(e.current.len() + 16).min(function.len())).unwrap_or_default());
+        let why = |u: x86_64::gate::Ungateable| format!("the entry of `{}` cannot have a gate: {u}", f.name);
+        let len = displaced_len(&code, e.at, x86_64::JUMP_LEN, &function).map_err(why)?;
+        let at = layout.gate_at(&f.name).ok_or_else(|| format!("no room for the gate of `{}`", f.name))?;
+        let g = gate(at, e.at, &code[..len], layout.entry_target(f), layout.control()).map_err(why)?;
+        if g.bytes.len() as u64 > GATE_ROOM {
+            return Err(format!("the gate of `{}` does not fit its room", f.name));
+        }
+        let o = (at - layout.base) as usize;
+        image[o..o + g.bytes.len()].copy_from_slice(&g.bytes);
+        out.push(GateRecord { name: f.name.clone(), entry: e.at, at, len: g.bytes.len() as u64, decided: g.decided, old_path: g.old_path, depths: g.depths });
+    }
+    Ok(out)
 }
 
 /// The header: entries with their jumps' targets, the code the region carries, and the return
@@ -388,6 +455,9 @@ fn header(target: &target::Target, exe: &Executable, bundle: &Bundle, entries: &
         return_sites,
         switched: Vec::new(),
         switched_unrecorded: 0,
+        gates: Vec::new(),
+        control: layout.control(),
+        ungated: None,
     })
 }
 

@@ -7,7 +7,9 @@ use crate::process::{MemoryReader, ProcMem};
 use crate::region::Header;
 use crate::target::Target;
 use crate::watchpoint::frames::FrameWrites;
-use crate::watchpoint::{FrameSwitch, Strategy, Watched};
+use crate::gate::{Gated, Way};
+use crate::ptrace::Stopped;
+use crate::watchpoint::{FrameSwitch, Watched};
 
 /// One entry to overwrite.
 #[derive(Debug, Clone)]
@@ -84,41 +86,81 @@ pub struct Switched {
     pub frames: Vec<FrameSwitch>,
 }
 
-/// With every thread stopped (`watched`): write the jumps, switch the frames at proven return
-/// sites, record them in the region's header, move threads held at an entry to the new code,
-/// and let the target go. Until the commit at the end, any failure undoes every write; the
-/// region is unmapped when `mapped` is dropped.
-pub fn jump(target: &Target, mapped: Mapped, watched: Watched, strategy: Strategy) -> Result<Switched> {
-    let Watched { stopped, switched, .. } = watched;
-    let sites: Vec<Site> = mapped
-        .header
-        .entries
-        .iter()
-        .map(|e| {
-            let write = e.jump().ok_or_else(|| Error::Other(format!("`{}`: new code out of jump range", e.name)))?;
-            let expect = hex::decode(&e.previous).map_err(|_| Error::Other("corrupt region header".into()))?;
-            Ok(Site { name: format!("the entry of `{}`", e.name), at: e.entry, expect, write })
-        })
-        .collect::<Result<_>>()?;
-    let jumps = Jumps::write(&target.mem, &sites)?;
-    // Frames at proven return sites: their return addresses now lead into the new code.
-    let frames = FrameWrites::write(&target.mem, &stopped, &switched)?;
-    if !switched.is_empty() {
-        crate::fault::point("frames-switched");
-        record_switched(&mapped.region, mapped.header.clone(), &switched, mapped.layout.header_len)?;
+/// With every thread stopped (`watched`): switch, and let the target go. A patch with gates
+/// ([`crate::gate`]) leads its entries to them (if the wait did not already), switches the
+/// frames at proven return sites, records them in the region's header, and commits: one write
+/// of the commit word, then the entries straight to the new code. A patch without gates
+/// writes its jumps one after the other. Until the commit, any failure undoes every write;
+/// the region is unmapped when `mapped` is dropped.
+pub fn jump(target: &Target, mapped: Mapped, watched: Watched) -> Result<Switched> {
+    let Watched { stopped, switched, mut gated, .. } = watched;
+    let done = if mapped.header.gates.is_empty() {
+        write_jumps(target, &mapped, &stopped, &switched)
+    } else {
+        through_gates(target, &mapped, &stopped, &switched, &mut gated)
+    };
+    if let Err(e) = done {
+        // Take the gates back while every thread is stopped, let the threads go, and wait
+        // for them to leave the gates before the region goes.
+        let taken = gated.as_mut().map(|g| g.take_back());
+        drop(stopped);
+        if let Some(g) = gated {
+            if matches!(taken, Some(Err(_))) || !g.abort() {
+                mapped.region.leave_mapped();
+            }
+        }
+        return Err(e);
     }
-    // Last, as nothing undoes it: threads held at an entry go straight to the new code.
-    if strategy == Strategy::Trap {
-        crate::watchpoint::trap::move_held_threads(&stopped, &mapped.header.entries)?;
-    }
-    jumps.commit();
-    frames.commit();
     let since = stopped.since();
     stopped.detach();
     let pause_us = since.elapsed().as_micros() as u64;
     let Mapped { region, layout, map_us, .. } = mapped;
     region.commit();
     Ok(Switched { pause_us, map_us, region: format!("{:#x}-{:#x}", layout.base, layout.base + layout.len), frames: switched })
+}
+
+/// The switch through the gates. On failure the frames are put back; the caller takes the
+/// gates back.
+fn through_gates(target: &Target, mapped: &Mapped, stopped: &Stopped, switched: &[FrameSwitch], gated: &mut Option<Gated>) -> Result<()> {
+    if gated.is_none() {
+        *gated = Some(Gated::install(target.pid, stopped, &mapped.header, Way::Apply, &crate::watchpoint::apply_entry)?);
+    }
+    // What a kill leaves from here to the commit: entries leading to gates that park threads
+    // until they see the tool is gone, then send them the old way.
+    crate::fault::point("jump");
+    let frames = FrameWrites::write(&target.mem, stopped, switched)?;
+    record(mapped, switched)?;
+    gated.take().expect("installed above").commit()?;
+    frames.commit();
+    Ok(())
+}
+
+/// The switch of a patch without gates: the jumps one after the other.
+fn write_jumps(target: &Target, mapped: &Mapped, stopped: &Stopped, switched: &[FrameSwitch]) -> Result<()> {
+    let sites: Vec<Site> = mapped
+        .header
+        .entries
+        .iter()
+        .map(|e| {
+            let (expect, write) = crate::watchpoint::apply_entry(e)?;
+            Ok(Site { name: format!("the entry of `{}`", e.name), at: e.entry, expect, write })
+        })
+        .collect::<Result<_>>()?;
+    let jumps = Jumps::write(&target.mem, &sites)?;
+    let frames = FrameWrites::write(&target.mem, stopped, switched)?;
+    record(mapped, switched)?;
+    jumps.commit();
+    frames.commit();
+    Ok(())
+}
+
+/// Record the switched frames in the region's header.
+fn record(mapped: &Mapped, switched: &[FrameSwitch]) -> Result<()> {
+    if switched.is_empty() {
+        return Ok(());
+    }
+    crate::fault::point("frames-switched");
+    record_switched(&mapped.region, mapped.header.clone(), switched, mapped.layout.header_len)
 }
 
 /// Add the switched frames to the region's header (for `status`), as many as its room holds.

@@ -22,6 +22,7 @@ pub mod error;
 pub mod extract;
 pub mod fault;
 pub mod fixup;
+pub mod gate;
 pub mod jump;
 pub mod map;
 pub mod process;

@@ -2,7 +2,8 @@
 //! target's help, by injecting system calls into one stopped thread (the other threads run on).
 //!
 //! The region is a memfd named `livepatch:<patch id>`, filled from our side through
-//! `/proc/PID/fd/N`, and mapped read+execute: it is never writable and executable at once.
+//! `/proc/PID/fd/N`, and mapped read+execute, but for its last page (the gates' control words),
+//! which is read+write: no page is ever writable and executable at once.
 //! [`MappedRegion`] unmaps itself on drop unless committed.
 use crate::arch::x86_64::sigframe;
 use crate::error::{Error, Result};
@@ -19,6 +20,8 @@ use std::time::{Duration, Instant};
 const SYS_CLOSE: i64 = libc::SYS_close;
 const SYS_MMAP: i64 = libc::SYS_mmap;
 const SYS_MUNMAP: i64 = libc::SYS_munmap;
+const SYS_MPROTECT: i64 = libc::SYS_mprotect;
+const PROT_WRITE: u64 = libc::PROT_WRITE as u64;
 const SYS_MEMFD_CREATE: i64 = libc::SYS_memfd_create;
 const MFD_CLOEXEC: u64 = libc::MFD_CLOEXEC as u64;
 const PROT_READ: u64 = libc::PROT_READ as u64;
@@ -125,7 +128,7 @@ pub struct MappedRegion {
     pub base: u64,
     pub len: u64,
     gadget: Gadgets,
-    committed: bool,
+    committed: std::cell::Cell<bool>,
     /// The region's memfd, opened from our side: the header can still be rewritten after the
     /// mapping (the mapping itself is read-only, and /proc/PID/mem cannot write a read-only
     /// shared mapping).
@@ -133,8 +136,14 @@ pub struct MappedRegion {
 }
 
 impl MappedRegion {
-    pub fn commit(mut self) {
-        self.committed = true;
+    pub fn commit(self) {
+        self.committed.set(true);
+    }
+
+    /// Keep the region mapped after all (a thread may still run in it): the next command
+    /// removes it once no thread is inside.
+    pub fn leave_mapped(&self) {
+        self.committed.set(true);
     }
 
     /// Write `bytes` at `offset` of the region (the target sees them at once).
@@ -146,15 +155,15 @@ impl MappedRegion {
     }
 
     /// Unmap now, reporting errors.
-    pub fn unmap(mut self) -> Result<()> {
-        self.committed = true;
+    pub fn unmap(self) -> Result<()> {
+        self.committed.set(true);
         unmap(self.pid, self.gadget, self.base, self.len)
     }
 }
 
 impl Drop for MappedRegion {
     fn drop(&mut self) {
-        if !self.committed {
+        if !self.committed.get() {
             if let Err(e) = unmap(self.pid, self.gadget, self.base, self.len) {
                 tracing::warn!(pid = self.pid, base = self.base, "could not unmap the patch region: {e}");
             }
@@ -225,8 +234,9 @@ pub fn close_leaked_memfds(pid: i32, gadget: Gadgets) -> Result<()> {
     Ok(())
 }
 
-/// Create the memfd, fill it with `image`, and map it at `addr` read+execute.
-pub fn map_region(proc: &Process, mem: &ProcMem, maps: &[Mapping], gadget: Gadgets, name: &str, addr: u64, image: &[u8]) -> Result<MappedRegion> {
+/// Create the memfd, fill it with `image`, and map it at `addr` read+execute, with the page at
+/// offset `writable` read+write instead.
+pub fn map_region(proc: &Process, mem: &ProcMem, maps: &[Mapping], gadget: Gadgets, name: &str, addr: u64, image: &[u8], writable: u64) -> Result<MappedRegion> {
     let len = image.len() as u64;
     let tid = injection_thread(proc)?;
     let mut t = Stopped::one(proc, tid, INJECT_TIMEOUT)?;
@@ -279,12 +289,21 @@ pub fn map_region(proc: &Process, mem: &ProcMem, maps: &[Mapping], gadget: Gadge
         return Err(Error::Process { pid, msg: format!("mmap of the patch region at {addr:#x} failed: errno {}", -r) });
     }
     let got = r as u64;
-    let region = MappedRegion { pid, base: got, len, gadget, committed: false, file };
+    let region = MappedRegion { pid, base: got, len, gadget, committed: std::cell::Cell::new(false), file };
     if got != addr {
         // An old kernel took MAP_FIXED_NOREPLACE as a hint.
         drop(t);
         drop(region);
         return Err(Error::Process { pid, msg: format!("patch region landed at {got:#x} instead of {addr:#x}") });
+    }
+    let r = t.syscall(tid, gadget, SYS_MPROTECT, [got + writable, PAGE, PROT_READ | PROT_WRITE, 0, 0, 0]);
+    if !matches!(r, Ok(0)) {
+        drop(t);
+        drop(region);
+        return Err(match r {
+            Err(e) => e,
+            Ok(r) => Error::Process { pid, msg: format!("mprotect of the patch region's control page failed: errno {}", -r) },
+        });
     }
     Ok(region)
 }
@@ -310,7 +329,7 @@ pub fn map(target: &Target, exe: &Executable, mut layout: Layout, fill: impl FnO
     let image = fill(&layout)?;
     let t0 = Instant::now();
     let name = format!("{}{}", crate::region::NAME_PREFIX, image.header.patch_id);
-    let region = map_region(&target.proc, &target.mem, &target.maps, target.gadgets, &name, addr, &image.bytes)?;
+    let region = map_region(&target.proc, &target.mem, &target.maps, target.gadgets, &name, addr, &image.bytes, layout.control() - layout.base)?;
     let map_us = t0.elapsed().as_micros() as u64;
     crate::fault::point("mapped");
     Ok(Mapped { region, layout, header: image.header, map_us })

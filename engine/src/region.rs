@@ -96,6 +96,43 @@ pub struct Header {
     /// Switched frames left out of `switched` for want of room.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub switched_unrecorded: usize,
+    /// The gates of this patch's entries ([`crate::gate`]). Empty: the patch switches by
+    /// writing its jumps one after the other, and `ungated` says why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gates: Vec<GateRecord>,
+    /// Live address of the control page (the gates' commit word).
+    #[serde(default)]
+    pub control: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ungated: Option<String>,
+}
+
+/// The gate of one entry, in the region: `[at, at+len)`; the commit word is read and acted on
+/// in `[at+1, at+decided)`, the old way starts at `at+old_path`; `depths` gives the words the
+/// gate has pushed at each instruction before the old way (for unwinding a parked thread).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GateRecord {
+    pub name: String,
+    pub entry: u64,
+    pub at: u64,
+    pub len: u64,
+    pub decided: u64,
+    pub old_path: u64,
+    pub depths: Vec<(u32, u8)>,
+}
+
+impl GateRecord {
+    /// Words pushed by the gate when a thread stands at `pc` in it (`None`: not in its waiting
+    /// part).
+    pub fn depth_at(&self, pc: u64) -> Option<u8> {
+        let off = pc.checked_sub(self.at).filter(|o| *o < self.old_path)? as u32;
+        self.depths.iter().rev().find(|(o, _)| *o <= off).map(|(_, d)| *d)
+    }
+
+    /// The jump an entry holds while it leads to this gate.
+    pub fn jump(&self) -> Option<Vec<u8>> {
+        crate::arch::x86_64::jmp_rel32(self.entry, self.at).map(|b| b.to_vec())
+    }
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -174,9 +211,17 @@ pub fn region_mappings(maps: &[Mapping]) -> Vec<&Mapping> {
     maps.iter().filter(|m| m.offset == 0 && m.path.starts_with("/memfd:") && m.path[7..].starts_with(NAME_PREFIX)).collect()
 }
 
-/// Read every region's header, ordered by stack position.
+/// Read every region's header, ordered by stack position. A region's mapping spans its
+/// read+execute part and its control page (two mappings of the same memfd, back to back).
 pub fn read_all(mem: &dyn MemoryReader, maps: &[Mapping]) -> Vec<(Result<Header>, Mapping)> {
-    let mut v: Vec<(Result<Header>, Mapping)> = region_mappings(maps).into_iter().map(|m| (Header::decode(mem, m.start), m.clone())).collect();
+    let whole = |m: &Mapping| {
+        let mut m = m.clone();
+        while let Some(next) = maps.iter().find(|n| n.start == m.end && n.path == m.path && n.offset == m.end - m.start) {
+            m.end = next.end;
+        }
+        m
+    };
+    let mut v: Vec<(Result<Header>, Mapping)> = region_mappings(maps).into_iter().map(|m| (Header::decode(mem, m.start), whole(m))).collect();
     v.sort_by_key(|(h, m)| (h.as_ref().map(|h| h.seq).unwrap_or(u32::MAX), m.start));
     v
 }
@@ -201,11 +246,16 @@ mod tests {
             return_sites: vec![SiteRecord { name: "f".into(), old: 0x10010, new: 0x12010, back: true, sets: vec![RegValue { reg: 13, value: 0x13000 }], back_sets: vec![], moves: vec![], back_moves: vec![], cfa_above_sp: 48 }],
             switched: vec![],
             switched_unrecorded: 0,
+            gates: vec![GateRecord { name: "f".into(), entry: 0x1000, at: 0x12100, len: 180, decided: 25, old_path: 167, depths: vec![(0, 0), (1, 1), (13, 0), (26, 1)] }],
+            control: 0x13000,
+            ungated: None,
         };
         let mem = Snapshot(vec![(0x10000, h.encode())]);
         assert_eq!(Header::decode(&mem, 0x10000).unwrap(), h);
         assert!(h.contains_code(0x12009).is_some());
         assert!(h.contains_code(0x1200a).is_none());
+        let g = &h.gates[0];
+        assert_eq!((g.depth_at(0x12100), g.depth_at(0x12105), g.depth_at(0x12100 + 13), g.depth_at(0x12100 + 30), g.depth_at(0x12100 + 167)), (Some(0), Some(1), Some(0), Some(1), None));
         let bad = Snapshot(vec![(0x10000, b"LPREGIOX\x01\0\0\0\0\0\0\0".to_vec())]);
         assert!(Header::decode(&bad, 0x10000).is_err());
     }

@@ -9,6 +9,7 @@ use crate::process::{MemoryReader, ProcMem};
 use crate::target::Target;
 use crate::status::Applied;
 use crate::unwind::Modules;
+use crate::gate::{Gated, Way};
 use crate::watchpoint::{self, Frames, Guarded, Resume, Strategy, View};
 use serde::Serialize;
 use std::time::{Duration, Instant};
@@ -25,48 +26,153 @@ pub struct Report {
     /// Frames of the removed code stopped at return sites, moved back to the original functions.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub switched_frames: Vec<watchpoint::FrameSwitch>,
+    /// The (last) patch removed switched back through its gates.
+    #[serde(skip)]
+    pub gated: bool,
 }
 
 pub fn revert(pid: i32, all: bool, strategy: Strategy, timeout: Duration, frames: Frames) -> Result<Report> {
+    let t0 = Instant::now();
+    let mut report = revert_newest(pid, all, strategy, timeout, frames)?;
+    // Patches with gates go one at a time, newest first: each gate's old way leads to the
+    // code the patch below left at its entry.
+    while all && report.remaining > 0 && report.gated {
+        let next = revert_newest(pid, all, strategy, timeout, frames)?;
+        if next.reverted.is_empty() {
+            break;
+        }
+        report.reverted.extend(next.reverted);
+        for f in next.functions {
+            if !report.functions.contains(&f) {
+                report.functions.push(f);
+            }
+        }
+        report.pause_us += next.pause_us;
+        report.attempts += next.attempts;
+        report.remaining = next.remaining;
+        report.switched_frames.extend(next.switched_frames);
+        report.gated = next.gated;
+    }
+    report.total_ms = t0.elapsed().as_millis() as u64;
+    Ok(report)
+}
+
+/// Revert the newest patch (`all`: every patch down to the first one without gates, or all
+/// of them if none has gates).
+fn revert_newest(pid: i32, all: bool, strategy: Strategy, timeout: Duration, frames: Frames) -> Result<Report> {
     let t0 = Instant::now();
     let target = Target::open(pid)?;
     target.remove_leftovers();
     let (mem, maps, gadget) = (&target.mem, &target.maps, target.gadgets);
     let live = target.live();
-    if live.is_empty() {
+    let Some(newest) = live.last() else {
         // Idempotent: callers revert to make sure; an empty `reverted` says nothing was applied.
-        return Ok(Report { pid, reverted: vec![], functions: vec![], pause_us: 0, attempts: 0, remaining: 0, total_ms: t0.elapsed().as_millis() as u64, switched_frames: vec![] });
+        return Ok(Report { pid, reverted: vec![], functions: vec![], pause_us: 0, attempts: 0, remaining: 0, total_ms: t0.elapsed().as_millis() as u64, switched_frames: vec![], gated: false });
+    };
+    let gated = !newest.header.gates.is_empty();
+    let removing: Vec<&Applied> = if all && !gated { live.clone() } else { vec![*newest] };
+    let (sites, functions) = entry_sites(mem, &live, &removing, all && !gated)?;
+    let mut guarded = guarded_code(&live, &removing, frames);
+    if gated {
+        guarded.extend(crate::gate::in_flight(&newest.header, false));
     }
-    let removing: Vec<&Applied> = if all { live.clone() } else { vec![*live.last().unwrap()] };
-    let (sites, functions) = entry_sites(mem, &live, &removing, all)?;
-    let guarded = guarded_code(&live, &removing, frames);
     let modules = Modules::load(pid, maps, mem);
     let view = View { proc: &target.proc, mem, maps, modules: &modules };
-    // A thread that reaches an entry now is held there and, once the old bytes are back, runs
-    // the code the entry had before this patch.
-    let entries: Vec<crate::region::Entry> = removing.iter().flat_map(|a| a.header.entries.iter().cloned()).collect();
-    let watchpoint::Quiet { stopped, attempts, .. } = watchpoint::until_inactive(&view, strategy, &guarded, &entries, timeout)?;
-    let switched = watchpoint::frames_to_switch(&view, &stopped, &guarded)?;
+    // Through the gates: an entry holds the patch's jump (or its gate's, left by a tool that
+    // died after a commit) and gets back what it had before the patch.
+    let revert_entry = |e: &crate::region::Entry| -> Result<(Vec<u8>, Vec<u8>)> {
+        let before = e.jump().ok_or_else(|| Error::Other("corrupt region header".into()))?;
+        let after = hex::decode(&e.previous).map_err(|_| Error::Other("corrupt region header".into()))?;
+        Ok((before, after))
+    };
+    let mut gate: Option<Gated> = None;
+    let quiet = watchpoint::until_inactive(&view, strategy, &guarded, timeout, &mut |s| {
+        if gated && gate.is_none() {
+            gate = Some(Gated::install(pid, s, &newest.header, Way::Revert, &revert_entry)?);
+            tracing::debug!(entries = newest.header.gates.len(), "gates armed");
+            crate::fault::point("trap-armed");
+        }
+        Ok(())
+    });
+    let abort = |gate: Option<Gated>| {
+        if let Some(g) = gate {
+            g.abort();
+        }
+    };
+    let watchpoint::Quiet { stopped, attempts, .. } = match quiet {
+        Ok(q) => q,
+        Err(e) => {
+            abort(gate);
+            return Err(e);
+        }
+    };
+    let switched = match watchpoint::frames_to_switch(&view, &stopped, &guarded) {
+        Ok(s) => s,
+        Err(e) => {
+            drop(stopped);
+            abort(gate);
+            return Err(e);
+        }
+    };
     crate::fault::point("revert-stopped");
-    let jumps = Jumps::write(mem, &sites)?;
-    // `new` is where the frame goes: here, back to the original function.
-    let frames = watchpoint::frames::FrameWrites::write(mem, &stopped, &switched)?;
-    if !switched.is_empty() {
-        crate::fault::point("revert-frames-switched");
+    let done = (|| -> Result<()> {
+        if gated {
+            if gate.is_none() {
+                gate = Some(Gated::install(pid, &stopped, &newest.header, Way::Revert, &revert_entry)?);
+            }
+            crate::fault::point("jump");
+            let frames = watchpoint::frames::FrameWrites::write(mem, &stopped, &switched)?;
+            if !switched.is_empty() {
+                crate::fault::point("revert-frames-switched");
+            }
+            gate.take().expect("installed above").commit()?;
+            frames.commit();
+        } else {
+            let jumps = Jumps::write(mem, &sites)?;
+            // `new` is where the frame goes: here, back to the original function.
+            let frames = watchpoint::frames::FrameWrites::write(mem, &stopped, &switched)?;
+            if !switched.is_empty() {
+                crate::fault::point("revert-frames-switched");
+            }
+            jumps.commit();
+            frames.commit();
+        }
+        Ok(())
+    })();
+    if let Err(e) = done {
+        let taken = gate.as_mut().map(|g| g.take_back());
+        drop(stopped);
+        if matches!(taken, Some(Ok(()))) {
+            abort(gate);
+        }
+        return Err(e);
     }
-    jumps.commit();
-    frames.commit();
     let since = stopped.since();
     stopped.detach();
     let pause_us = since.elapsed().as_micros() as u64;
     let mut reverted = Vec::new();
     for a in &removing {
-        if let Err(e) = map::unmap(pid, gadget, a.mapping.start, a.mapping.end - a.mapping.start) {
+        let range = [(a.mapping.start, a.mapping.end)];
+        // Threads released from the gates the old way, or finishing in the region, leave it
+        // first; one that does not is left a mapped region, removed by the next command.
+        if !crate::gate::drain(pid, &range, Duration::from_secs(2)) {
+            tracing::warn!("patch {} reverted but a thread is still inside its region: left mapped", a.header.patch_id);
+        } else if let Err(e) = map::unmap(pid, gadget, a.mapping.start, a.mapping.end - a.mapping.start) {
             tracing::warn!("patch {} reverted but its region stays mapped: {e}", a.header.patch_id);
         }
         reverted.push(a.header.patch_id.clone());
     }
-    Ok(Report { pid, reverted, functions, pause_us, attempts, remaining: live.len() - removing.len(), total_ms: t0.elapsed().as_millis() as u64, switched_frames: switched })
+    Ok(Report {
+        pid,
+        reverted,
+        functions,
+        pause_us,
+        attempts,
+        remaining: live.len() - removing.len(),
+        total_ms: t0.elapsed().as_millis() as u64,
+        switched_frames: switched,
+        gated,
+    })
 }
 
 /// The jumps to undo: each entry of the removed patches back to what it held before them
@@ -83,7 +189,8 @@ fn entry_sites(mem: &ProcMem, live: &[&Applied], removing: &[&Applied], all: boo
             let corrupt = |_| Error::Other("corrupt region header".into());
             // `all`: back to the original; else to what was there before this patch.
             let write = hex::decode(if all { &e.original } else { &e.previous }).map_err(corrupt)?;
-            if e.jump() != Some(now.clone()) {
+            let through_gate = a.header.gates.iter().any(|g| g.entry == e.entry && g.jump().as_ref() == Some(&now));
+            if e.jump() != Some(now.clone()) && !through_gate {
                 // A livepatch process that died between two jumps (applying or reverting)
                 // leaves some entries on the bytes they had before this patch: nothing to
                 // undo there, the others are reverted.

@@ -16,7 +16,9 @@ pub struct EntryStatus {
     pub name: String,
     pub entry: String,
     pub target: String,
-    /// `active` (the entry jumps here), `overridden` (a newer patch took it), `not-jumped`.
+    /// `active` (the entry jumps here), `gated` (it jumps to this patch's gate, which leads
+    /// the way the patch's commit word says), `overridden` (a newer patch took it),
+    /// `not-jumped`.
     pub state: String,
 }
 
@@ -32,8 +34,10 @@ pub struct PatchStatus {
     pub region: String,
     pub functions: Vec<String>,
     pub entries: Vec<EntryStatus>,
-    /// `applied`, or `orphan` (mapped but never switched to: a tool died mid-way; harmless,
-    /// removed by the next apply or revert).
+    /// `applied`, `orphan` (mapped but never switched to: a tool died mid-way; harmless,
+    /// removed by the next apply or revert), or `interrupted` (a switch through the gates was
+    /// given up: its entries lead through the gates to the code they had before; repaired by
+    /// the next apply or revert).
     pub state: String,
     /// Frames of old functions moved to this patch's code when it was applied.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -54,7 +58,9 @@ pub struct Status {
 pub struct Applied {
     pub header: Header,
     pub mapping: Mapping,
+    /// Not in effect: never switched to, or switched back through its gates (`interrupted`).
     pub orphan: bool,
+    pub interrupted: bool,
 }
 
 /// Every region of the process, ordered oldest first, with orphans identified.
@@ -63,7 +69,7 @@ pub fn applied(mem: &dyn MemoryReader, maps: &[Mapping]) -> (Vec<Applied>, Vec<S
     let mut out: Vec<Applied> = Vec::new();
     for (h, m) in region::read_all(mem, maps) {
         match h {
-            Ok(header) => out.push(Applied { header, mapping: m, orphan: false }),
+            Ok(header) => out.push(Applied { header, mapping: m, orphan: false, interrupted: false }),
             Err(e) => warnings.push(format!("region at {:#x}: {e}", m.start)),
         }
     }
@@ -76,7 +82,9 @@ pub fn applied(mem: &dyn MemoryReader, maps: &[Mapping]) -> (Vec<Applied>, Vec<S
         })
         .collect();
     for (a, r) in out.iter_mut().zip(referenced) {
-        a.orphan = !r;
+        // Referenced through gates whose word says (or falls back to) the old code.
+        a.interrupted = r && crate::gate::effective_state(mem, &a.header) == Some(crate::arch::x86_64::gate::OLD);
+        a.orphan = !r || a.interrupted;
     }
     (out, warnings)
 }
@@ -90,6 +98,7 @@ pub fn partly_switched(mem: &dyn MemoryReader, a: &Applied) -> bool {
 pub fn entry_state(mem: &dyn MemoryReader, h: &Header, e: &region::Entry) -> &'static str {
     match mem.read_vec(e.entry, e.width()).ok().and_then(|b| decode_jump(e.entry, &b)) {
         Some(t) if t == e.target => "active",
+        Some(t) if h.gates.iter().any(|g| g.entry == e.entry && g.at == t) => "gated",
         Some(t) if t < h.base || t >= h.base + h.len => "overridden",
         _ => "not-jumped",
     }
@@ -122,7 +131,13 @@ pub fn status(pid: i32) -> Result<Status> {
                     state: entry_state(&mem, &a.header, e).into(),
                 })
                 .collect(),
-            state: if a.orphan { "orphan".into() } else { "applied".into() },
+            state: if a.interrupted {
+                "interrupted".into()
+            } else if a.orphan {
+                "orphan".into()
+            } else {
+                "applied".into()
+            },
             switched: a.header.switched.clone(),
         })
         .collect();

@@ -4,7 +4,7 @@
 use crate::elf::ElfFile;
 use crate::error::{Error, Result};
 use crate::map;
-use crate::process::{Lock, Mapping, ProcMem, Process};
+use crate::process::{Lock, Mapping, MemoryReader, ProcMem, Process};
 use crate::ptrace::Gadgets;
 use crate::status::{self, Applied};
 
@@ -44,13 +44,47 @@ impl Target {
         self.applied.iter().filter(|a| !a.orphan).collect()
     }
 
-    /// Remove what a tool that died between map and jump left: unreachable regions and memfd
-    /// descriptors (best effort: they are harmless, only wasteful).
+    /// Remove what a tool that died mid-way left (best effort: all of it is harmless, only
+    /// wasteful): commit words still parking threads get their fallback at once (we hold the
+    /// lock, so that tool is gone); regions never switched to, or switched back through their
+    /// gates, lose their entries' gate jumps and are unmapped once no thread is inside; memfd
+    /// descriptors are closed.
     pub fn remove_leftovers(&self) {
+        for a in &self.applied {
+            if let Err(e) = crate::gate::settle(&self.mem, &a.header) {
+                tracing::warn!(pid = self.pid, "could not settle the gates of patch {}: {e}", a.header.patch_id);
+            }
+        }
         for a in self.applied.iter().filter(|a| a.orphan) {
-            let _ = map::unmap(self.pid, self.gadgets, a.mapping.start, a.mapping.end - a.mapping.start);
+            if a.interrupted {
+                if let Err(e) = self.ungate(a) {
+                    tracing::warn!(pid = self.pid, "could not take back the gates of patch {}: {e}", a.header.patch_id);
+                    continue;
+                }
+            }
+            if !crate::gate::drain(self.pid, &[(a.mapping.start, a.mapping.end)], std::time::Duration::from_secs(1)) {
+                tracing::warn!(pid = self.pid, "a thread is still inside the region of patch {}: left for the next command", a.header.patch_id);
+                continue;
+            }
+            if let Err(e) = map::unmap(self.pid, self.gadgets, a.mapping.start, a.mapping.end - a.mapping.start) {
+                tracing::warn!(pid = self.pid, "could not unmap the region of patch {}: {e}", a.header.patch_id);
+            }
         }
         let _ = map::close_leaked_memfds(self.pid, self.gadgets);
+    }
+
+    /// Entries of an interrupted patch that lead to its gates get back what they held before it.
+    fn ungate(&self, a: &Applied) -> Result<()> {
+        let _stopped = crate::ptrace::Stopped::all(&self.proc, std::time::Duration::from_secs(10))?;
+        for e in &a.header.entries {
+            let Some(g) = a.header.gates.iter().find(|g| g.entry == e.entry) else { continue };
+            let Some(jump) = g.jump() else { continue };
+            if self.mem.read_vec(e.entry, jump.len())? == jump {
+                let previous = hex::decode(&e.previous).map_err(|_| Error::Other("corrupt region header".into()))?;
+                self.mem.write(e.entry, &previous)?;
+            }
+        }
+        Ok(())
     }
 
     /// A patch only partly switched (a tool died between two jumps) is neither applied nor a

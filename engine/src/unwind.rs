@@ -55,6 +55,8 @@ impl Module {
 #[derive(Default)]
 pub struct Modules {
     pub modules: Vec<Module>,
+    /// Gates of the patch regions: a thread parked in one has pushed a known number of words.
+    gates: Vec<crate::region::GateRecord>,
     rows: std::cell::RefCell<HashMap<u64, Result<Row, String>>>,
 }
 
@@ -143,14 +145,15 @@ impl Modules {
                 }
             }
         }
-        Modules { modules, rows: Default::default() }
+        let gates = crate::region::read_all(mem, maps).into_iter().filter_map(|(h, _)| h.ok()).flat_map(|h| h.gates).collect();
+        Modules { modules, gates, rows: Default::default() }
     }
 
     /// The tables of one file, at its file addresses (bias 0): for comparing frames of two
     /// builds of a function before anything runs.
     pub fn of_file(elf: &ElfFile) -> Option<Modules> {
         let (lo, hi) = elf.image_range();
-        Module::from_elf(&elf.path.display().to_string(), elf, lo, hi, 0).map(|m| Modules { modules: vec![m], rows: Default::default() })
+        Module::from_elf(&elf.path.display().to_string(), elf, lo, hi, 0).map(|m| Modules { modules: vec![m], gates: Vec::new(), rows: Default::default() })
     }
 
     /// The CFI row that holds at `addr`.
@@ -310,6 +313,10 @@ fn row_for(modules: &Modules, lookup: u64, ctx: &mut UnwindContext<usize>) -> Re
 }
 
 fn compute_row(modules: &Modules, lookup: u64, ctx: &mut UnwindContext<usize>) -> Result<Row, String> {
+    if let Some(d) = modules.gates.iter().find_map(|g| g.depth_at(lookup)) {
+        // A gate pushes whole words and touches no callee-saved register.
+        return Ok(Row { cfa_reg: RSP as u16, cfa_off: 8 * (d as i64 + 1), rules: vec![(RA, Rule::Offset(-8))] });
+    }
     let m = modules.find(lookup).ok_or_else(|| format!("no unwind information for {lookup:#x}"))?;
     let svma = lookup.wrapping_sub(m.bias);
     let eh = EhFrame::new(&m.eh_frame, LittleEndian);

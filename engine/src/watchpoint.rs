@@ -2,13 +2,14 @@
 //! the bytes the jump overwrites.
 //!
 //! Two strategies: `wait` stops the process, checks every thread's stack, and if the code is
-//! active resumes it and retries with backoff; `trap` (see [`crate::watchpoint::trap`]) puts
-//! breakpoints on the old entries so the process is stopped exactly when it is about to enter
-//! one, and on the return addresses of active frames so it learns when they leave.
+//! active resumes it and retries with backoff; `trap` (see [`crate::watchpoint::trap`]) leads
+//! the old entries to their gates ([`crate::gate`]), so a thread is stopped exactly when it is
+//! about to enter old code, and polls until the active frames have left.
 use crate::error::{Error, Result};
 use crate::process::{Mapping, ProcMem, Process};
 use crate::ptrace::Stopped;
 use crate::bundle::{Bundle, FunctionKind};
+use crate::gate::{Gated, Way};
 use crate::map::Mapped;
 use crate::target::{Executable, Target};
 use crate::unwind::{self, Modules, Stack};
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 pub enum Strategy {
     /// Stop, check the stacks, resume and retry with backoff.
     Wait,
-    /// Breakpoints on the entries and on active frames' return addresses.
+    /// Gates on the entries (threads about to enter old code wait there), polled stacks.
     #[default]
     Trap,
 }
@@ -177,6 +178,15 @@ pub struct Watched {
     pub attempts: u32,
     pub waited: Duration,
     pub switched: Vec<FrameSwitch>,
+    /// The entries led to their gates during the wait (trap strategy), if they were.
+    pub gated: Option<Gated>,
+}
+
+/// What each entry of `h` holds before an apply through its gate, and gets after.
+pub fn apply_entry(e: &crate::region::Entry) -> Result<(Vec<u8>, Vec<u8>)> {
+    let before = hex::decode(&e.previous).map_err(|_| Error::Other("corrupt region header".into()))?;
+    let after = e.jump().ok_or_else(|| Error::Other(format!("`{}`: new code out of jump range", e.name)))?;
+    Ok((before, after))
 }
 
 /// Wait until the old functions of `bundle` (and the copies earlier patches carry) are not
@@ -201,16 +211,48 @@ pub fn watch(target: &Target, exe: &Executable, bundle: &Bundle, mapped: &Mapped
             }
         }
     }
+    // A thread in a gate that read the commit word before the switch, or on the old way out
+    // of it, is about to run old code.
+    guarded.extend(crate::gate::in_flight(header, true));
     let maps = target.proc.maps()?;
     let modules = Modules::load(target.pid, &maps, &target.mem);
     let view = View { proc: &target.proc, mem: &target.mem, maps: &maps, modules: &modules };
-    let Quiet { stopped, attempts, waited } = until_inactive(&view, strategy, &guarded, &header.entries, timeout)?;
+    let mut gated: Option<Gated> = None;
+    let quiet = until_inactive(&view, strategy, &guarded, timeout, &mut |s| {
+        if gated.is_none() && !header.gates.is_empty() {
+            gated = Some(Gated::install(target.pid, s, header, Way::Apply, &apply_entry)?);
+            // The tests wait for this line (LIVEPATCH_LOG=debug) before they interrupt a wait.
+            tracing::debug!(entries = header.gates.len(), "gates armed");
+            crate::fault::point("trap-armed");
+        }
+        Ok(())
+    });
+    let abort = |gated: Option<Gated>| {
+        if gated.is_some_and(|g| !g.abort()) {
+            mapped.region.leave_mapped();
+        }
+    };
+    let Quiet { stopped, attempts, waited } = match quiet {
+        Ok(q) => q,
+        Err(e) => {
+            abort(gated);
+            return Err(e);
+        }
+    };
     // The wait strategy lets the process run untraced between two checks: had it called exec
     // meanwhile, the entries would belong to another program and the region would be gone.
-    target.check_region_still_mapped(mapped.region.base, &header.patch_id)?;
-    let switched = frames_to_switch(&view, &stopped, &guarded)?;
+    let checked = target.check_region_still_mapped(mapped.region.base, &header.patch_id).and_then(|_| frames_to_switch(&view, &stopped, &guarded));
+    let switched = match checked {
+        Ok(s) => s,
+        Err(e) => {
+            // Let the threads go before the gates are taken back (which stops them again).
+            drop(stopped);
+            abort(gated);
+            return Err(e);
+        }
+    };
     crate::fault::point("stopped");
-    Ok(Watched { stopped, attempts, waited, switched })
+    Ok(Watched { stopped, attempts, waited, switched, gated })
 }
 
 /// Every thread stopped, none in guarded code: the moment to switch.
@@ -220,12 +262,12 @@ pub struct Quiet {
     pub waited: Duration,
 }
 
-/// Wait with `strategy` until no thread is in guarded code. `entries` are the old entries a
-/// thread may be held at (trap strategy).
-pub fn until_inactive(v: &View, strategy: Strategy, guarded: &[Guarded], entries: &[crate::region::Entry], timeout: Duration) -> Result<Quiet> {
+/// Wait with `strategy` until no thread is in guarded code. `gate` leads the entries to their
+/// gates (trap strategy; called with every thread stopped, possibly more than once).
+pub fn until_inactive(v: &View, strategy: Strategy, guarded: &[Guarded], timeout: Duration, gate: &mut dyn FnMut(&Stopped) -> Result<()>) -> Result<Quiet> {
     match strategy {
         Strategy::Wait => wait_inactive(v, guarded, timeout),
-        Strategy::Trap => trap::trap_inactive(v, guarded, entries, timeout),
+        Strategy::Trap => trap::trap_inactive(v, guarded, gate, timeout),
     }
 }
 
@@ -262,13 +304,12 @@ pub fn wait_inactive(v: &View, guarded: &[Guarded], timeout: Duration) -> Result
 pub fn blocked(a: &Activation, timeout: Duration, strategy: Strategy) -> Error {
     let advice = match strategy {
         Strategy::Wait => "Retry later, use --strategy trap, or restart the process offline to get the fix",
-        Strategy::Trap => "The code never left the old function (a loop that does not return?): restart the process offline to get the fix, or patch the functions it calls instead (--function)",
+        Strategy::Trap => "The code never left the old function while new calls of it waited at its entry (a loop that does not return?): restart the process offline to get the fix, or patch the functions it calls instead (--function)",
     };
     Error::Blocked(format!("{a} for {:.1} s (the timeout); the target is unchanged. {advice}", timeout.as_secs_f64()))
 }
 
 pub mod frames;
-mod perf;
 pub mod trap;
 
 pub use frames::{frames_to_switch, FrameSwitch, RegWrite};

@@ -1021,12 +1021,9 @@ pub fn status(pid: i32) -> Status {
     let run = livepatch(["status", "--pid", &pid.to_string(), "--json"]);
     run.assert_ok();
     let st = run.status();
-    assert_eq!(
-        st.stacked as usize,
-        st.patches.len(),
-        "status --json: `stacked` does not count the patches\n{}",
-        run.describe()
-    );
+    // Orphan and interrupted regions are listed but not stacked.
+    let in_effect = st.raw["patches"].as_array().map_or(0, |p| p.iter().filter(|p| p["state"] == "applied").count());
+    assert_eq!(st.stacked as usize, in_effect, "status --json: `stacked` does not count the patches in effect\n{}", run.describe());
     st
 }
 

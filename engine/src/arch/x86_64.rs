@@ -1,6 +1,7 @@
 //! x86-64: finding the address references inside machine code (rip-relative operands, rel32
 //! branches, absolute immediates, `%fs` TLS offsets), encoding the entry jump, and the debug
 //! register layout.
+pub mod gate;
 pub mod sigframe;
 
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind, Register};
