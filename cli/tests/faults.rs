@@ -35,8 +35,8 @@ use support::*;
 const V: Variant = Variant::O2_PIE;
 const OLD: &str = "11111";
 
-/// The scenario: v1, and two bundles (f and g: hardware breakpoints in trap rounds; all five
-/// functions: more entries than debug registers, so `int3` bytes).
+/// The scenario: v1, and two bundles (f and g; all five functions), both switched through
+/// their gates.
 struct Scene {
     old: PathBuf,
     fg: Bundle,
@@ -138,7 +138,7 @@ fn memfd_descriptors(pid: i32) -> usize {
 /// What a kill left in the target before anything repaired it (from `status` and /proc).
 #[derive(Debug, Default, Clone)]
 struct Left {
-    /// A region mapped, never switched to.
+    /// A region mapped, never switched to, or switched back through its gates (interrupted).
     orphan: bool,
     /// A patch only partly switched (the tool died between two jumps).
     partial: bool,
@@ -157,31 +157,6 @@ struct Left {
 struct Harm {
     kind: &'static str,
     detail: String,
-}
-
-/// The window the engine does not close (docs/safety.md, "The window that remains"): a tool
-/// SIGKILLed during a trap wait that uses `int3` bytes (more than four entry points to guard)
-/// leaves them in the code, and the next thread to reach one is killed by the kernel with
-/// SIGTRAP (5). Injected system calls restore their thread by themselves, hardware
-/// breakpoints are perf events that vanish with the tool, forked children get their bytes
-/// back: none of those is a window any more, and harm there fails. By default the campaign
-/// counts and prints the int3 window and fails on any other harm, and on a rate above the
-/// documented one; `LIVEPATCH_FAULT_STRICT=1` fails on it too.
-fn strict() -> bool {
-    std::env::var("LIVEPATCH_FAULT_STRICT").is_ok_and(|v| v == "1")
-}
-
-fn known_window(h: &Harm) -> bool {
-    h.kind == "target died" && h.detail.contains("signal Some(5)")
-}
-
-/// `h` names an int3 trap wait (a campaign line says `All strategy trap`) and a SIGTRAP death,
-/// or a kill between two jumps (a partly switched patch: one function switched, the other not,
-/// until the next command repairs it; docs/safety.md).
-fn known_window_text(h: &str) -> bool {
-    let int3 = h.contains("target died") && h.contains("signal Some(5)") && (h.contains("All strategy trap") || h.contains("int3 bytes"));
-    let between_jumps = h.contains("a mix persisted until the next livepatch command") && h.contains("partial: true");
-    int3 || between_jumps
 }
 
 fn harm(kind: &'static str, detail: impl Into<String>) -> Harm {
@@ -235,7 +210,7 @@ fn after_kill(sub: &mut Subject, new: &str, persistent_before: i64) -> Result<Le
         let v = st.json();
         for p in v["patches"].as_array().cloned().unwrap_or_default() {
             match p["state"].as_str() {
-                Some("orphan") => left.orphan = true,
+                Some("orphan") | Some("interrupted") => left.orphan = true,
                 Some("applied") => left.applied = true,
                 other => panic!("status: patch state {other:?}"),
             }
@@ -386,23 +361,9 @@ fn kill_at(point: &str, op: Op, strategy: &str, which: Which, hold: bool) {
     match after_kill(&mut sub, which.new_pattern(), p0) {
         Ok(left) => {
             eprintln!("fault {point} ({op:?}, {strategy}, {which:?}, hold {hold}): left {left:?}");
-            if point == "jump" {
-                // The known window: between two jumps the tool's death leaves one function
-                // switched and not the other until the next livepatch command. It bites
-                // every time here by construction; the repair must be complete.
-                assert!(
-                    left.partial,
-                    "a kill between the jumps must leave a partly switched patch: {left:?}"
-                );
-            } else {
-                assert_eq!(
-                    left.persisted, 0,
-                    "a mix persisted after the kill at {point}: {left:?}\n{repro}"
-                );
-            }
-        }
-        Err(h) if !strict() && point == "trap-armed" && which == Which::All && known_window(&h) => {
-            eprintln!("KNOWN WINDOW bit at fault point `{point}` ({op:?}, {strategy}, {which:?}): {}: {}", h.kind, h.detail);
+            // Through the gates nothing is ever partly switched, whatever the point.
+            assert!(!left.partial, "a kill at {point} left a partly switched patch: {left:?}\n{repro}");
+            assert_eq!(left.persisted, 0, "a mix persisted after the kill at {point}: {left:?}\n{repro}");
         }
         Err(h) => panic!(
             "TARGET HARMED by a kill at fault point `{point}` ({op:?}, strategy {strategy}, {which:?}{}): {}: {}\n{repro}\n{}",
@@ -435,19 +396,22 @@ fault_tests! {
     apply_mapped_trap: "mapped", Apply, "trap", Fg, false;
     apply_stopped_wait: "stopped", Apply, "wait", Fg, false;
     apply_stopped_trap: "stopped", Apply, "trap", Fg, false;
-    apply_stopped_trap_int3: "stopped", Apply, "trap", All, false;
+    apply_stopped_trap_five: "stopped", Apply, "trap", All, false;
     apply_jump_wait: "jump", Apply, "wait", Fg, false;
     apply_jump_trap: "jump", Apply, "trap", Fg, false;
-    apply_jump_trap_int3: "jump", Apply, "trap", All, false;
-    apply_trap_armed_hardware: "trap-armed", Apply, "trap", Fg, true;
-    apply_trap_armed_int3: "trap-armed", Apply, "trap", All, true;
+    apply_jump_trap_five: "jump", Apply, "trap", All, false;
+    apply_committed_wait: "committed", Apply, "wait", Fg, false;
+    apply_committed_trap_five: "committed", Apply, "trap", All, false;
+    apply_trap_armed_two: "trap-armed", Apply, "trap", Fg, true;
+    apply_trap_armed_five: "trap-armed", Apply, "trap", All, true;
     revert_stopped_wait: "revert-stopped", Revert, "wait", Fg, false;
     revert_stopped_trap: "revert-stopped", Revert, "trap", Fg, false;
     revert_jump_wait: "jump", Revert, "wait", Fg, false;
     revert_jump_trap: "jump", Revert, "trap", Fg, false;
-    revert_jump_trap_int3: "jump", Revert, "trap", All, false;
-    revert_trap_armed_hardware: "trap-armed", Revert, "trap", Fg, true;
-    revert_trap_armed_int3: "trap-armed", Revert, "trap", All, true;
+    revert_jump_trap_five: "jump", Revert, "trap", All, false;
+    revert_committed_trap_five: "committed", Revert, "trap", All, false;
+    revert_trap_armed_two: "trap-armed", Revert, "trap", Fg, true;
+    revert_trap_armed_five: "trap-armed", Revert, "trap", All, true;
 }
 
 /// Held threads (stopped on an entry breakpoint, then kept there while the trap round goes on)
@@ -695,14 +659,8 @@ fn random_kills_over_many_cycles() {
     if let Err(e) = end {
         panic!("the campaign target is not healthy at the end: {}", panic_text(e));
     }
-    let (known, other): (Vec<&String>, Vec<&String>) = fig.harms.iter().partition(|h| !strict() && known_window_text(h));
-    for k in &known {
-        eprintln!("KNOWN WINDOW bit: {k}");
-    }
-    assert!(other.is_empty(), "the fault campaign found {} problem(s) outside the documented windows:\n{}", other.len(), other.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n"));
-    // docs/safety.md: the documented windows (int3 trap wait, between two jumps) bite in well
-    // under 1 % of random kills.
-    assert!(known.len() as u64 * 100 <= fig.kills * 5, "the documented windows bit {} times in {} kills (more than 5 %)", known.len(), fig.kills);
+    // No window is left (docs/safety.md): any harm fails.
+    assert!(fig.harms.is_empty(), "the fault campaign found {} problem(s):\n{}", fig.harms.len(), fig.harms.join("\n"));
     // Most kills must land inside a command (the window adapts to this run's durations), and
     // there must be many of them.
     assert!(fig.kills * 2 >= attempted, "fewer than half of the {attempted} kills landed inside a command: {fig:?}");
@@ -807,7 +765,7 @@ fn target_execs_during_trap_wait() {
 }
 
 #[test]
-fn target_execs_during_trap_wait_int3() {
+fn target_execs_during_trap_wait_five() {
     target_execs_during_update("trap", Which::All);
 }
 
@@ -816,9 +774,9 @@ fn target_execs_during_wait_polling() {
     target_execs_during_update("wait", Which::Fg);
 }
 
-/// The target forks while the update waits with its breakpoints set: the child (a copy of
-/// the address space) must not inherit a breakpoint. With `int3` bytes it would die of
-/// SIGTRAP the moment it calls an old entry.
+/// The target forks while the update waits with its gates armed: the child (a copy of the
+/// address space, with its own copy of the control page) must run its parent's old code, not
+/// follow the switch its parent makes later.
 fn target_forks_during_update(which: Which) {
     let s = scene();
     let mut sub = start(&s, which);
@@ -847,12 +805,12 @@ fn target_forks_during_update(which: Which) {
 }
 
 #[test]
-fn target_forks_during_trap_wait_hardware() {
+fn target_forks_during_trap_wait_two() {
     target_forks_during_update(Which::Fg);
 }
 
 #[test]
-fn target_forks_during_trap_wait_int3() {
+fn target_forks_during_trap_wait_five() {
     target_forks_during_update(Which::All);
 }
 
@@ -1206,11 +1164,10 @@ fn thread_churn_library_on_a_worker_thread() {
     nothing_left(&mut sub);
 }
 
-/// Kills in the middle of a trap wait, measured: a worker holds f active, so apply (trap) arms
-/// its breakpoints and waits; the tool is killed at a random moment of that wait. Hardware
-/// breakpoints (perf events) vanish with the tool: any harm there fails. `int3` bytes (five
-/// functions to guard) outlive it: a thread that reaches one afterwards gets a SIGTRAP nobody
-/// handles; those deaths are counted as the documented window (strict mode fails on them).
+/// Kills in the middle of a trap wait, measured: a worker holds f active, so apply (trap) leads
+/// the entries to their gates and waits, while the other workers keep entering the functions;
+/// the tool is killed at a random moment of that wait. The parked threads must see the
+/// heartbeat stop and run the old code: any harm fails.
 #[test]
 fn random_kills_during_trap_wait() {
     let rounds: u64 = std::env::var("LIVEPATCH_FAULT_TRAP_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
@@ -1243,25 +1200,13 @@ fn random_kills_during_trap_wait() {
             harmed += 1;
             harms.push(format!(
                 "kill {delay:?} into a trap wait ({which:?}: {}): {}: {}",
-                if which == Which::Fg { "hardware breakpoints" } else { "int3 bytes" },
+                if which == Which::Fg { "two functions" } else { "five functions" },
                 h.kind,
                 h.detail
             ));
         }
     }
-    eprintln!("trap-wait window: {kills} kills during a trap wait, {harmed} targets harmed");
-    // The documented window: breakpoints outlive a killed tool. Only deaths by SIGTRAP/SIGSEGV
-    // are that window; anything else (a hang, a stop, a trace, a mix) still fails.
-    let harms: Vec<String> = harms
-        .into_iter()
-        .filter(|h| {
-            let known = !strict() && known_window_text(h);
-            if known {
-                eprintln!("KNOWN WINDOW bit: {h}");
-            }
-            !known
-        })
-        .collect();
+    eprintln!("trap-wait kills: {kills} kills during a trap wait, {harmed} targets harmed");
     assert!(
         harms.is_empty(),
         "kills during a trap wait harmed {harmed} of {kills} targets:\n{}\n\

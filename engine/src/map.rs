@@ -3,7 +3,7 @@
 //!
 //! The region is a memfd named `livepatch:<patch id>`, filled from our side through
 //! `/proc/PID/fd/N`, and mapped read+execute, but for its last page (the gates' control words),
-//! which is read+write: no page is ever writable and executable at once.
+//! which is mapped private and read+write: no page is ever writable and executable at once.
 //! [`MappedRegion`] unmaps itself on drop unless committed.
 use crate::arch::x86_64::sigframe;
 use crate::error::{Error, Result};
@@ -20,13 +20,14 @@ use std::time::{Duration, Instant};
 const SYS_CLOSE: i64 = libc::SYS_close;
 const SYS_MMAP: i64 = libc::SYS_mmap;
 const SYS_MUNMAP: i64 = libc::SYS_munmap;
-const SYS_MPROTECT: i64 = libc::SYS_mprotect;
 const PROT_WRITE: u64 = libc::PROT_WRITE as u64;
 const SYS_MEMFD_CREATE: i64 = libc::SYS_memfd_create;
 const MFD_CLOEXEC: u64 = libc::MFD_CLOEXEC as u64;
 const PROT_READ: u64 = libc::PROT_READ as u64;
 const PROT_EXEC: u64 = libc::PROT_EXEC as u64;
 const MAP_SHARED: u64 = libc::MAP_SHARED as u64;
+const MAP_PRIVATE: u64 = libc::MAP_PRIVATE as u64;
+const MAP_FIXED: u64 = libc::MAP_FIXED as u64;
 const MAP_FIXED_NOREPLACE: u64 = libc::MAP_FIXED_NOREPLACE as u64;
 /// Keep regions well inside the ±2 GiB of a rel32.
 const REACH: u64 = 0x7000_0000;
@@ -283,6 +284,13 @@ pub fn map_region(proc: &Process, mem: &ProcMem, maps: &[Mapping], gadget: Gadge
     };
     crate::fault::point("injected");
     let r = t.syscall(tid, gadget, SYS_MMAP, [addr, len, PROT_READ | PROT_EXEC, MAP_SHARED | MAP_FIXED_NOREPLACE, fd as u64, 0]);
+    // The control page over the last page, private: a child forked during a pending switch
+    // keeps its own copy of the commit word, frozen with a heartbeat that no longer moves, so
+    // its gates send it the old way instead of following its parent's switch.
+    let control = match r {
+        Ok(r) if r as u64 == addr => t.syscall(tid, gadget, SYS_MMAP, [addr + writable, PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, fd as u64, writable]),
+        _ => Ok(0),
+    };
     close(&mut t);
     let r = r?;
     if r < 0 {
@@ -296,13 +304,12 @@ pub fn map_region(proc: &Process, mem: &ProcMem, maps: &[Mapping], gadget: Gadge
         drop(region);
         return Err(Error::Process { pid, msg: format!("patch region landed at {got:#x} instead of {addr:#x}") });
     }
-    let r = t.syscall(tid, gadget, SYS_MPROTECT, [got + writable, PAGE, PROT_READ | PROT_WRITE, 0, 0, 0]);
-    if !matches!(r, Ok(0)) {
+    if !matches!(control, Ok(c) if c as u64 == addr + writable) {
         drop(t);
         drop(region);
-        return Err(match r {
+        return Err(match control {
             Err(e) => e,
-            Ok(r) => Error::Process { pid, msg: format!("mprotect of the patch region's control page failed: errno {}", -r) },
+            Ok(c) => Error::Process { pid, msg: format!("mmap of the patch region's control page failed: {}", c as i64) },
         });
     }
     Ok(region)

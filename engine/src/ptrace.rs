@@ -11,5 +11,4 @@ pub mod inject;
 pub mod session;
 
 pub use inject::{Gadgets, INJECT_SCRATCH};
-pub(crate) use session::Resume;
 pub use session::{OnFork, Regs, Stopped};
