@@ -133,12 +133,12 @@ pub fn diff(old: &ElfFile, new: &ElfFile) -> Result<Diff> {
                 seen_old.insert(of.addr);
                 let (on, nn) = (normalise(old, of)?, normalise(new, nf)?);
                 if of.size != nf.size || on != nn {
-                    if std::env::var_os("LIVEPATCH_DEBUG_DIFF").is_some() {
+                    if tracing::enabled!(tracing::Level::DEBUG) {
                         for (a, b) in on.1.iter().zip(nn.1.iter()).filter(|(a, b)| a != b).take(3) {
-                            eprintln!("{}: {a} != {b}", nf.name);
+                            tracing::debug!(function = %nf.name, old = %a, new = %b, "reference differs");
                         }
                         if on.0 != nn.0 {
-                            eprintln!("{}: masked code differs", nf.name);
+                            tracing::debug!(function = %nf.name, "masked code differs");
                         }
                     }
                     d.changed_functions.push(FunctionChange {
