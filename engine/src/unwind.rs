@@ -340,7 +340,7 @@ fn compute_row(modules: &Modules, lookup: u64, ctx: &mut UnwindContext<usize>) -
     };
     let mut rules = Vec::new();
     for reg in [RBX, RBP, RA].into_iter().chain(R12..=R15) {
-        let rule = match row.register(gimli::Register(reg as u16)) {
+        let rule = match row.register(gimli::Register(reg as u16)).unwrap_or(RegisterRule::Undefined) {
             RegisterRule::Undefined => Rule::Undefined,
             RegisterRule::SameValue => Rule::Same,
             RegisterRule::Offset(o) => Rule::Offset(o),

@@ -79,7 +79,7 @@ pub fn layouts(elf: &ElfFile) -> Result<Option<Layouts>> {
 
 type R<'a> = gimli::EndianSlice<'a, gimli::LittleEndian>;
 
-fn collect<'a>(dwarf: &gimli::Dwarf<R<'a>>, unit: &gimli::Unit<R<'a>>, node: gimli::EntriesTreeNode<'_, '_, '_, R<'a>>, out: &mut Layouts) -> gimli::Result<()> {
+fn collect<'a>(dwarf: &gimli::Dwarf<R<'a>>, unit: &gimli::Unit<R<'a>>, node: gimli::EntriesTreeNode<'_, '_, R<'a>>, out: &mut Layouts) -> gimli::Result<()> {
     let mut children = node.children();
     while let Some(child) = children.next()? {
         let e = child.entry();
@@ -92,9 +92,9 @@ fn collect<'a>(dwarf: &gimli::Dwarf<R<'a>>, unit: &gimli::Unit<R<'a>>, node: gim
             }
         } else if tag == gimli::DW_TAG_typedef {
             // `typedef struct { ... } name_t;`: the aggregate has no name of its own.
-            if let (Some(name), Some(AttributeValue::UnitRef(off))) = (name_of(dwarf, unit, e)?, e.attr_value(gimli::DW_AT_type)?) {
+            if let (Some(name), Some(AttributeValue::UnitRef(off))) = (name_of(dwarf, unit, e)?, e.attr_value(gimli::DW_AT_type)) {
                 let target = unit.entry(off)?;
-                if is_aggregate(target.tag()) && target.attr(gimli::DW_AT_name)?.is_none() {
+                if is_aggregate(target.tag()) && target.attr(gimli::DW_AT_name).is_none() {
                     if let Some(l) = layout_at(dwarf, unit, off)? {
                         out.0.entry(format!("typedef {name}")).or_default().insert(l);
                     }
@@ -121,8 +121,8 @@ fn kind(t: DwTag) -> &'static str {
     }
 }
 
-fn name_of<'a>(dwarf: &gimli::Dwarf<R<'a>>, unit: &gimli::Unit<R<'a>>, e: &gimli::DebuggingInformationEntry<'_, '_, R<'a>>) -> gimli::Result<Option<String>> {
-    match e.attr_value(gimli::DW_AT_name)? {
+fn name_of<'a>(dwarf: &gimli::Dwarf<R<'a>>, unit: &gimli::Unit<R<'a>>, e: &gimli::DebuggingInformationEntry<R<'a>>) -> gimli::Result<Option<String>> {
+    match e.attr_value(gimli::DW_AT_name) {
         Some(v) => Ok(Some(dwarf.attr_string(unit, v)?.to_string_lossy().into_owned())),
         None => Ok(None),
     }
@@ -133,10 +133,10 @@ fn layout_at<'a>(dwarf: &gimli::Dwarf<R<'a>>, unit: &gimli::Unit<R<'a>>, off: gi
     let mut tree = unit.entries_tree(Some(off))?;
     let root = tree.root()?;
     let e = root.entry();
-    if matches!(e.attr_value(gimli::DW_AT_declaration)?, Some(AttributeValue::Flag(true))) {
+    if matches!(e.attr_value(gimli::DW_AT_declaration), Some(AttributeValue::Flag(true))) {
         return Ok(None);
     }
-    let size = e.attr_value(gimli::DW_AT_byte_size)?.and_then(|v| v.udata_value()).unwrap_or(0);
+    let size = e.attr_value(gimli::DW_AT_byte_size).and_then(|v| v.udata_value()).unwrap_or(0);
     let mut text = format!("size {size}");
     let mut children = root.children();
     while let Some(c) = children.next()? {
@@ -145,13 +145,13 @@ fn layout_at<'a>(dwarf: &gimli::Dwarf<R<'a>>, unit: &gimli::Unit<R<'a>>, off: gi
             continue;
         }
         let name = name_of(dwarf, unit, m)?.unwrap_or_else(|| "<anon>".into());
-        let at = match m.attr_value(gimli::DW_AT_data_member_location)? {
+        let at = match m.attr_value(gimli::DW_AT_data_member_location) {
             Some(v) => v.udata_value().map(|o| o * 8),
-            None => m.attr_value(gimli::DW_AT_data_bit_offset)?.and_then(|v| v.udata_value()),
+            None => m.attr_value(gimli::DW_AT_data_bit_offset).and_then(|v| v.udata_value()),
         }
         .unwrap_or(0);
-        let bits = m.attr_value(gimli::DW_AT_bit_size)?.and_then(|v| v.udata_value());
-        let msize = match m.attr_value(gimli::DW_AT_type)? {
+        let bits = m.attr_value(gimli::DW_AT_bit_size).and_then(|v| v.udata_value());
+        let msize = match m.attr_value(gimli::DW_AT_type) {
             Some(AttributeValue::UnitRef(t)) => type_size(unit, t, 0)?,
             _ => None,
         };
@@ -169,10 +169,10 @@ fn type_size<'a>(unit: &gimli::Unit<R<'a>>, off: gimli::UnitOffset, depth: usize
         return Ok(None);
     }
     let e = unit.entry(off)?;
-    if let Some(s) = e.attr_value(gimli::DW_AT_byte_size)?.and_then(|v| v.udata_value()) {
+    if let Some(s) = e.attr_value(gimli::DW_AT_byte_size).and_then(|v| v.udata_value()) {
         return Ok(Some(s));
     }
-    match (e.tag(), e.attr_value(gimli::DW_AT_type)?) {
+    match (e.tag(), e.attr_value(gimli::DW_AT_type)) {
         (gimli::DW_TAG_typedef | gimli::DW_TAG_const_type | gimli::DW_TAG_volatile_type | gimli::DW_TAG_restrict_type, Some(AttributeValue::UnitRef(t))) => {
             type_size(unit, t, depth + 1)
         }
