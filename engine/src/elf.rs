@@ -7,8 +7,27 @@ use goblin::elf::{header, program_header as ph, section_header as sh, sym, Elf};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-/// Largest executable we read whole.
+/// Largest ELF file we open (a sanity bound on what the parser is asked to index).
 const MAX_ELF_SIZE: u64 = 2 << 30;
+
+/// The bytes of an ELF image: a read-only map of the file ([`ElfFile::open`]), or an image
+/// already in memory ([`ElfFile::parse`], e.g. the vdso copied out of a process).
+pub enum ElfBytes {
+    /// Pages are read from the page cache on first touch, and shared by every `ElfFile` of the
+    /// same file. The file must not shrink while mapped: see `docs/safety.md`.
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for ElfBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            ElfBytes::Mapped(m) => m,
+            ElfBytes::Owned(v) => v,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -166,7 +185,7 @@ impl Tls {
 
 pub struct ElfFile {
     pub path: PathBuf,
-    pub data: Vec<u8>,
+    pub data: ElfBytes,
     pub pie: bool,
     pub machine: u16,
     pub sections: Vec<Section>,
@@ -201,17 +220,46 @@ impl std::fmt::Debug for ElfFile {
 }
 
 impl ElfFile {
+    /// Open an ELF file, mapped read-only: only the pages parsing and later reads touch are
+    /// read from disk.
     pub fn open(path: &Path) -> Result<Self> {
         let err = |msg: String| Error::Elf { path: path.to_owned(), msg };
-        let meta = std::fs::metadata(path).map_err(|e| err(format!("cannot open: {e}")))?;
+        let mut file = std::fs::File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
+        let meta = file.metadata().map_err(|e| err(format!("cannot open: {e}")))?;
+        if !meta.is_file() {
+            return Err(err("not a regular file".into()));
+        }
         if meta.len() > MAX_ELF_SIZE {
             return Err(err(format!("file is too large ({} bytes)", meta.len())));
         }
-        let data = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
-        Self::parse(path, data)
+        if meta.len() == 0 {
+            return Self::parse_bytes(path, ElfBytes::Owned(Vec::new()));
+        }
+        // SAFETY: memmap2 requires that the file does not change while it is mapped. Nothing
+        // in this process writes it. Another process could: the bytes read then change under
+        // the parser (which bounds-checks every offset, so the answer is wrong, not an
+        // out-of-bounds access), and a truncation makes a later read of the lost pages raise
+        // SIGBUS. Running executables cannot be opened for writing (ETXTBSY), and installers
+        // and linkers replace files by unlink or rename, which leaves the mapped inode intact;
+        // docs/safety.md names the case that remains.
+        let data = match unsafe { memmap2::Mmap::map(&file) } {
+            Ok(map) => ElfBytes::Mapped(map),
+            // A file system that cannot map files: read it whole.
+            Err(_) => {
+                let mut bytes = Vec::with_capacity(meta.len() as usize);
+                std::io::Read::read_to_end(&mut file, &mut bytes).map_err(|e| err(format!("cannot read: {e}")))?;
+                ElfBytes::Owned(bytes)
+            }
+        };
+        Self::parse_bytes(path, data)
     }
 
+    /// Parse an ELF image already in memory (the vdso read out of a process, fuzzing inputs).
     pub fn parse(path: &Path, data: Vec<u8>) -> Result<Self> {
+        Self::parse_bytes(path, ElfBytes::Owned(data))
+    }
+
+    fn parse_bytes(path: &Path, data: ElfBytes) -> Result<Self> {
         let err = |msg: String| Error::Elf { path: path.to_owned(), msg };
         if data.len() < 4 || &data[..4] != b"\x7fELF" {
             return Err(err("not an ELF file".into()));
@@ -367,7 +415,7 @@ impl ElfFile {
             tls,
             relocs,
             interp,
-            data: Vec::new(),
+            data: ElfBytes::Owned(Vec::new()),
             code_index: std::sync::OnceLock::new(),
             shared_names,
         };
