@@ -35,11 +35,13 @@ use support::*;
 const V: Variant = Variant::O2_PIE;
 const OLD: &str = "11111";
 
-/// The scenario: v1, and two bundles (f and g; all five functions), both switched through
-/// their gates.
+/// The scenario: v1, and bundles of one (f), two (f, g), four (f, g, h, k) and all five
+/// functions, all switched through their gates.
 struct Scene {
     old: PathBuf,
+    one: Bundle,
     fg: Bundle,
+    four: Bundle,
     all: Bundle,
 }
 
@@ -47,7 +49,9 @@ fn scene() -> Scene {
     let old = compile("faults", "v1", V);
     let new = compile("faults", "v2", V);
     Scene {
+        one: build_bundle(&old, &new, &["f"]),
         fg: build_bundle(&old, &new, &["f", "g"]),
+        four: build_bundle(&old, &new, &["f", "g", "h", "k"]),
         all: build_bundle(&old, &new, &[]),
         old,
     }
@@ -55,8 +59,12 @@ fn scene() -> Scene {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Which {
+    /// f alone (watch mask 1): new pattern 21111.
+    One,
     /// f and g (watch mask 3): new pattern 22111.
     Fg,
+    /// f, g, h, k (watch mask 15): new pattern 22221.
+    Four,
     /// f, g, h, k, m (watch mask 31): new pattern 22222.
     All,
 }
@@ -64,19 +72,25 @@ enum Which {
 impl Which {
     fn new_pattern(self) -> &'static str {
         match self {
+            Which::One => "21111",
             Which::Fg => "22111",
+            Which::Four => "22221",
             Which::All => "22222",
         }
     }
     fn mask(self) -> &'static str {
         match self {
+            Which::One => "watch 1",
             Which::Fg => "watch 3",
+            Which::Four => "watch 15",
             Which::All => "watch 31",
         }
     }
     fn bundle(self, s: &Scene) -> &Bundle {
         match self {
+            Which::One => &s.one,
             Which::Fg => &s.fg,
+            Which::Four => &s.four,
             Which::All => &s.all,
         }
     }
@@ -1175,7 +1189,7 @@ fn random_kills_during_trap_wait() {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let (mut kills, mut harmed, mut harms) = (0u64, 0u64, Vec::new());
     for i in 0..rounds {
-        let which = if i % 2 == 0 { Which::Fg } else { Which::All };
+        let which = [Which::One, Which::Fg, Which::Four, Which::All][i as usize % 4];
         let mut sub = start(&s, which);
         sub.t.expect("hold", "holding");
         let p0 = counters(&mut sub.t)["persistent"];
@@ -1199,8 +1213,8 @@ fn random_kills_during_trap_wait() {
         if let Err(h) = after_kill(&mut sub, which.new_pattern(), p0) {
             harmed += 1;
             harms.push(format!(
-                "kill {delay:?} into a trap wait ({which:?}: {}): {}: {}",
-                if which == Which::Fg { "two functions" } else { "five functions" },
+                "kill {delay:?} into a trap wait ({which:?}, new pattern {}): {}: {}",
+                which.new_pattern(),
                 h.kind,
                 h.detail
             ));
@@ -1213,4 +1227,81 @@ fn random_kills_during_trap_wait() {
          reproduce: faults target, `hold` (a worker stays in f), `livepatch apply --strategy trap`, SIGKILL it while it waits, `release`",
         harms.join("\n")
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. a changed contract across sixteen functions
+// ---------------------------------------------------------------------------------------------
+
+/// Sixteen functions that call each other with a changed contract (a new caller needs the new
+/// callee, and the reverse; `tests/targets/contract`): over many apply/revert cycles through
+/// the gates, some with the chain held active so the tool waits with its gates armed while
+/// four threads keep entering it, some with the tool SIGKILLed at a random instant, the target
+/// itself checks that no call ever ran a mix of old and new functions.
+/// `LIVEPATCH_CONTRACT_CYCLES` (default 60) sets the number of cycles.
+#[test]
+fn contract_never_mixed_over_many_cycles() {
+    let cycles: u64 = std::env::var("LIVEPATCH_CONTRACT_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(60);
+    let old = compile("contract", "v1", V);
+    let bundle = build_bundle(&old, &compile("contract", "v2", V), &[]);
+    let inspect = livepatch([std::ffi::OsStr::new("inspect"), bundle.path.as_os_str(), std::ffi::OsStr::new("--json")]);
+    inspect.assert_ok();
+    let patched: Vec<String> = inspect.json()["functions"].as_array().map(|f| f.iter().filter_map(|f| f["name"].as_str().map(str::to_string)).collect()).unwrap_or_default();
+    for i in 0..16 {
+        assert!(patched.contains(&format!("c{i}")), "the contract patch does not hold c{i}: {patched:?}");
+    }
+    let mut t = Target::start(&old);
+    t.expect("round", "round 1 1 1 1");
+    let text0 = text_snapshot(t.pid);
+    let mut rng = Rng(0x5851_f42d_4c95_7f2d);
+    let (mut kills, mut held, mut applied) = (0u64, 0u64, false);
+    for i in 0..cycles {
+        let hold = rng.chance(50);
+        let kill = rng.chance(40);
+        let version = if applied { 2 } else { 1 };
+        if hold {
+            t.expect("hold", &format!("v{version} holding"));
+            held += 1;
+        }
+        let args = if applied { vec!["revert".to_string(), "--pid".into(), t.pid.to_string(), "--strategy".into(), "trap".into(), "--timeout".into(), "20".into(), "--json".into()] } else { apply_args(t.pid, &bundle, &["--strategy", "trap", "--timeout", "20"]) };
+        let p = spawn_livepatch(args);
+        if kill {
+            thread::sleep(Duration::from_millis(rng.below(if hold { 400 } else { 60 })));
+            p.signal(libc::SIGKILL);
+        } else if hold {
+            thread::sleep(Duration::from_millis(rng.below(200)));
+        }
+        if hold {
+            t.send("release");
+            let released = t.read_line_within(Duration::from_secs(30)).unwrap_or_default();
+            assert!(released.contains("released"), "cycle {i}: the held chain did not return: {released:?}");
+        }
+        let run = p.finish(TOOL_TIMEOUT);
+        let killed = run.signal == Some(libc::SIGKILL);
+        if killed {
+            kills += 1;
+        } else {
+            assert_eq!(run.code, Some(0), "cycle {i} (hold {hold}): {run:?}");
+            applied = !applied;
+        }
+        let r = round(&mut t);
+        let c = counters(&mut t);
+        assert_eq!(c["bad"], 0, "cycle {i} (hold {hold}, killed {killed}): a call ran new and old functions together; round {r:?}");
+        assert!(r.iter().all(|v| *v == r[0]) && (r[0] == "1" || r[0] == "2"), "cycle {i}: workers disagree after the cycle: {r:?}");
+        if killed {
+            // The next command repairs whatever the kill left; then start again from v1.
+            revert(t.pid, &["--all", "--timeout", "20"]).assert_ok();
+            assert_eq!(round(&mut t), vec!["1"; 4], "cycle {i}: revert --all did not bring v1 back");
+            assert_text_unchanged(&text0, t.pid);
+            applied = false;
+        }
+    }
+    revert(t.pid, &["--all", "--timeout", "20"]).assert_ok();
+    assert_eq!(round(&mut t), vec!["1"; 4]);
+    let c = counters(&mut t);
+    eprintln!("contract campaign: {cycles} cycles, {held} with the chain held, {kills} kills, {} calls checked, {} mixed", c["iters"], c["bad"]);
+    assert_eq!(c["bad"], 0);
+    assert!(c["iters"] > 1000, "too few calls checked: {c:?}");
+    assert_text_unchanged(&text0, t.pid);
+    assert_not_traced(t.pid);
 }

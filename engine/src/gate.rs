@@ -148,12 +148,15 @@ pub struct Gated {
 
 impl Gated {
     /// With every thread stopped (`_stopped`), lead the entries of the patch `h` to its gates
-    /// for a switch `way`. `before` gives what each entry holds now (checked), `after` what it
-    /// gets at the commit.
-    pub fn install(pid: i32, _stopped: &Stopped, h: &Header, way: Way, before_after: &dyn Fn(&crate::region::Entry) -> Result<(Vec<u8>, Vec<u8>)>) -> Result<Gated> {
+    /// for a switch `way`. `before_after` gives what each entry holds now (checked) and what
+    /// it gets after the switch. With `heartbeat`, the threads will run with the gates armed:
+    /// the tool's heartbeat starts.
+    pub fn install(pid: i32, _stopped: &Stopped, h: &Header, way: Way, heartbeat: bool, before_after: &dyn Fn(&crate::region::Entry) -> Result<(Vec<u8>, Vec<u8>)>) -> Result<Gated> {
         let mem = ProcMem::open(pid)?;
         let mut g = Gated { pid, mem, control: h.control, way, entries: Vec::new(), ranges: h.gates.iter().map(|r| (r.at, r.at + r.len)).collect(), heartbeat: None, done: false, taken_back: false };
-        g.heartbeat = Some(Heartbeat::start(pid, h.control)?);
+        if heartbeat {
+            g.heartbeat = Some(Heartbeat::start(pid, h.control)?);
+        }
         set(&g.mem, h.control, FALLBACK_OFF, way.fallback())?;
         for e in &h.entries {
             let r = h.gates.iter().find(|r| r.entry == e.entry).ok_or_else(|| Error::Other(format!("no gate for the entry of `{}`", e.name)))?;
@@ -176,21 +179,26 @@ impl Gated {
         Ok(g)
     }
 
-    /// The switch, with every thread stopped and none in the code it leaves: the commit word,
-    /// then the entries straight to their new targets (what a killed tool leaves between the
-    /// two is consistent: the gates lead the same way).
-    pub fn commit(mut self) -> Result<()> {
+    /// The switch, with every thread stopped and none in the code it leaves: one write of the
+    /// commit word. Until [`Gated::finish`] the caller may still [`Gated::take_back`] (no
+    /// thread has run since); a kill from here on leaves the switch made.
+    pub fn switch(&mut self) -> Result<()> {
         set(&self.mem, self.control, STATE_OFF, self.way.to())?;
-        self.done = true;
         self.heartbeat = None;
         crate::fault::point("committed");
+        Ok(())
+    }
+
+    /// After [`Gated::switch`]: the entries straight to where the word sent them (a kill in
+    /// between leaves entries that still pass through their gates, the same way).
+    pub fn finish(mut self) {
+        self.done = true;
         for e in &self.entries {
             if let Err(e2) = self.mem.write(e.at, &e.after) {
                 // Still switched: the entry passes through its gate.
                 tracing::warn!(pid = self.pid, "the entry of `{}` keeps going through its gate: {e2}", e.name);
             }
         }
-        Ok(())
     }
 
     /// Live ranges of the gates' code.

@@ -87,9 +87,9 @@ pub struct Switched {
 }
 
 /// With every thread stopped (`watched`): switch, and let the target go. A patch with gates
-/// ([`crate::gate`]) leads its entries to them (if the wait did not already), switches the
-/// frames at proven return sites, records them in the region's header, and commits: one write
-/// of the commit word, then the entries straight to the new code. A patch without gates
+/// ([`crate::gate`]) leads its entries to them (if the wait did not already), switches (one
+/// write of the commit word), moves the frames at proven return sites and records them in the
+/// region's header, then rewrites the entries straight to the new code. A patch without gates
 /// writes its jumps one after the other. Until the commit, any failure undoes every write;
 /// the region is unmapped when `mapped` is dropped.
 pub fn jump(target: &Target, mapped: Mapped, watched: Watched) -> Result<Switched> {
@@ -120,17 +120,21 @@ pub fn jump(target: &Target, mapped: Mapped, watched: Watched) -> Result<Switche
 }
 
 /// The switch through the gates. On failure the frames are put back; the caller takes the
-/// gates back.
+/// gates back (no thread has run since the switch: the word goes back to the fallback).
 fn through_gates(target: &Target, mapped: &Mapped, stopped: &Stopped, switched: &[FrameSwitch], gated: &mut Option<Gated>) -> Result<()> {
     if gated.is_none() {
-        *gated = Some(Gated::install(target.pid, stopped, &mapped.header, Way::Apply, &crate::watchpoint::apply_entry)?);
+        *gated = Some(Gated::install(target.pid, stopped, &mapped.header, Way::Apply, false, &crate::watchpoint::apply_entry)?);
     }
-    // What a kill leaves from here to the commit: entries leading to gates that park threads
+    let g = gated.as_mut().expect("installed above");
+    // What a kill leaves from here to the switch: entries leading to gates that park threads
     // until they see the tool is gone, then send them the old way.
     crate::fault::point("jump");
+    g.switch()?;
+    // Frames at proven return sites after the switch (a kill between the two leaves them in
+    // old code calling new functions, as any frame that started in old code would).
     let frames = FrameWrites::write(&target.mem, stopped, switched)?;
     record(mapped, switched)?;
-    gated.take().expect("installed above").commit()?;
+    gated.take().expect("installed above").finish();
     frames.commit();
     Ok(())
 }

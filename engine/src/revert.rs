@@ -26,18 +26,15 @@ pub struct Report {
     /// Frames of the removed code stopped at return sites, moved back to the original functions.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub switched_frames: Vec<watchpoint::FrameSwitch>,
-    /// The (last) patch removed switched back through its gates.
-    #[serde(skip)]
-    pub gated: bool,
 }
 
 pub fn revert(pid: i32, all: bool, strategy: Strategy, timeout: Duration, frames: Frames) -> Result<Report> {
     let t0 = Instant::now();
-    let mut report = revert_newest(pid, all, strategy, timeout, frames)?;
+    let (mut report, mut gated) = revert_newest(pid, all, strategy, timeout, frames)?;
     // Patches with gates go one at a time, newest first: each gate's old way leads to the
     // code the patch below left at its entry.
-    while all && report.remaining > 0 && report.gated {
-        let next = revert_newest(pid, all, strategy, timeout, frames)?;
+    while all && report.remaining > 0 && gated {
+        let (next, next_gated) = revert_newest(pid, all, strategy, timeout, frames)?;
         if next.reverted.is_empty() {
             break;
         }
@@ -51,15 +48,14 @@ pub fn revert(pid: i32, all: bool, strategy: Strategy, timeout: Duration, frames
         report.attempts += next.attempts;
         report.remaining = next.remaining;
         report.switched_frames.extend(next.switched_frames);
-        report.gated = next.gated;
+        gated = next_gated;
     }
     report.total_ms = t0.elapsed().as_millis() as u64;
     Ok(report)
 }
 
-/// Revert the newest patch (`all`: every patch down to the first one without gates, or all
-/// of them if none has gates).
-fn revert_newest(pid: i32, all: bool, strategy: Strategy, timeout: Duration, frames: Frames) -> Result<Report> {
+/// Revert the newest patch (`all` and no gates: every patch). Whether it went through gates.
+fn revert_newest(pid: i32, all: bool, strategy: Strategy, timeout: Duration, frames: Frames) -> Result<(Report, bool)> {
     let t0 = Instant::now();
     let target = Target::open(pid)?;
     target.remove_leftovers();
@@ -67,7 +63,7 @@ fn revert_newest(pid: i32, all: bool, strategy: Strategy, timeout: Duration, fra
     let live = target.live();
     let Some(newest) = live.last() else {
         // Idempotent: callers revert to make sure; an empty `reverted` says nothing was applied.
-        return Ok(Report { pid, reverted: vec![], functions: vec![], pause_us: 0, attempts: 0, remaining: 0, total_ms: t0.elapsed().as_millis() as u64, switched_frames: vec![], gated: false });
+        return Ok((Report { pid, reverted: vec![], functions: vec![], pause_us: 0, attempts: 0, remaining: 0, total_ms: t0.elapsed().as_millis() as u64, switched_frames: vec![] }, false));
     };
     let gated = !newest.header.gates.is_empty();
     let removing: Vec<&Applied> = if all && !gated { live.clone() } else { vec![*newest] };
@@ -88,7 +84,7 @@ fn revert_newest(pid: i32, all: bool, strategy: Strategy, timeout: Duration, fra
     let mut gate: Option<Gated> = None;
     let quiet = watchpoint::until_inactive(&view, strategy, &guarded, timeout, &mut |s| {
         if gated && gate.is_none() {
-            gate = Some(Gated::install(pid, s, &newest.header, Way::Revert, &revert_entry)?);
+            gate = Some(Gated::install(pid, s, &newest.header, Way::Revert, true, &revert_entry)?);
             tracing::debug!(entries = newest.header.gates.len(), "gates armed");
             crate::fault::point("trap-armed");
         }
@@ -118,14 +114,15 @@ fn revert_newest(pid: i32, all: bool, strategy: Strategy, timeout: Duration, fra
     let done = (|| -> Result<()> {
         if gated {
             if gate.is_none() {
-                gate = Some(Gated::install(pid, &stopped, &newest.header, Way::Revert, &revert_entry)?);
+                gate = Some(Gated::install(pid, &stopped, &newest.header, Way::Revert, false, &revert_entry)?);
             }
             crate::fault::point("jump");
+            gate.as_mut().expect("installed above").switch()?;
             let frames = watchpoint::frames::FrameWrites::write(mem, &stopped, &switched)?;
             if !switched.is_empty() {
                 crate::fault::point("revert-frames-switched");
             }
-            gate.take().expect("installed above").commit()?;
+            gate.take().expect("installed above").finish();
             frames.commit();
         } else {
             let jumps = Jumps::write(mem, &sites)?;
@@ -162,17 +159,8 @@ fn revert_newest(pid: i32, all: bool, strategy: Strategy, timeout: Duration, fra
         }
         reverted.push(a.header.patch_id.clone());
     }
-    Ok(Report {
-        pid,
-        reverted,
-        functions,
-        pause_us,
-        attempts,
-        remaining: live.len() - removing.len(),
-        total_ms: t0.elapsed().as_millis() as u64,
-        switched_frames: switched,
-        gated,
-    })
+    let report = Report { pid, reverted, functions, pause_us, attempts, remaining: live.len() - removing.len(), total_ms: t0.elapsed().as_millis() as u64, switched_frames: switched };
+    Ok((report, gated))
 }
 
 /// The jumps to undo: each entry of the removed patches back to what it held before them

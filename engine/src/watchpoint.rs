@@ -217,10 +217,17 @@ pub fn watch(target: &Target, exe: &Executable, bundle: &Bundle, mapped: &Mapped
     let maps = target.proc.maps()?;
     let modules = Modules::load(target.pid, &maps, &target.mem);
     let view = View { proc: &target.proc, mem: &target.mem, maps: &maps, modules: &modules };
+    // The bytes each entry's jump overwrites: no thread may stand inside them when the jumps
+    // to the gates are written while old code is still active (at the switch itself no old
+    // code is active at all).
+    let entry_bytes: Vec<Guarded> = header.entries.iter().map(|e| Guarded::new(format!("the first bytes of `{}`", e.name), e.entry, e.entry + e.width() as u64)).collect();
     let mut gated: Option<Gated> = None;
     let quiet = until_inactive(&view, strategy, &guarded, timeout, &mut |s| {
         if gated.is_none() && !header.gates.is_empty() {
-            gated = Some(Gated::install(target.pid, s, header, Way::Apply, &apply_entry)?);
+            if find_activation(&view, s, &entry_bytes)?.is_some() {
+                return Ok(()); // at the next check
+            }
+            gated = Some(Gated::install(target.pid, s, header, Way::Apply, true, &apply_entry)?);
             // The tests wait for this line (LIVEPATCH_LOG=debug) before they interrupt a wait.
             tracing::debug!(entries = header.gates.len(), "gates armed");
             crate::fault::point("trap-armed");

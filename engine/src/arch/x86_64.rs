@@ -1,6 +1,6 @@
 //! x86-64: finding the address references inside machine code (rip-relative operands, rel32
-//! branches, absolute immediates, `%fs` TLS offsets), encoding the entry jump, and the debug
-//! register layout.
+//! branches, absolute immediates, `%fs` TLS offsets), encoding the entry jump and the stubs of
+//! the region ([`gate`]: the gates of a switch).
 pub mod gate;
 pub mod sigframe;
 
@@ -11,10 +11,6 @@ pub const JUMP_LEN: usize = 5;
 pub const INT3: u8 = 0xcc;
 /// `syscall`
 pub const SYSCALL: [u8; 2] = [0x0f, 0x05];
-/// offsetof(struct user, u_debugreg) on x86-64 Linux.
-pub const DEBUGREG_OFFSET: usize = 848;
-/// Number of hardware execute breakpoints (DR0-DR3).
-pub const HW_BREAKPOINTS: usize = 4;
 
 /// How a reference field encodes its target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -378,16 +374,6 @@ pub fn is_padding(b: u8) -> bool {
     b == INT3 || b == 0x90 || b == 0x00
 }
 
-/// DR7 with execute breakpoints enabled in the given slots (local enable, RW=00, LEN=00).
-pub fn dr7_execute(slots: &[usize]) -> u64 {
-    slots.iter().fold(0u64, |v, &i| v | 1 << (2 * i))
-}
-
-/// Offset in `struct user` of debug register `n` (0-7).
-pub fn debugreg_offset(n: usize) -> usize {
-    DEBUGREG_OFFSET + n * 8
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -535,9 +521,4 @@ mod tests {
         assert_eq!(decode_jump(0x1000, &jmp_rel32(0x1000, 0x5000).unwrap()), Some(0x5000));
     }
 
-    #[test]
-    fn dr7_bits() {
-        assert_eq!(dr7_execute(&[0]), 1);
-        assert_eq!(dr7_execute(&[0, 3]), 1 | 1 << 6);
-    }
 }

@@ -3,7 +3,7 @@
 //! target ([`Gadgets`]), with a signal frame below the thread's red zone that restores it
 //! exactly, by us at the system call stop or by the kernel's `rt_sigreturn` should we die
 //! meanwhile (`docs/safety.md`).
-use super::session::{signal_set, Regs, Resume, Stopped};
+use super::session::{signal_set, Regs, Stopped};
 use crate::arch::x86_64::sigframe;
 use crate::error::{Error, Result};
 use crate::process::Process;
@@ -103,7 +103,7 @@ impl Stopped {
         let at = g.syscall_ret + SYSCALL_LEN;
         let mut entered: Option<u64> = None;
         for _ in 0..256 {
-            match self.run_until_stop(tid, Resume::Syscall)? {
+            match self.run_until_stop(tid)? {
                 WaitStatus::PtraceSyscall(_) => {
                     let now = self.regs(tid)?;
                     if now.rip != at {

@@ -55,21 +55,13 @@ fn pid(t: i32) -> Pid {
 // TRACESYSGOOD: the syscall stops of injected code are told apart from SIGTRAPs.
 const OPTIONS: Options = Options::PTRACE_O_TRACECLONE.union(Options::PTRACE_O_TRACEEXEC).union(Options::PTRACE_O_TRACESYSGOOD);
 
-/// How to let a thread run until its next stop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Resume {
-    Cont,
-    Step,
-    Syscall,
-}
-
 impl Stopped {
     fn new(pid: i32) -> Stopped {
         Stopped { pid, threads: BTreeMap::new(), since: Instant::now(), fork_stops: BTreeSet::new(), on_fork: None }
     }
 
     /// Stop every thread of the process, including threads created while stopping.
-    pub fn all(proc: &Process, timeout: Duration) -> Result<Stopped> {
+    pub(crate) fn all(proc: &Process, timeout: Duration) -> Result<Stopped> {
         let mut s = Stopped::new(proc.pid);
         let deadline = Instant::now() + timeout;
         let mut first = true;
@@ -104,7 +96,7 @@ impl Stopped {
     }
 
     /// Stop one thread (for injecting a syscall while the others keep running).
-    pub fn one(proc: &Process, tid: i32, timeout: Duration) -> Result<Stopped> {
+    pub(crate) fn one(proc: &Process, tid: i32, timeout: Duration) -> Result<Stopped> {
         let mut s = Stopped::new(proc.pid);
         if !s.seize(tid)? {
             return Err(Error::Process { pid: proc.pid, msg: format!("thread {tid} exited") });
@@ -118,11 +110,11 @@ impl Stopped {
     }
 
     /// When stopping began (the start of the target's pause).
-    pub fn since(&self) -> Instant {
+    pub(crate) fn since(&self) -> Instant {
         self.since
     }
 
-    pub fn tids(&self) -> Vec<i32> {
+    pub(crate) fn tids(&self) -> Vec<i32> {
         self.threads.keys().copied().collect()
     }
 
@@ -240,41 +232,18 @@ impl Stopped {
         }
     }
 
-    pub fn regs(&self, tid: i32) -> Result<Regs> {
+    pub(crate) fn regs(&self, tid: i32) -> Result<Regs> {
         ptrace::getregs(pid(tid)).map_err(|e| Error::ptrace("getregs", tid, e))
     }
 
-    pub fn set_regs(&self, tid: i32, r: Regs) -> Result<()> {
+    pub(crate) fn set_regs(&self, tid: i32, r: Regs) -> Result<()> {
         ptrace::setregs(pid(tid), r).map_err(|e| Error::ptrace("setregs", tid, e))
     }
 
-    /// The siginfo of the signal stop the thread is in.
-    pub fn siginfo(&self, tid: i32) -> Option<libc::siginfo_t> {
-        ptrace::getsiginfo(pid(tid)).ok()
-    }
-
-    pub fn peek_user(&self, tid: i32, offset: usize) -> Result<u64> {
-        ptrace::read_user(pid(tid), offset as ptrace::AddressType).map(|v| v as u64).map_err(|e| Error::ptrace("peekuser", tid, e))
-    }
-
-    pub fn poke_user(&self, tid: i32, offset: usize, value: u64) -> Result<()> {
-        // SAFETY: PTRACE_POKEUSER writes one word into the tracee's `struct user`; the kernel
-        // validates the offset, and the thread is stopped and traced by us.
-        let r = unsafe { libc::ptrace(libc::PTRACE_POKEUSER, tid, offset as *mut libc::c_void, value as *mut libc::c_void) };
-        if r < 0 {
-            return Err(Error::ptrace("pokeuser", tid, Errno::last()));
-        }
-        Ok(())
-    }
-
-    /// Resume one thread and wait for its next stop; the stop status is returned.
-    pub(crate) fn run_until_stop(&mut self, tid: i32, how: Resume) -> Result<WaitStatus> {
-        let (r, what) = match how {
-            Resume::Cont => (ptrace::cont(pid(tid), None), "cont"),
-            Resume::Step => (ptrace::step(pid(tid), None), "singlestep"),
-            Resume::Syscall => (ptrace::syscall(pid(tid), None), "syscall"),
-        };
-        r.map_err(|e| Error::ptrace(what, tid, e))?;
+    /// Resume one thread until its next system call stop (or other stop); the stop status
+    /// is returned.
+    pub(crate) fn run_until_stop(&mut self, tid: i32) -> Result<WaitStatus> {
+        ptrace::syscall(pid(tid), None).map_err(|e| Error::ptrace("syscall", tid, e))?;
         loop {
             match self.wait(Some(tid), WaitPidFlag::__WALL) {
                 Ok(st @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => {
@@ -288,19 +257,13 @@ impl Stopped {
         }
     }
 
-    /// Move a thread out of the signal-delivery-stop of a signal we caused (the SIGTRAP of a
-    /// single-step or of our breakpoint, the SIGSEGV that ends an injected call) into a plain
-    /// PTRACE_EVENT_STOP: it is resumed with no signal and interrupted before it returns to
-    /// user space, so it runs none of its code. A tracer that dies (SIGKILL) while a thread
-    /// rests in such a signal-delivery-stop makes the kernel deliver the signal, which kills
-    /// the target; from a PTRACE_EVENT_STOP it simply runs on. A real signal that arrives
-    /// meanwhile stops it first: that stop is kept (the signal is the target's own and is
-    /// delivered on detach, or by the kernel if we die).
-    pub fn settle(&mut self, tid: i32) -> Result<()> {
-        self.settle_with(tid, None)
-    }
-
-    /// [`Stopped::settle`], giving the thread registers `regs` on the way. The interrupt comes
+    /// Move a thread out of the signal-delivery-stop of a signal we caused (the SIGSEGV that
+    /// ends an injected call) into a plain PTRACE_EVENT_STOP, giving it registers `regs` on
+    /// the way: it is resumed with no signal and interrupted before it returns to user space,
+    /// so it runs none of its code. A tracer that dies while a thread rests in such a
+    /// signal-delivery-stop makes the kernel deliver the signal; from a PTRACE_EVENT_STOP it
+    /// simply runs on. A real signal that arrives meanwhile stops it first: that stop is kept
+    /// (delivered on detach, or by the kernel if we die). The interrupt comes
     /// first: from then on the way out of the kernel passes the signal code, which restarts
     /// a system call the restored registers were interrupted in, even if we die before the
     /// thread settles.
@@ -348,159 +311,8 @@ impl Stopped {
     }
 
     /// Keep a signal the thread stopped for (it is delivered when the thread goes on).
-    pub fn keep_signal(&mut self, tid: i32, sig: i32) {
+    pub(crate) fn keep_signal(&mut self, tid: i32, sig: i32) {
         self.threads.entry(tid).or_default().pending.push(sig);
-    }
-
-    /// Whether the thread's last stop was a SIGTRAP (clears the mark).
-    pub fn take_trapped(&mut self, tid: i32) -> bool {
-        self.threads.get_mut(&tid).map(|t| std::mem::take(&mut t.trapped)).unwrap_or(false)
-    }
-
-    /// Whether a SIGTRAP is queued for the thread (a breakpoint hit that has not been reported
-    /// yet). Detaching with one queued would kill the target.
-    pub fn sigtrap_pending(&self, tid: i32) -> bool {
-        signal_set(self.pid, tid, "SigPnd:").is_some_and(|m| m & (1 << (libc::SIGTRAP - 1)) != 0)
-    }
-
-    /// Every thread is stopped again from now on: the pause starts over.
-    pub fn restart_clock(&mut self) {
-        self.since = Instant::now();
-    }
-
-    pub fn is_stopped(&self, tid: i32) -> bool {
-        self.threads.get(&tid).is_some_and(|t| t.stopped)
-    }
-
-    /// Let one stopped thread run (delivering a signal that arrived meanwhile).
-    pub fn resume(&mut self, tid: i32) -> Result<()> {
-        let Some(t) = self.threads.get_mut(&tid) else { return Ok(()) };
-        let sig = take_signals(self.pid, tid, t);
-        match raw_request(libc::PTRACE_CONT, tid, sig) {
-            Ok(()) => {
-                t.stopped = false;
-                t.trapped = false;
-                Ok(())
-            }
-            Err(Errno::ESRCH) => {
-                self.threads.remove(&tid);
-                Ok(())
-            }
-            Err(e) => Err(Error::ptrace("cont", tid, e)),
-        }
-    }
-
-    /// Let a stopped thread run with a signal (one of the target's own).
-    pub fn resume_with(&mut self, tid: i32, sig: Signal) -> Result<()> {
-        if let Some(t) = self.threads.get_mut(&tid) {
-            t.pending.push(sig as i32);
-        }
-        self.resume(tid)
-    }
-
-    /// Execute exactly one instruction of a stopped thread.
-    pub fn single_step(&mut self, tid: i32) -> Result<()> {
-        for _ in 0..16 {
-            match self.run_until_stop(tid, Resume::Step)? {
-                WaitStatus::Stopped(_, Signal::SIGTRAP) => return Ok(()),
-                WaitStatus::Stopped(_, sig) => {
-                    // A signal came first: keep it for later, and step again.
-                    self.threads.entry(tid).or_default().pending.push(sig as i32);
-                }
-                _ => {}
-            }
-        }
-        Err(Error::Process { pid: self.pid, msg: format!("thread {tid} would not single-step") })
-    }
-
-    /// Stop every running thread again (and any new ones).
-    pub fn stop_running(&mut self, timeout: Duration) -> Result<()> {
-        let running: Vec<i32> = self.threads.iter().filter(|(_, t)| !t.stopped).map(|(k, _)| *k).collect();
-        for tid in running {
-            match ptrace::interrupt(pid(tid)) {
-                Ok(()) | Err(Errno::ESRCH) => {}
-                Err(e) => return Err(Error::ptrace("interrupt", tid, e)),
-            }
-        }
-        let t0 = Instant::now();
-        self.wait_stopped(t0 + timeout)?;
-        self.since = t0;
-        Ok(())
-    }
-
-    /// The next stop of any of our threads, waiting at most until `deadline`. New threads
-    /// (clone events) are adopted; exits are recorded. Returns the thread and its status.
-    pub fn next_event(&mut self, deadline: Instant) -> Result<Option<(i32, WaitStatus)>> {
-        let mut spins = 0u32;
-        loop {
-            // __WNOTHREAD: only this thread's tracees (another session may run on another thread).
-            match self.wait(None, WaitPidFlag::__WALL | WaitPidFlag::WNOHANG | WaitPidFlag::__WNOTHREAD) {
-                Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => {}
-                Err(Errno::ECHILD) => {
-                    if self.threads.is_empty() {
-                        return Err(Error::Process { pid: self.pid, msg: "exited during the operation".into() });
-                    }
-                }
-                Err(e) => return Err(Error::ptrace("wait", self.pid, e)),
-                Ok(st) => {
-                    let Some(p) = st.pid() else { continue };
-                    let tid = p.as_raw();
-                    match st {
-                        WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
-                            self.threads.remove(&tid);
-                            if self.threads.is_empty() {
-                                return Err(Error::Process { pid: self.pid, msg: "exited during the operation".into() });
-                            }
-                        }
-                        WaitStatus::PtraceEvent(_, _, ev) if ev == libc::PTRACE_EVENT_CLONE => {
-                            if let Ok(child) = ptrace::getevent(pid(tid)) {
-                                self.threads.entry(child as i32).or_default();
-                            }
-                            self.threads.entry(tid).or_default().stopped = true;
-                        }
-                        WaitStatus::PtraceEvent(_, _, ev) if ev == libc::PTRACE_EVENT_FORK || ev == libc::PTRACE_EVENT_VFORK => {
-                            self.adopt_fork(tid, ev == libc::PTRACE_EVENT_VFORK);
-                            self.threads.entry(tid).or_default().stopped = true;
-                        }
-                        WaitStatus::PtraceEvent(_, _, ev) if ev == libc::PTRACE_EVENT_EXEC => {
-                            self.threads.entry(tid).or_default().stopped = true;
-                            return Err(Error::Process { pid: self.pid, msg: "called exec during the operation; it runs another program now".into() });
-                        }
-                        _ => {
-                            self.threads.entry(tid).or_default().stopped = true;
-                        }
-                    }
-                    return Ok(Some((tid, st)));
-                }
-            }
-            if Instant::now() >= deadline || crate::cancel::cancelled() {
-                return Ok(None);
-            }
-            spins += 1;
-            if spins < 100 {
-                std::thread::yield_now();
-            } else {
-                std::thread::sleep(Duration::from_micros(if spins < 2000 { 20 } else { 200 }));
-            }
-        }
-    }
-
-    /// Follow forks of the stopped threads (and of threads they create) while `on_child` is
-    /// Some: each child is stopped at birth, handed to `on_child`, then let go. None: no more.
-    pub fn follow_forks(&mut self, on_child: Option<OnFork>) -> Result<()> {
-        let on = on_child.is_some();
-        self.on_fork = on_child;
-        let opts = if on { OPTIONS.union(Options::PTRACE_O_TRACEFORK).union(Options::PTRACE_O_TRACEVFORK) } else { OPTIONS };
-        for (tid, t) in &self.threads {
-            if !t.stopped {
-                continue;
-            }
-            match ptrace::setoptions(pid(*tid), opts) {
-                Ok(()) | Err(Errno::ESRCH) => {}
-                Err(e) => return Err(Error::ptrace("setoptions", *tid, e)),
-            }
-        }
-        Ok(())
     }
 
     /// A PTRACE_EVENT_FORK/VFORK stop of `parent`: hand the child to `on_fork` and let it
@@ -587,7 +399,7 @@ impl Stopped {
     }
 
     /// Resume everything now (consumes the guard).
-    pub fn detach(mut self) {
+    pub(crate) fn detach(mut self) {
         self.detach_all();
     }
 
