@@ -95,14 +95,14 @@ fn revert_newest(pid: i32, all: bool, strategy: Strategy, timeout: Duration, fra
             g.abort();
         }
     };
-    let watchpoint::Quiet { stopped, attempts, .. } = match quiet {
+    let watchpoint::Quiet { stopped, attempts, stacks, .. } = match quiet {
         Ok(q) => q,
         Err(e) => {
             abort(gate);
             return Err(e);
         }
     };
-    let switched = match watchpoint::frames_to_switch(&view, &stopped, &guarded) {
+    let switched = match watchpoint::frames_to_switch(&view, &stopped, &guarded, &stacks) {
         Ok(s) => s,
         Err(e) => {
             drop(stopped);

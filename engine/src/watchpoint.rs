@@ -145,16 +145,23 @@ pub struct View<'a> {
     pub modules: &'a Modules,
 }
 
-/// Check every stopped thread; the first activation found, if any.
-pub fn find_activation(v: &View, stopped: &Stopped, guarded: &[Guarded]) -> Result<Option<Activation>> {
+/// Every stopped thread's registers and stack, as the last check unwound them (the switch
+/// reuses them instead of unwinding every thread again while the target is stopped).
+pub type Stacks = std::collections::HashMap<i32, (crate::ptrace::Regs, Stack)>;
+
+/// Check every stopped thread: the first activation found, or, with none, every thread's
+/// registers and stack.
+pub fn find_activation(v: &View, stopped: &Stopped, guarded: &[Guarded]) -> Result<std::result::Result<Stacks, Activation>> {
+    let mut stacks = Stacks::new();
     for tid in stopped.tids() {
         let regs = stopped.regs(tid)?;
         let stack = unwind::unwind(&regs, v.modules, v.mem, v.maps);
         if let Some(a) = activation_of(v, tid, &stack, guarded) {
-            return Ok(Some(a));
+            return Ok(Err(a));
         }
+        stacks.insert(tid, (regs, stack));
     }
-    Ok(None)
+    Ok(Ok(stacks))
 }
 
 /// The first guarded code active on one thread's stack.
@@ -224,7 +231,7 @@ pub fn watch(target: &Target, exe: &Executable, bundle: &Bundle, mapped: &Mapped
     let mut gated: Option<Gated> = None;
     let quiet = until_inactive(&view, strategy, &guarded, timeout, &mut |s| {
         if gated.is_none() && !header.gates.is_empty() {
-            if find_activation(&view, s, &entry_bytes)?.is_some() {
+            if find_activation(&view, s, &entry_bytes)?.is_err() {
                 return Ok(()); // at the next check
             }
             gated = Some(Gated::install(target.pid, s, header, Way::Apply, true, &apply_entry)?);
@@ -239,7 +246,7 @@ pub fn watch(target: &Target, exe: &Executable, bundle: &Bundle, mapped: &Mapped
             mapped.region.leave_mapped();
         }
     };
-    let Quiet { stopped, attempts, waited } = match quiet {
+    let Quiet { stopped, attempts, waited, stacks } = match quiet {
         Ok(q) => q,
         Err(e) => {
             abort(gated);
@@ -248,7 +255,7 @@ pub fn watch(target: &Target, exe: &Executable, bundle: &Bundle, mapped: &Mapped
     };
     // The wait strategy lets the process run untraced between two checks: had it called exec
     // meanwhile, the entries would belong to another program and the region would be gone.
-    let checked = target.check_region_still_mapped(mapped.region.base, &header.patch_id).and_then(|_| frames_to_switch(&view, &stopped, &guarded));
+    let checked = target.check_region_still_mapped(mapped.region.base, &header.patch_id).and_then(|_| frames_to_switch(&view, &stopped, &guarded, &stacks));
     let switched = match checked {
         Ok(s) => s,
         Err(e) => {
@@ -267,6 +274,8 @@ pub struct Quiet {
     pub stopped: Stopped,
     pub attempts: u32,
     pub waited: Duration,
+    /// Every thread's registers and stack, from the check that found no activation.
+    pub stacks: Stacks,
 }
 
 /// Wait with `strategy` until no thread is in guarded code. `gate` leads the entries to their
@@ -293,8 +302,8 @@ pub fn wait_inactive(v: &View, guarded: &[Guarded], timeout: Duration) -> Result
         let found = find_activation(v, &stopped, guarded)?;
         tracing::debug!(threads = stopped.tids().len(), stop_us = (t1 - t0).as_micros() as u64, check_us = t1.elapsed().as_micros() as u64, "stack check");
         match found {
-            None => return Ok(Quiet { stopped, attempts, waited: start.elapsed() }),
-            Some(a) => {
+            Ok(stacks) => return Ok(Quiet { stopped, attempts, waited: start.elapsed(), stacks }),
+            Err(a) => {
                 drop(stopped);
                 if start.elapsed() >= timeout {
                     return Err(blocked(&a, timeout, Strategy::Wait));

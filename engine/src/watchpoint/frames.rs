@@ -47,15 +47,24 @@ pub struct RegWrite {
 
 /// Every frame of the stopped threads that stands at a switchable return site of `guarded`.
 /// Only frames found through call-frame information count (a scanned word is no frame, and
-/// blocks). The caller holds every thread stopped, with no guarded code otherwise active.
-pub fn frames_to_switch(v: &View, stopped: &Stopped, guarded: &[Guarded]) -> Result<Vec<FrameSwitch>> {
+/// blocks). The caller holds every thread stopped, with no guarded code otherwise active;
+/// `stacks` are the threads' registers and stacks from that check (a thread missing there is
+/// unwound now).
+pub fn frames_to_switch(v: &View, stopped: &Stopped, guarded: &[Guarded], stacks: &super::Stacks) -> Result<Vec<FrameSwitch>> {
     let mut out = Vec::new();
     if guarded.iter().all(|g| g.switch.is_empty()) {
         return Ok(out);
     }
     for tid in stopped.tids() {
-        let thread_regs = stopped.regs(tid)?;
-        let st = unwind::unwind(&thread_regs, v.modules, v.mem, v.maps);
+        let unwound;
+        let (thread_regs, st) = match stacks.get(&tid) {
+            Some((r, st)) => (*r, st),
+            None => {
+                let r = stopped.regs(tid)?;
+                unwound = unwind::unwind(&r, v.modules, v.mem, v.maps);
+                (r, &unwound)
+            }
+        };
         for (d, pc) in st.pcs.iter().enumerate().skip(1) {
             let Some(g) = guarded.iter().find(|g| g.switch.contains_key(pc)) else { continue };
             // The return address of frame d-1 sits just below its CFA (x86-64 `call`).

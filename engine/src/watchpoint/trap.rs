@@ -24,8 +24,9 @@ pub fn trap_inactive(v: &View, guarded: &[Guarded], gate: &mut dyn FnMut(&Stoppe
     loop {
         attempts += 1;
         crate::cancel::check()?;
-        let Some(a) = find_activation(v, &s, guarded)? else {
-            return Ok(Quiet { stopped: s, attempts, waited: start.elapsed() });
+        let a = match find_activation(v, &s, guarded)? {
+            Ok(stacks) => return Ok(Quiet { stopped: s, attempts, waited: start.elapsed(), stacks }),
+            Err(a) => a,
         };
         if start.elapsed() >= timeout {
             return Err(blocked(&a, timeout, Strategy::Trap));
