@@ -298,12 +298,15 @@ fn main() {
         for chunk in targets.chunks(4) {
             let kids: Vec<Child> = chunk
                 .iter()
-                .map(|t| Command::new(tool()).args(["apply", "--pid", &t.pid(), b, "--json"]).stdout(Stdio::null()).spawn().unwrap())
+                .map(|t| Command::new(tool()).args(["apply", "--pid", &t.pid(), b, "--json"]).stdout(Stdio::piped()).spawn().unwrap())
                 .collect();
             for k in kids {
-                let (st, kb) = wait_rusage(k);
-                assert!(st == 0, "apply failed");
-                peak_kb = peak_kb.max(kb);
+                let out = k.wait_with_output().unwrap();
+                assert!(out.status.success(), "apply failed");
+                // The tool's own high-water mark: wait4's ru_maxrss would count this (large)
+                // bench process, whose resident size the kernel records at the child's exec.
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+                peak_kb = peak_kb.max(v["peak_rss_kib"].as_i64().expect("apply --json reports peak_rss_kib"));
             }
         }
         let total = start.elapsed();
@@ -378,18 +381,6 @@ fn floor_probe(pid: i32, at: u64) -> Duration {
         unsafe { libc::ptrace(libc::PTRACE_DETACH, t, 0usize, 0usize) };
     }
     t0.elapsed()
-}
-
-/// Wait for a child and return its exit code and peak RSS (KiB).
-fn wait_rusage(child: Child) -> (i32, i64) {
-    let pid = child.id() as i32;
-    let mut status = 0;
-    // SAFETY: wait4 on our own child with valid out-pointers; zeroed rusage is a valid value.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
-    assert_eq!(r, pid);
-    std::mem::forget(child);
-    (libc::WEXITSTATUS(status), ru.ru_maxrss)
 }
 
 fn tempdir() -> PathBuf {

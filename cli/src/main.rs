@@ -193,6 +193,14 @@ impl Cmd {
     }
 }
 
+/// This process's peak resident memory (`VmHWM`, KiB): the high-water mark of its own address
+/// space only. (`getrusage` and `wait4` report a `ru_maxrss` that also holds the parent's
+/// resident size at the exec that started us: useless for a small tool started by a big one.)
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()
+}
+
 /// The changed set from the fix's source.
 #[derive(clap::Args)]
 struct SourceArgs {
@@ -272,7 +280,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let opts = livepatch::apply::Options { strategy, timeout: secs(timeout)?, frames };
             let r = livepatch::apply::apply(pid, &b, &opts)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                let mut v = serde_json::to_value(&r)?;
+                v["peak_rss_kib"] = peak_rss_kib().into();
+                println!("{}", serde_json::to_string_pretty(&v)?);
             } else if r.already_applied {
                 println!("patch {} is already applied to process {pid}; nothing to do", r.patch_id);
             } else {
