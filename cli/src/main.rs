@@ -317,6 +317,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     for e in &p.entries {
                         println!("    {:<32} {} -> {} {}", e.name, e.entry, e.target, e.state);
                     }
+                    if p.calls_retargeted > 0 {
+                        println!("    {} direct call(s) lead straight to the new code", p.calls_retargeted);
+                    }
                     for f in &p.switched {
                         println!("    frame of {} on thread {} switched at apply: return address {:#x} -> {:#x}", f.function, f.tid, f.old, f.new);
                     }

@@ -348,3 +348,21 @@ fn register_contract_kept_for_unpatched_callers(v: Variant) {
 }
 matrix_tests!(register_contract_kept_for_unpatched_callers => register_contract_kept_for_unpatched_callers);
 real_build_tests!(register_contract_kept_for_unpatched_callers_real => register_contract_kept_for_unpatched_callers);
+
+/// main's direct call of compute() is retargeted to the new compute() at the switch (no extra
+/// jump per call), `status` counts it, and revert --all puts the original bytes back.
+fn direct_calls_retargeted(v: Variant) {
+    let old = compile("plain", "v1", v);
+    let bundle = build_scenario_bundle("plain", "v1", "v2", v);
+    let mut t = Target::start(&old);
+    let before = text_snapshot(t.pid);
+    apply(t.pid, &bundle, IDLE).assert_ok();
+    let st = status(t.pid);
+    let n = st.raw["patches"][0]["calls_retargeted"].as_u64().unwrap_or(0);
+    assert!(n >= 1, "main calls compute() directly: the call must lead straight to the new code\n{}", st.raw);
+    t.expect("call 5", "result v2 15");
+    revert(t.pid, &["--all"]).assert_ok();
+    assert_text_unchanged(&before, t.pid);
+    t.expect("call 5", "result v1 10");
+}
+variant_tests!(direct_calls_retargeted => direct_calls_retargeted: o2_pie, o3_nopie, real_hardened);

@@ -93,6 +93,10 @@ pub struct Function {
     /// in the new function (a function that never returns is switched there, not waited for).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub return_sites: Vec<ReturnSite>,
+    /// The rel32 fields (SVMAs in OLD) of direct calls and jumps to the old entry from other
+    /// functions: retargeted to the new code after the switch, so a call costs no extra jump.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub call_sites: Vec<u64>,
 }
 
 /// A return address R of an old function (after one of its calls) and its counterpart R' in
@@ -513,6 +517,7 @@ mod tests {
                 preserve: vec![],
                 trampoline: None,
                 return_sites: vec![],
+                call_sites: vec![],
             }],
             fixups: vec![Fixup { at: 0x1101, kind: RefKind::PcRel, next_ip: 0x1105, addend: 0, target: Target::Old { svma: 0x2000, name: "g".into() } }],
             changed_data: vec![],

@@ -73,6 +73,9 @@ struct CodeIndex {
     anon_refs: Vec<u64>,
     /// Branch target -> the functions (by address) branching there from outside.
     callers: HashMap<u64, Vec<u64>>,
+    /// Branch target -> the rel32 fields (SVMAs) of the `call`/`jmp`/`jcc` that branch there
+    /// from outside their own function.
+    branch_fields: HashMap<u64, Vec<u64>>,
 }
 
 /// Names carried by more than one symbol of the same kind, each with a bit per such kind
@@ -472,6 +475,11 @@ impl ElfFile {
         callers.iter().filter_map(|a| self.functions().find(|f| f.addr == *a)).collect()
     }
 
+    /// The rel32 fields of the direct branches to `target` from other functions (SVMAs).
+    pub fn branch_fields(&self, target: u64) -> &[u64] {
+        self.code_index().branch_fields.get(&target).map(|v| v.as_slice()).unwrap_or(&[])
+    }
+
     fn code_index(&self) -> &CodeIndex {
         self.code_index.get_or_init(|| {
             let mut ix = CodeIndex::default();
@@ -485,6 +493,9 @@ impl ElfFile {
                         let c = ix.callers.entry(r.target).or_default();
                         if c.last() != Some(&f.addr) {
                             c.push(f.addr);
+                        }
+                        if r.kind == crate::arch::x86_64::RefKind::PcRel && r.field_size == 4 {
+                            ix.branch_fields.entry(r.target).or_default().push(f.addr + r.field_off as u64);
                         }
                     }
                     if self.symbol_at(r.target).is_none() && self.section_at(r.target).is_some_and(|s| !s.is_exec()) {

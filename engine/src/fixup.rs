@@ -13,7 +13,7 @@ use crate::bundle::{Bundle, Target};
 use crate::error::{Error, RefusalKind, Result};
 use crate::process::{Mapping, MemoryReader};
 use crate::ptrace::Stopped;
-use crate::region::{CodeRange, Entry, GateRecord, Header, OldEntry, RegValue, SiteRecord};
+use crate::region::{CallRecord, CodeRange, Entry, GateRecord, Header, OldEntry, RegValue, SiteRecord};
 use crate::target::{self, Executable};
 use goblin::elf::{sym, Elf};
 use std::collections::{BTreeMap, HashMap};
@@ -453,12 +453,32 @@ fn header(target: &target::Target, exe: &Executable, bundle: &Bundle, entries: &
             .chain(layout.thunk_ranges().map(|(n, start, len)| CodeRange { name: n.to_string(), start, len }))
             .collect(),
         return_sites,
+        calls: call_records(target, exe, bundle, layout)?,
         switched: Vec::new(),
         switched_unrecorded: 0,
         gates: Vec::new(),
         control: layout.control(),
         ungated: None,
     })
+}
+
+/// The direct calls to retarget after the switch: each field's bytes now and before any patch.
+fn call_records(target: &target::Target, exe: &Executable, bundle: &Bundle, layout: &Layout) -> Result<Vec<CallRecord>> {
+    let live = target.live();
+    let mut out = Vec::new();
+    for f in bundle.manifest.functions.iter().filter(|f| f.has_entry_jump()) {
+        for field in &f.call_sites {
+            let at = exe.avma(*field)?;
+            let previous = target.mem.read_vec(at, 4)?;
+            let original = live.iter().find_map(|a| a.header.calls.iter().find(|c| c.at == at).map(|c| c.original.clone())).unwrap_or_else(|| hex::encode(&previous));
+            let record = CallRecord { name: f.name.clone(), at, target: layout.entry_target(f), original, previous: hex::encode(&previous) };
+            // Out of a rel32's reach, the entry jump keeps serving this call.
+            if record.written().is_some() {
+                out.push(record);
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn exe_inode(proc: &crate::process::Process) -> Result<u64> {

@@ -136,6 +136,7 @@ fn through_gates(target: &Target, mapped: &Mapped, stopped: &Stopped, switched: 
     record(mapped, switched)?;
     gated.take().expect("installed above").finish();
     frames.commit();
+    retarget_calls(&target.mem, &mapped.header);
     Ok(())
 }
 
@@ -155,6 +156,34 @@ fn write_jumps(target: &Target, mapped: &Mapped, stopped: &Stopped, switched: &[
     record(mapped, switched)?;
     jumps.commit();
     frames.commit();
+    retarget_calls(&target.mem, &mapped.header);
+    Ok(())
+}
+
+/// After the switch, every thread stopped: the direct calls of the old functions lead straight
+/// to the new code (a kill half-way leaves some calls going through the entries, to the same
+/// code). A field that no longer holds what it held when the region was built is left alone.
+fn retarget_calls(mem: &ProcMem, header: &Header) {
+    for c in &header.calls {
+        let (Ok(previous), Some(written)) = (hex::decode(&c.previous), c.written()) else { continue };
+        match mem.read_vec(c.at, 4) {
+            Ok(now) if now == previous => {
+                if let Err(e) = mem.write(c.at, &written) {
+                    tracing::warn!("a call of `{}` at {:#x} keeps going through the entry: {e}", c.name, c.at);
+                }
+            }
+            _ => tracing::warn!("a call of `{}` at {:#x} changed under us: it keeps going through the entry", c.name, c.at),
+        }
+    }
+}
+
+/// Before a revert, every thread stopped: the calls a patch retargeted lead to the entries
+/// again (which still lead to the patch's code until the switch back).
+pub fn restore_calls(mem: &ProcMem, header: &Header) -> Result<()> {
+    for c in header.calls.iter().filter(|c| c.retargeted(mem)) {
+        let previous = hex::decode(&c.previous).map_err(|_| Error::Other("corrupt region header".into()))?;
+        mem.write(c.at, &previous)?;
+    }
     Ok(())
 }
 

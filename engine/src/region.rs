@@ -90,6 +90,10 @@ pub struct Header {
     /// Return sites of the old functions with their counterparts in this region.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub return_sites: Vec<SiteRecord>,
+    /// Direct calls and jumps to the old functions, retargeted to this region's code after
+    /// the switch.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub calls: Vec<CallRecord>,
     /// Frames moved to this region's code when the patch was applied.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub switched: Vec<crate::watchpoint::FrameSwitch>,
@@ -105,6 +109,31 @@ pub struct Header {
     pub control: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ungated: Option<String>,
+}
+
+/// The rel32 field at `at` of a direct call (or jump) to `name` leads to `target` once
+/// retargeted; `original` (before any patch) and `previous` (before this one) are what revert
+/// restores.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CallRecord {
+    pub name: String,
+    pub at: u64,
+    pub target: u64,
+    pub original: String,
+    pub previous: String,
+}
+
+impl CallRecord {
+    /// The field's bytes once retargeted (`None`: out of reach).
+    pub fn written(&self) -> Option<[u8; 4]> {
+        let rel = (self.target as i64).checked_sub(self.at as i64 + 4)?;
+        i32::try_from(rel).ok().map(|r| r.to_le_bytes())
+    }
+
+    /// Whether the field at `at` holds the retargeted bytes now.
+    pub fn retargeted(&self, mem: &dyn MemoryReader) -> bool {
+        self.written().is_some_and(|w| mem.read_vec(self.at, 4).ok().as_deref() == Some(&w[..]))
+    }
 }
 
 /// The gate of one entry, in the region: `[at, at+len)`; the commit word is read and acted on
@@ -244,6 +273,7 @@ mod tests {
             entries: vec![Entry { name: "f".into(), entry: 0x1000, target: 0x12000, original: "5548".into(), previous: "5548".into(), old_start: 0x1000, old_len: 10, short: false }],
             code: vec![CodeRange { name: "f".into(), start: 0x12000, len: 10 }],
             return_sites: vec![SiteRecord { name: "f".into(), old: 0x10010, new: 0x12010, back: true, sets: vec![RegValue { reg: 13, value: 0x13000 }], back_sets: vec![], moves: vec![], back_moves: vec![], cfa_above_sp: 48 }],
+            calls: vec![CallRecord { name: "f".into(), at: 0x10100, target: 0x12000, original: "00000000".into(), previous: "00000000".into() }],
             switched: vec![],
             switched_unrecorded: 0,
             gates: vec![GateRecord { name: "f".into(), entry: 0x1000, at: 0x12100, len: 180, decided: 25, old_path: 167, depths: vec![(0, 0), (1, 1), (13, 0), (26, 1)] }],

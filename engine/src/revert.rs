@@ -84,6 +84,8 @@ fn revert_newest(pid: i32, all: bool, strategy: Strategy, timeout: Duration, fra
     let mut gate: Option<Gated> = None;
     let quiet = watchpoint::until_inactive(&view, strategy, &guarded, timeout, &mut |s| {
         if gated && gate.is_none() {
+            // Calls straight to the patch's code would pass the gates: through the entries again.
+            crate::jump::restore_calls(mem, &newest.header)?;
             gate = Some(Gated::install(pid, s, &newest.header, Way::Revert, true, &revert_entry)?);
             tracing::debug!(entries = newest.header.gates.len(), "gates armed");
             crate::fault::point("trap-armed");
@@ -114,6 +116,7 @@ fn revert_newest(pid: i32, all: bool, strategy: Strategy, timeout: Duration, fra
     let done = (|| -> Result<()> {
         if gated {
             if gate.is_none() {
+                crate::jump::restore_calls(mem, &newest.header)?;
                 gate = Some(Gated::install(pid, &stopped, &newest.header, Way::Revert, false, &revert_entry)?);
             }
             crate::fault::point("jump");
@@ -125,6 +128,9 @@ fn revert_newest(pid: i32, all: bool, strategy: Strategy, timeout: Duration, fra
             gate.take().expect("installed above").finish();
             frames.commit();
         } else {
+            for a in removing.iter().rev() {
+                crate::jump::restore_calls(mem, &a.header)?;
+            }
             let jumps = Jumps::write(mem, &sites)?;
             // `new` is where the frame goes: here, back to the original function.
             let frames = watchpoint::frames::FrameWrites::write(mem, &stopped, &switched)?;

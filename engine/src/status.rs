@@ -39,6 +39,8 @@ pub struct PatchStatus {
     /// given up: its entries lead through the gates to the code they had before; repaired by
     /// the next apply or revert).
     pub state: String,
+    /// Direct calls of the old functions that lead straight to this patch's code.
+    pub calls_retargeted: usize,
     /// Frames of old functions moved to this patch's code when it was applied.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub switched: Vec<crate::watchpoint::FrameSwitch>,
@@ -139,6 +141,7 @@ pub fn status(pid: i32) -> Result<Status> {
                 "applied".into()
             },
             switched: a.header.switched.clone(),
+            calls_retargeted: a.header.calls.iter().filter(|c| c.retargeted(&mem)).count(),
         })
         .collect();
     for a in list.iter().filter(|a| partly_switched(&mem, a)) {

@@ -1239,6 +1239,8 @@ pub fn assert_text_changed_only_at(before: &TextSnapshot, pid: i32, entries: &[(
     // Each entry holds `jmp rel32` into a patch region, or (a function shorter than 5 bytes)
     // `jmp rel8` to a trampoline in inter-function padding that holds the `jmp rel32`.
     let mut sites: Vec<(u64, u64)> = Vec::new();
+    // Where the entries' jumps go: the new functions (or their register-preserving thunks).
+    let mut dests: Vec<u64> = Vec::new();
     for (name, entry) in entries {
         let b = read_mem(pid, *entry, 5);
         let (long_at, short) = match b[0] {
@@ -1262,11 +1264,22 @@ pub fn assert_text_changed_only_at(before: &TextSnapshot, pid: i32, entries: &[(
             m.executable() && !m.writable(),
             "{name}'s jump goes to {dest:#x} in {m:?}, which is not read+execute"
         );
+        dests.push(dest);
     }
+    // Direct calls and jumps to the old functions may be retargeted to the same new code: a
+    // rel32 field after `call`/`jmp`/`jcc` whose destination is where an entry's jump goes.
+    let retargeted = |a: u64| -> Option<(u64, u64)> {
+        (a.saturating_sub(3)..=a).find_map(|f| {
+            let b = read_mem(pid, f - 2, 6);
+            let branch = matches!(b[1], 0xe8 | 0xe9) || (b[0] == 0x0f && (0x80..=0x8f).contains(&b[1]));
+            let dest = (f as i64 + 4 + i32::from_le_bytes([b[2], b[3], b[4], b[5]]) as i64) as u64;
+            (branch && dests.contains(&dest)).then_some((f, f + 4))
+        })
+    };
     let stray: Vec<(u64, u8, u8)> = diffs
         .iter()
         .copied()
-        .filter(|(a, _, _)| !sites.iter().any(|(lo, hi)| *a >= *lo && *a < *hi))
+        .filter(|(a, _, _)| !sites.iter().any(|(lo, hi)| *a >= *lo && *a < *hi) && retargeted(*a).is_none())
         .collect();
     assert!(
         stray.is_empty(),

@@ -471,7 +471,24 @@ impl<'a> Builder<'a> {
             let trampoline = if kind == FunctionKind::Changed { self.jump_room(os.unwrap(), &mut jump_bytes)? } else { None };
             let preserve = if kind == FunctionKind::Changed { self.register_contract(os.unwrap(), f)? } else { Vec::new() };
             let return_sites = if kind == FunctionKind::Changed { frames::return_sites(self.old, os.unwrap(), self.new, f) } else { Vec::new() };
-            functions.push(Function { name: f.name.clone(), kind, old_svma, old_size, old_digest, new_svma: f.addr, new_size: f.size, preserve, trampoline, return_sites });
+            functions.push(Function { name: f.name.clone(), kind, old_svma, old_size, old_digest, new_svma: f.addr, new_size: f.size, preserve, trampoline, return_sites, call_sites: Vec::new() });
+        }
+        // Direct branches to a changed function from other functions are retargeted to the new
+        // code after the switch (no extra jump per call); a branch whose instruction overlaps
+        // the bytes an entry jump or a trampoline overwrites stays (that jump serves it).
+        let overwritten: Vec<(u64, u64)> = functions
+            .iter()
+            .filter(|f| f.has_entry_jump())
+            .flat_map(|f| {
+                let entry = f.old_svma.map(|a| (a, a + crate::arch::x86_64::JUMP_LEN as u64));
+                let tramp = f.trampoline.map(|t| (t, t + crate::arch::x86_64::JUMP_LEN as u64));
+                entry.into_iter().chain(tramp)
+            })
+            .collect();
+        for f in functions.iter_mut().filter(|f| f.has_entry_jump()) {
+            let fields = self.old.branch_fields(f.old_svma.unwrap_or(0));
+            // The opcode precedes the field by one byte (call, jmp) or two (jcc).
+            f.call_sites = fields.iter().copied().filter(|&x| !overwritten.iter().any(|(lo, hi)| x.saturating_sub(2) < *hi && *lo < x + 4)).collect();
         }
         // Merge overlapping read-only chunks, then carry them.
         let mut merged: Vec<(u64, u64)> = Vec::new();

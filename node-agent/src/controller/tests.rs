@@ -76,6 +76,7 @@ impl Engine for FakeEngine {
                 entries: vec![],
                 state: "applied".into(),
                 switched: vec![],
+                calls_retargeted: 0,
             })
             .collect();
         Ok(status::Status { pid, build_id: None, patches, stacked: live.len(), restart_recommended: live.len() > 4, warnings: vec![] })
