@@ -151,8 +151,9 @@ impl Gated {
     /// for a switch `way`. `before_after` gives what each entry holds now (checked) and what
     /// it gets after the switch. With `heartbeat`, the threads will run with the gates armed:
     /// the tool's heartbeat starts.
-    pub fn install(pid: i32, _stopped: &Stopped, h: &Header, way: Way, heartbeat: bool, before_after: &dyn Fn(&crate::region::Entry) -> Result<(Vec<u8>, Vec<u8>)>) -> Result<Gated> {
-        let mem = ProcMem::open(pid)?;
+    pub fn install(mem: &ProcMem, _stopped: &Stopped, h: &Header, way: Way, heartbeat: bool, before_after: &dyn Fn(&crate::region::Entry) -> Result<(Vec<u8>, Vec<u8>)>) -> Result<Gated> {
+        let pid = mem.pid();
+        let mem = mem.try_clone()?;
         let mut g = Gated { pid, mem, control: h.control, way, entries: Vec::new(), ranges: h.gates.iter().map(|r| (r.at, r.at + r.len)).collect(), heartbeat: None, done: false, taken_back: false };
         if heartbeat {
             g.heartbeat = Some(Heartbeat::start(pid, h.control)?);

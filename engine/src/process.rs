@@ -51,6 +51,16 @@ pub struct ProcMem {
 }
 
 impl ProcMem {
+    /// The process whose memory this is.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Another handle on the same memory (a duplicated descriptor, no new open).
+    pub fn try_clone(&self) -> Result<Self> {
+        Ok(ProcMem { pid: self.pid, file: self.file.try_clone().map_err(|e| Error::io("cannot duplicate the memory descriptor", e))? })
+    }
+
     pub fn open(pid: i32) -> Result<Self> {
         let path = format!("/proc/{pid}/mem");
         let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).map_err(|e| proc_err(pid, "open memory", e))?;

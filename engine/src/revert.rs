@@ -86,7 +86,7 @@ fn revert_newest(pid: i32, all: bool, strategy: Strategy, timeout: Duration, fra
         if gated && gate.is_none() {
             // Calls straight to the patch's code would pass the gates: through the entries again.
             crate::jump::restore_calls(mem, &newest.header)?;
-            gate = Some(Gated::install(pid, s, &newest.header, Way::Revert, true, &revert_entry)?);
+            gate = Some(Gated::install(mem, s, &newest.header, Way::Revert, true, &revert_entry)?);
             tracing::debug!(entries = newest.header.gates.len(), "gates armed");
             crate::fault::point("trap-armed");
         }
@@ -117,7 +117,7 @@ fn revert_newest(pid: i32, all: bool, strategy: Strategy, timeout: Duration, fra
         if gated {
             if gate.is_none() {
                 crate::jump::restore_calls(mem, &newest.header)?;
-                gate = Some(Gated::install(pid, &stopped, &newest.header, Way::Revert, false, &revert_entry)?);
+                gate = Some(Gated::install(mem, &stopped, &newest.header, Way::Revert, false, &revert_entry)?);
             }
             crate::fault::point("jump");
             gate.as_mut().expect("installed above").switch()?;

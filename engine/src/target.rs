@@ -100,9 +100,14 @@ impl Target {
     }
 
     /// The process calls exec while a `wait` strategy lets it run: the region is then gone
-    /// and the entries belong to another program.
+    /// and the entries belong to another program. Read through the memory opened at the start
+    /// (which reads nothing once its address space is gone), not `/proc/PID/maps`: this runs
+    /// while the target is stopped.
     pub fn check_region_still_mapped(&self, base: u64, patch_id: &str) -> Result<()> {
-        if self.proc.maps()?.iter().any(|m| m.start == base && m.path.contains(patch_id)) {
+        // The header starts with the magic, then the JSON, whose first field is the patch id.
+        let want = format!("{{\"patch_id\":\"{patch_id}\"");
+        let head = self.mem.read_vec(base, 16 + want.len()).unwrap_or_default();
+        if head.len() == 16 + want.len() && head[..8] == crate::region::MAGIC[..] && head[16..] == *want.as_bytes() {
             Ok(())
         } else {
             Err(Error::Process { pid: self.pid, msg: "called exec during the operation (the patch region is gone); it runs another program now".into() })

@@ -234,7 +234,7 @@ pub fn watch(target: &Target, exe: &Executable, bundle: &Bundle, mapped: &Mapped
             if find_activation(&view, s, &entry_bytes)?.is_err() {
                 return Ok(()); // at the next check
             }
-            gated = Some(Gated::install(target.pid, s, header, Way::Apply, true, &apply_entry)?);
+            gated = Some(Gated::install(&target.mem, s, header, Way::Apply, true, &apply_entry)?);
             // The tests wait for this line (LIVEPATCH_LOG=debug) before they interrupt a wait.
             tracing::debug!(entries = header.gates.len(), "gates armed");
             crate::fault::point("trap-armed");
