@@ -187,6 +187,7 @@ fn main() {
     println!("| threads | target gap, no update (median / worst) | floor: pause / target gap (median) | livepatch: pause (median / worst) | livepatch: target gap (median / worst) | pause / floor | gap / floor |");
     println!("|---|---|---|---|---|---|---|");
     let mut floors = std::collections::BTreeMap::new();
+    let mut json = serde_json::json!({ "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "cycles": cycles, "pause": [], "frames": [] });
     for n in [1usize, 8, 64] {
         let mut t = Target::spawn(&v1, &["gap", &n.to_string()]);
         let (mut base, mut gaps, mut pauses, mut fpause, mut fgap) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -211,6 +212,10 @@ fn main() {
         let (fpm, _) = stats(&mut fpause);
         let (fgm, _) = stats(&mut fgap);
         floors.insert(n, fpm);
+        json["pause"].as_array_mut().unwrap().push(serde_json::json!({
+            "threads": n, "no_update_gap_us": [bm, bw], "floor_pause_us": fpm, "floor_gap_us": fgm,
+            "pause_us": [pm, pw], "gap_us": [gm, gw], "pause_over_floor": pm / fpm, "gap_over_floor": gm / fgm,
+        }));
         println!(
             "| {n} | {bm:.0} / {bw:.0} us | {fpm:.0} / {fgm:.0} us | {pm:.0} / {pw:.0} us | {gm:.0} / {gw:.0} us | {:.2} | {:.2} |",
             pm / fpm,
@@ -238,6 +243,7 @@ fn main() {
         let (pm, pw) = stats(&mut pauses);
         let (fm, _) = stats(&mut frames);
         let floor = floors.get(&n).copied().unwrap_or(f64::NAN);
+        json["frames"].as_array_mut().unwrap().push(serde_json::json!({ "threads": n, "frames_switched": fm, "pause_us": [pm, pw], "gap_us": [gm, gw], "pause_over_floor": pm / floor }));
         println!("| {n} | {fm:.0} | {pm:.0} / {pw:.0} us | {gm:.0} / {gw:.0} us | {:.2} |", pm / floor);
     }
 
@@ -287,8 +293,10 @@ fn main() {
         stats(&mut r).0
     };
     let (rb, ra) = (rate(&before[1..]), rate(&after[1..]));
-    println!("\ncall overhead: {rb:.3e} calls/s before, {ra:.3e} after patching: ratio {:.3} (one extra `jmp` per call)", ra / rb);
+    println!("\ncall overhead: {rb:.3e} calls/s before, {ra:.3e} after patching: ratio {:.3} (the direct calls lead straight to the new code)", ra / rb);
+    json["calls_per_s"] = serde_json::json!({ "before": rb, "after": ra, "ratio": ra / rb });
 
+    json["processes"] = serde_json::json!([]);
     println!("\n| processes | total time (concurrent invocations, 4 at a time) | peak RSS of one livepatch process |");
     println!("|---|---|---|");
     for n in [50usize, if quick { 50 } else { 200 }] {
@@ -321,8 +329,65 @@ fn main() {
             }
         }
         println!("| {n} | {:.2} s ({:.1} ms per process) | {:.1} MiB |", total.as_secs_f64(), total.as_secs_f64() * 1e3 / n as f64, peak_kb as f64 / 1024.0);
+        json["processes"].as_array_mut().map(|a| a.push(serde_json::json!({ "processes": n, "total_s": total.as_secs_f64(), "peak_rss_mib": peak_kb as f64 / 1024.0 })));
     }
+    write_results(&json, quick);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The results as JSON and the pause plot as SVG, in `docs/figures/` (`update.json`,
+/// `pause.svg`; `-quick` variants for a quick run), or in `LIVEPATCH_BENCH_OUT`.
+fn write_results(json: &serde_json::Value, quick: bool) {
+    let dir = std::env::var_os("LIVEPATCH_BENCH_OUT").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/figures"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let suffix = if quick { "-quick" } else { "" };
+    let (j, svg) = (dir.join(format!("update{suffix}.json")), dir.join(format!("pause{suffix}.svg")));
+    std::fs::write(&j, serde_json::to_string_pretty(json).unwrap()).unwrap();
+    std::fs::write(&svg, pause_svg(json)).unwrap();
+    println!("\nresults: {} and {}", j.display(), svg.display());
+}
+
+/// Pause against thread count, log-log: the tool's median pause (and with every frame switched),
+/// the floor of the same run.
+fn pause_svg(json: &serde_json::Value) -> String {
+    let (w, h, l, r, t, b) = (640.0, 400.0, 70.0, 180.0, 30.0, 50.0);
+    let rows = json["pause"].as_array().cloned().unwrap_or_default();
+    let series = |key: &str, rows: &[serde_json::Value]| -> Vec<(f64, f64)> {
+        rows.iter().filter_map(|r| Some((r["threads"].as_f64()?, if key == "floor" { r["floor_pause_us"].as_f64()? } else { r["pause_us"][0].as_f64()? }))).collect()
+    };
+    let tool = series("tool", &rows);
+    let floor = series("floor", &rows);
+    let frames = series("tool", json["frames"].as_array().map(|v| v.as_slice()).unwrap_or(&[]));
+    let all: Vec<f64> = tool.iter().chain(&floor).chain(&frames).map(|p| p.1).filter(|v| *v > 0.0).collect();
+    let lo = all.iter().cloned().fold(f64::INFINITY, f64::min).log10().floor();
+    let hi = all.iter().cloned().fold(0.0, f64::max).log10().ceil().max(lo + 1.0);
+    let x = |n: f64| l + (n.log2() / 6.0) * (w - l - r);
+    let y = |v: f64| t + (hi - v.log10()) / (hi - lo) * (h - t - b);
+    let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n");
+    s += &format!("<text x=\"{}\" y=\"18\" text-anchor=\"middle\">pause while the target is stopped (median, log scale)</text>\n", (l + w - r) / 2.0);
+    let mut d = lo;
+    while d <= hi {
+        let v = 10f64.powf(d);
+        s += &format!("<line x1=\"{l}\" x2=\"{}\" y1=\"{y0:.1}\" y2=\"{y0:.1}\" stroke=\"#ddd\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{} us</text>\n", w - r, l - 6.0, y(v) + 4.0, v, y0 = y(v));
+        d += 1.0;
+    }
+    for n in [1.0, 8.0, 64.0] {
+        s += &format!("<line x1=\"{x0:.1}\" x2=\"{x0:.1}\" y1=\"{t}\" y2=\"{}\" stroke=\"#eee\"/><text x=\"{x0:.1}\" y=\"{}\" text-anchor=\"middle\">{n} thread{}</text>\n", h - b, h - b + 18.0, if n > 1.0 { "s" } else { "" }, x0 = x(n));
+    }
+    for (pts, color, label, dash) in [(&floor, "#888", "floor (same run)", "4 3"), (&tool, "#c33", "livepatch", ""), (&frames, "#36c", "livepatch, frames switched", "")] {
+        if pts.is_empty() {
+            continue;
+        }
+        let path: Vec<String> = pts.iter().map(|(n, v)| format!("{:.1},{:.1}", x(*n), y(*v))).collect();
+        s += &format!("<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" stroke-dasharray=\"{dash}\" points=\"{}\"/>\n", path.join(" "));
+        for (n, v) in pts.iter() {
+            s += &format!("<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{color}\"/>\n", x(*n), y(*v));
+        }
+        let (n, v) = pts[pts.len() - 1];
+        s += &format!("<text x=\"{:.1}\" y=\"{:.1}\" fill=\"{color}\">{label}</text>\n", x(n) + 8.0, y(v) + 4.0);
+    }
+    s += "</svg>\n";
+    s
 }
 
 /// Address of a function in the file (its SVMA).
