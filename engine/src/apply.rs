@@ -51,6 +51,11 @@ pub struct Report {
     /// Frames of old functions stopped at return sites, moved to the new code.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub switched_frames: Vec<watchpoint::FrameSwitch>,
+    /// The switch went through the patch's gates (one commit word for every function); when
+    /// not, `ungated` says why (its jumps were written one after the other).
+    pub gated: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ungated: Option<String>,
 }
 
 /// Apply `bundle` to process `pid`.
@@ -74,6 +79,8 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &Options) -> Result<Report> {
         stacked,
         restart_recommended: stacked > status::STACK_LIMIT,
         switched_frames: Vec::new(),
+        gated: false,
+        ungated: None,
     };
     if target.live().iter().any(|a| a.header.patch_id == report.patch_id) {
         report.total_ms = t0.elapsed().as_millis() as u64;
@@ -83,6 +90,8 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &Options) -> Result<Report> {
     let entries = old_entries(&target, &exe, bundle)?;
 
     let mapped = map::map(&target, &exe, Layout::new(bundle, exe.bias), |layout| fixup::fixup(&target, &exe, bundle, &entries, layout))?;
+    report.gated = !mapped.header.gates.is_empty();
+    report.ungated = mapped.header.ungated.clone();
     let watched = watchpoint::watch(&target, &exe, bundle, &mapped, opts.strategy, opts.frames, opts.timeout)?;
     let (attempts, waited) = (watched.attempts, watched.waited);
     let switched = jump::jump(&target, mapped, watched)?;

@@ -395,6 +395,11 @@ def run_pair(lp, pair_dir, keep_going):
                 c, rep, e = livepatch(lp, "apply", "--pid", str(pid), bundle, "--json", "--timeout", "30")
                 if c == 0 and rep:
                     pauses.append(rep.get("pause_us", 0))
+                    # Switched through the gates (one commit word), or jump by jump and why.
+                    if not rep.get("already_applied"):
+                        row["gated"] = row.get("gated", True) and bool(rep.get("gated"))
+                        if rep.get("ungated"):
+                            row["ungated"] = rep["ungated"]
                 elif c == 3:
                     row.update(outcome="refused", kind=(rep or {}).get("refusal_kind"), detail=(rep or {}).get("error") or e)
                 elif c == 4:
@@ -453,7 +458,7 @@ def run_pair(lp, pair_dir, keep_going):
 def markdown(rows):
     out = ["| package | patch | CVE | build | outcome | functions | pause median / max (us) | requests | fixed behaviour checked |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        outcome = r["outcome"] + (f" ({r['kind']})" if r.get("kind") else "")
+        outcome = r["outcome"] + (f" ({r['kind']})" if r.get("kind") else "") + (" (no gates)" if r.get("gated") is False else "")
         pause = f"{r['pause_us_median']} / {r['pause_us_max']}" if "pause_us_median" in r else "-"
         out.append(f"| {r.get('package', 'nginx')} | {r['patch']} | {', '.join(r['cve'])} | {r['variant']} | {outcome} | {', '.join(r.get('functions', [])) or '-'} | {pause} | {r.get('requests', '-')} | {'yes' if r.get('behaviour_checked') else '-'} |")
     return "\n".join(out)

@@ -106,6 +106,8 @@ impl Engine for FakeEngine {
             stacked: list.len(),
             restart_recommended: list.len() > 4,
             switched_frames: vec![],
+            gated: true,
+            ungated: None,
         })
     }
 
