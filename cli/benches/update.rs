@@ -331,6 +331,25 @@ fn main() {
         println!("| {n} | {:.2} s ({:.1} ms per process) | {:.1} MiB |", total.as_secs_f64(), total.as_secs_f64() * 1e3 / n as f64, peak_kb as f64 / 1024.0);
         json["processes"].as_array_mut().map(|a| a.push(serde_json::json!({ "processes": n, "total_s": total.as_secs_f64(), "peak_rss_mib": peak_kb as f64 / 1024.0 })));
     }
+    // One invocation for every process, patched concurrently (one thread per process at a
+    // time, as the node agent runs the engine): time and the tool's own peak memory.
+    let n = if quick { 50 } else { 200 };
+    let targets: Vec<Target> = (0..n).map(|_| Target::spawn(&v1, &["idle", "1"])).collect();
+    let mut args: Vec<String> = vec!["apply".into()];
+    for t in &targets {
+        args.push("--pid".into());
+        args.push(t.pid());
+    }
+    args.extend([b.to_string(), "--json".into()]);
+    let start = Instant::now();
+    let out = Command::new(tool()).args(&args).stdout(Stdio::piped()).output().unwrap();
+    let total = start.elapsed();
+    assert!(out.status.success(), "apply to {n} processes failed");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let peak = v["peak_rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0;
+    println!("| {n}, one invocation (`--pid` x {n}, one thread per CPU) | {:.2} s ({:.1} ms per process) | {peak:.1} MiB |", total.as_secs_f64(), total.as_secs_f64() * 1e3 / n as f64);
+    json["one_invocation"] = serde_json::json!({ "processes": n, "total_s": total.as_secs_f64(), "peak_rss_mib": peak });
+    drop(targets);
     write_results(&json, quick);
     let _ = std::fs::remove_dir_all(&dir);
 }

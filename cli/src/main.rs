@@ -56,10 +56,13 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Apply a bundle to a running process.
+    /// Apply a bundle to a running process (or several: `--pid` repeated, patched concurrently).
     Apply {
+        #[arg(long, required = true)]
+        pid: Vec<i32>,
+        /// With several processes: how many are patched at once (default: the CPUs).
         #[arg(long)]
-        pid: i32,
+        jobs: Option<usize>,
         bundle: PathBuf,
         /// How to wait until the old code is not active: trap (entries lead to gates where new
         /// calls wait; stacks polled) or wait (poll stacks, entries untouched).
@@ -161,6 +164,7 @@ fn main() -> ExitCode {
     let json = cli.cmd.json();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<Reported>().is_some() => ExitCode::from(e.downcast_ref::<Reported>().map_or(1, |r| r.0)),
         Err(e) => {
             let engine = e.downcast_ref::<livepatch::Error>();
             let code = engine.map(|e| e.exit_code()).unwrap_or(1);
@@ -192,6 +196,91 @@ impl Cmd {
         }
     }
 }
+
+/// One apply's report, as JSON or as text.
+fn print_applied(r: &livepatch::apply::Report, json: bool) -> anyhow::Result<()> {
+    let pid = r.pid;
+    if json {
+        let mut v = serde_json::to_value(r)?;
+        v["peak_rss_kib"] = peak_rss_kib().into();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else if r.already_applied {
+        println!("patch {} is already applied to process {pid}; nothing to do", r.patch_id);
+    } else {
+        println!(
+            "applied {} to process {pid}: {} (pause {} us, {} attempt(s), waited {} ms, total {} ms)",
+            r.patch_id,
+            r.functions.join(", "),
+            r.pause_us,
+            r.attempts,
+            r.waited_ms,
+            r.total_ms
+        );
+        for f in &r.switched_frames {
+            println!("    switched a frame of {} on thread {}: return address {:#x} -> {:#x}", f.function, f.tid, f.old, f.new);
+        }
+        if r.restart_recommended {
+            println!("warning: {} patches are stacked; an offline restart is recommended", r.stacked);
+        }
+    }
+    Ok(())
+}
+
+/// Apply to several processes at once, `jobs` at a time (each on its own thread: a thread is
+/// the tracer of the process it patches). Every process gets its verdict; the exit code is
+/// that of the first failure, in the order the processes were given.
+fn apply_many(pids: &[i32], jobs: Option<usize>, b: &Bundle, opts: &livepatch::apply::Options, json: bool) -> anyhow::Result<()> {
+    let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).clamp(1, pids.len());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<std::sync::Mutex<Option<livepatch::Result<livepatch::apply::Report>>>> = pids.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|s| {
+        for _ in 0..jobs {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(&pid) = pids.get(i) else { break };
+                *results[i].lock().unwrap() = Some(livepatch::apply::apply(pid, b, opts));
+            });
+        }
+    });
+    let mut first_failure: Option<livepatch::Error> = None;
+    let mut out = Vec::new();
+    for (pid, r) in pids.iter().zip(results) {
+        match r.into_inner().unwrap().expect("every process was tried") {
+            Ok(r) if json => out.push(serde_json::to_value(&r)?),
+            Ok(r) => print_applied(&r, false)?,
+            Err(e) => {
+                let code = e.exit_code();
+                if json {
+                    out.push(serde_json::json!({ "pid": pid, "error": e.to_string(), "exit_code": code, "refusal_kind": e.refusal_kind(), "restart_required": e.restart_required() }));
+                } else {
+                    eprintln!("livepatch: process {pid}: {e}");
+                }
+                first_failure.get_or_insert(e);
+            }
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "results": out, "peak_rss_kib": peak_rss_kib() }))?);
+    }
+    match first_failure {
+        // Every verdict is printed already: exit with the first failure's code, nothing more.
+        Some(e) if json => Err(Reported(e.exit_code() as u8).into()),
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
+}
+
+/// A failure already reported on stdout (as JSON): only its exit code is left to give.
+#[derive(Debug)]
+struct Reported(u8);
+
+impl std::fmt::Display for Reported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "failed (exit {}; see the results)", self.0)
+    }
+}
+
+impl std::error::Error for Reported {}
 
 /// This process's peak resident memory (`VmHWM`, KiB): the high-water mark of its own address
 /// space only. (`getrusage` and `wait4` report a `ru_maxrss` that also holds the parent's
@@ -275,32 +364,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print_bundle(&b);
             }
         }
-        Cmd::Apply { pid, bundle, strategy, timeout, frames, json } => {
+        Cmd::Apply { pid, jobs, bundle, strategy, timeout, frames, json } => {
             let b = Bundle::read(&bundle)?;
             let opts = livepatch::apply::Options { strategy, timeout: secs(timeout)?, frames };
-            let r = livepatch::apply::apply(pid, &b, &opts)?;
-            if json {
-                let mut v = serde_json::to_value(&r)?;
-                v["peak_rss_kib"] = peak_rss_kib().into();
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else if r.already_applied {
-                println!("patch {} is already applied to process {pid}; nothing to do", r.patch_id);
+            if let [pid] = pid[..] {
+                let r = livepatch::apply::apply(pid, &b, &opts)?;
+                print_applied(&r, json)?;
             } else {
-                println!(
-                    "applied {} to process {pid}: {} (pause {} us, {} attempt(s), waited {} ms, total {} ms)",
-                    r.patch_id,
-                    r.functions.join(", "),
-                    r.pause_us,
-                    r.attempts,
-                    r.waited_ms,
-                    r.total_ms
-                );
-                for f in &r.switched_frames {
-                    println!("    switched a frame of {} on thread {}: return address {:#x} -> {:#x}", f.function, f.tid, f.old, f.new);
-                }
-                if r.restart_recommended {
-                    println!("warning: {} patches are stacked; an offline restart is recommended", r.stacked);
-                }
+                apply_many(&pid, jobs, &b, &opts, json)?;
             }
         }
         Cmd::Status { pid, json } => {
