@@ -366,3 +366,34 @@ fn direct_calls_retargeted(v: Variant) {
     t.expect("call 5", "result v1 10");
 }
 variant_tests!(direct_calls_retargeted => direct_calls_retargeted: o2_pie, o3_nopie, real_hardened);
+
+/// `apply` with `--pid` given several times patches every process, concurrently, and reports
+/// each; a process that is not there gets its own verdict and the exit code of the first
+/// failure, the others are patched all the same.
+#[test]
+fn apply_to_several_processes_at_once() {
+    let v = Variant::O2_PIE;
+    let old = compile("plain", "v1", v);
+    let bundle = build_scenario_bundle("plain", "v1", "v2", v);
+    let mut a = Target::start(&old);
+    let mut b = Target::start(&old);
+    let run = livepatch([
+        "apply".to_string(), "--pid".into(), a.pid.to_string(), "--pid".into(), b.pid.to_string(), "--jobs".into(), "2".into(),
+        bundle.path.to_string_lossy().into_owned(), "--json".into(),
+    ]);
+    run.assert_ok();
+    let v = run.json();
+    let results = v["results"].as_array().expect("results");
+    assert_eq!(results.len(), 2, "{v}");
+    assert!(results.iter().all(|r| r["already_applied"] == false && r["gated"] == true), "{v}");
+    assert!(v["peak_rss_kib"].as_u64().is_some_and(|k| k > 0), "{v}");
+    a.expect("call 5", "result v2 15");
+    b.expect("call 5", "result v2 15");
+    // A missing process: its own verdict, exit 1, the other one answered (already applied).
+    let run = livepatch(["apply".to_string(), "--pid".into(), a.pid.to_string(), "--pid".into(), "999999999".into(), bundle.path.to_string_lossy().into_owned(), "--json".into()]);
+    assert_eq!(run.code, Some(1), "{}", run.describe());
+    let v = run.json();
+    assert_eq!(v["results"][0]["already_applied"], true, "{v}");
+    assert_eq!(v["results"][1]["pid"], 999999999, "{v}");
+    assert!(v["results"][1]["error"].as_str().is_some(), "{v}");
+}
