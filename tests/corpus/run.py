@@ -57,6 +57,17 @@ def free_port():
     return port
 
 
+def rss_kib(pid):
+    """The process's resident memory (VmRSS, KiB), or None."""
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def children(pid):
     out = []
     for task in glob.glob(f"/proc/{pid}/task/*/children"):
@@ -392,9 +403,17 @@ def run_pair(lp, pair_dir, keep_going):
                 time.sleep(0.01)
             pauses, problems = [], []
             for pid in pids:
+                rss_before = rss_kib(pid)
                 c, rep, e = livepatch(lp, "apply", "--pid", str(pid), bundle, "--json", "--timeout", "30")
                 if c == 0 and rep:
                     pauses.append(rep.get("pause_us", 0))
+                    # What a patch costs the target: the region it maps, its resident growth.
+                    if rep.get("region") and pid == pids[0]:
+                        lo, hi = (int(x, 16) for x in rep["region"].split("-"))
+                        row["region_kib"] = (hi - lo) // 1024
+                        after = rss_kib(pid)
+                        if rss_before is not None and after is not None:
+                            row["rss_growth_kib"] = after - rss_before
                     # Switched through the gates (one commit word), or jump by jump and why.
                     if not rep.get("already_applied"):
                         row["gated"] = row.get("gated", True) and bool(rep.get("gated"))
