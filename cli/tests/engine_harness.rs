@@ -3,8 +3,7 @@
 //! the readers of /proc and of the debug registers).
 
 mod support;
-#[path = "../../tests/skip.rs"]
-mod skip;
+use livepatch_testkit::skip;
 
 use std::fs;
 use support::*;

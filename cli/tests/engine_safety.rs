@@ -13,8 +13,38 @@
 #[macro_use]
 mod support;
 
-use std::time::Duration;
+use std::thread;
+use std::time::{Duration, Instant};
 use support::*;
+
+/// Watch a background command for `period` while the target must keep answering `cmd` with
+/// `want` (proof that it is running its old code and is not held stopped): fails if the
+/// command ends during that time.
+#[track_caller]
+fn assert_still_waiting(
+    p: &mut Pending,
+    t: &mut Target,
+    cmd: &str,
+    want: &str,
+    period: Duration,
+) {
+    let deadline = Instant::now() + period;
+    loop {
+        if !cmd.is_empty() {
+            t.expect(cmd, want);
+        }
+        assert!(
+            p.is_running(),
+            "livepatch {} ended while the function was still active (it must wait)",
+            p.command_line()
+        );
+        if Instant::now() >= deadline {
+            return;
+        }
+        // Not synchronisation: this only gives a wrong tool the time to finish too early.
+        thread::sleep(Duration::from_millis(100));
+    }
+}
 
 /// Four threads call work() all the time (outside it, they sleep 200 us).
 fn several_threads(v: Variant) {

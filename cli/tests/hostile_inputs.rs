@@ -7,8 +7,7 @@
 //! The table is printed (`--nocapture`) as the one in `docs/safety.md`.
 
 mod support;
-#[path = "../../tests/skip.rs"]
-mod skip;
+use livepatch_testkit::skip;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};

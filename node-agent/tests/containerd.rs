@@ -24,8 +24,7 @@ use node_agent::{
     engine::{self, LiveEngine, Outcome},
 };
 
-#[path = "../../tests/skip.rs"]
-mod skip;
+use livepatch_testkit::skip;
 
 const NS: &str = "livepatch-agent-test";
 

@@ -4,9 +4,9 @@
 
 use std::{sync::Arc, time::Duration};
 
-use http::{Request, Response, StatusCode};
+use http::StatusCode;
 use k8s_openapi::jiff::Timestamp;
-use kube::{client::Body, Client};
+use kube::Client;
 use livepatch_api::LivePatch;
 use livepatch_operator::{
     controller::{reconcile, Context, Error},
@@ -14,10 +14,8 @@ use livepatch_operator::{
     plan::{self, Observed},
     pods::PodView,
 };
+use livepatch_testkit::mock_api::{self, expect_get, next, not_found, respond, ApiHandle};
 use serde_json::{json, Value};
-use tower_test::mock::{self, Handle, SendResponse};
-
-type ApiHandle = Handle<Request<Body>, Response<Body>>;
 
 const LP_PATH: &str = "/apis/livepatch.dev/v1alpha1/namespaces/shop/livepatches/cart-fix";
 const TASKS_PATH: &str = "/apis/livepatch.dev/v1alpha1/namespaces/shop/livepatchtasks";
@@ -127,39 +125,6 @@ fn task_json(pod: &str, node: &str, action: &str, phase: Option<&str>) -> Value 
     task
 }
 
-/// The next request: method, path and query, content type, JSON body (Null when empty).
-async fn next(handle: &mut ApiHandle) -> (String, String, Option<String>, Value, SendResponse<Response<Body>>) {
-    let (request, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
-        .await
-        .expect("the operator sends another request")
-        .expect("the client is alive");
-    let (parts, body) = request.into_parts();
-    let bytes = body.collect_bytes().await.unwrap();
-    let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
-    let content_type = parts.headers.get("content-type").map(|v| v.to_str().unwrap().to_string());
-    (parts.method.to_string(), parts.uri.to_string(), content_type, body, send)
-}
-
-fn respond(send: SendResponse<Response<Body>>, status: StatusCode, body: &Value) {
-    let bytes = serde_json::to_vec(body).unwrap();
-    send.send_response(Response::builder().status(status).body(Body::from(bytes)).unwrap());
-}
-
-fn not_found(send: SendResponse<Response<Body>>, kind: &str, name: &str) {
-    let status = json!({
-        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-        "message": format!("{kind} \"{name}\" not found"), "reason": "NotFound", "code": 404
-    });
-    respond(send, StatusCode::NOT_FOUND, &status);
-}
-
-/// Expect a GET of `uri` and answer `body`.
-async fn expect_get(handle: &mut ApiHandle, uri: &str, body: Value) {
-    let (method, got, _, _, send) = next(handle).await;
-    assert_eq!((method.as_str(), got.as_str()), ("GET", uri));
-    respond(send, StatusCode::OK, &body);
-}
-
 /// Expect an event with this reason and type; answer it.
 async fn expect_event(handle: &mut ApiHandle, reason: &str, type_: &str) -> Value {
     let (method, uri, _, body, send) = next(handle).await;
@@ -198,17 +163,7 @@ async fn expect_task_apply(handle: &mut ApiHandle, task: &str, expected: Value) 
 
 /// Expect a server-side apply of the LivePatch status; answer it; return the status sent.
 async fn expect_status_apply(handle: &mut ApiHandle, lp: &Value) -> Value {
-    let (method, uri, content_type, body, send) = next(handle).await;
-    assert_eq!(method, "PATCH");
-    assert_eq!(uri, format!("{LP_PATH}/status{SSA_QUERY}"));
-    assert_eq!(content_type.as_deref(), Some("application/apply-patch+yaml"));
-    assert_eq!(body["apiVersion"], "livepatch.dev/v1alpha1");
-    assert_eq!(body["kind"], "LivePatch");
-    assert_eq!(body.as_object().unwrap().len(), 3, "only apiVersion, kind and status: {body}");
-    let mut answer = lp.clone();
-    answer["status"] = body["status"].clone();
-    respond(send, StatusCode::OK, &answer);
-    body["status"].clone()
+    mock_api::expect_status_apply(handle, &format!("{LP_PATH}/status{SSA_QUERY}"), "LivePatch", lp).await
 }
 
 /// The reconcile's result, failing on any request it sends before it ends.
@@ -223,14 +178,9 @@ async fn finish<T>(mut run: tokio::task::JoinHandle<T>, handle: &mut ApiHandle) 
     }
 }
 
-fn setup() -> (Client, ApiHandle) {
-    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    (Client::new(service, "default"), handle)
-}
-
 #[tokio::test]
 async fn finalizer_is_added_first_with_a_json_patch() {
-    let (client, mut handle) = setup();
+    let (client, mut handle) = mock_api::client();
     let lp = livepatch_json(&[]);
     let run = tokio::spawn(reconcile(livepatch(lp.clone()), context(client)));
 
@@ -245,7 +195,7 @@ async fn finalizer_is_added_first_with_a_json_patch() {
 
 #[tokio::test]
 async fn apply_creates_tasks_with_server_side_apply_and_writes_the_status() {
-    let (client, mut handle) = setup();
+    let (client, mut handle) = mock_api::client();
     let lp = livepatch_json(&["livepatch.dev/revert"]);
     let run = tokio::spawn(reconcile(livepatch(lp.clone()), context(client)));
 
@@ -283,7 +233,7 @@ async fn apply_creates_tasks_with_server_side_apply_and_writes_the_status() {
 
 #[tokio::test]
 async fn nothing_is_written_when_nothing_changed() {
-    let (client, mut handle) = setup();
+    let (client, mut handle) = mock_api::client();
     let pods = vec![pod_json("cart-a", "node-1", "containerd://a1")];
     let tasks = vec![task_json("cart-a", "node-1", "Apply", Some("Applied"))];
     // The status the operator computed last time.
@@ -305,7 +255,7 @@ async fn nothing_is_written_when_nothing_changed() {
 
 #[tokio::test]
 async fn the_task_of_a_deleted_pod_is_deleted() {
-    let (client, mut handle) = setup();
+    let (client, mut handle) = mock_api::client();
     let lp = livepatch_json(&["livepatch.dev/revert"]);
     let run = tokio::spawn(reconcile(livepatch(lp.clone()), context(client)));
     expect_get(&mut handle, PODS_LIST, list("PodList", vec![])).await;
@@ -325,7 +275,7 @@ async fn the_task_of_a_deleted_pod_is_deleted() {
 
 #[tokio::test]
 async fn delete_asks_the_agents_to_revert_and_keeps_the_finalizer() {
-    let (client, mut handle) = setup();
+    let (client, mut handle) = mock_api::client();
     let lp = deleting(livepatch_json(&["livepatch.dev/revert"]));
     let run = tokio::spawn(reconcile(livepatch(lp.clone()), context(client)));
     expect_get(&mut handle, PODS_LIST, list("PodList", vec![pod_json("cart-a", "node-1", "containerd://a1")])).await;
@@ -345,7 +295,7 @@ async fn delete_asks_the_agents_to_revert_and_keeps_the_finalizer() {
 
 #[tokio::test]
 async fn delete_removes_the_finalizer_once_every_target_is_reverted_or_gone() {
-    let (client, mut handle) = setup();
+    let (client, mut handle) = mock_api::client();
     let lp = deleting(livepatch_json(&["livepatch.dev/revert"]));
     let run = tokio::spawn(reconcile(livepatch(lp.clone()), context(client)));
     let pods = vec![pod_json("cart-a", "node-1", "containerd://a1"), pod_json("cart-b", "node-2", "containerd://a1")];
@@ -375,7 +325,7 @@ async fn delete_removes_the_finalizer_once_every_target_is_reverted_or_gone() {
 
 #[tokio::test]
 async fn forced_release_removes_the_finalizer_without_waiting() {
-    let (client, mut handle) = setup();
+    let (client, mut handle) = mock_api::client();
     let mut lp = deleting(livepatch_json(&["other.example/keep", "livepatch.dev/revert"]));
     lp["metadata"]["annotations"] = json!({"livepatch.dev/force-release": "true"});
     let run = tokio::spawn(reconcile(livepatch(lp.clone()), context(client)));
@@ -396,7 +346,7 @@ async fn forced_release_removes_the_finalizer_without_waiting() {
 
 #[tokio::test]
 async fn api_errors_are_reported_by_kind() {
-    let (client, mut handle) = setup();
+    let (client, mut handle) = mock_api::client();
     let ctx = context(client);
     let lp = livepatch_json(&["livepatch.dev/revert"]);
     let run = tokio::spawn(reconcile(livepatch(lp.clone()), ctx.clone()));

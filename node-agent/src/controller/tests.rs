@@ -7,15 +7,12 @@
 
 use super::*;
 use crate::discovery::tests::{build_id, layouts, v1, Tree, ID, OTHER_ID, OTHER_UID, UID};
-use http::{Request, Response, StatusCode};
-use kube::client::Body;
+use http::StatusCode;
 use livepatch::{apply, bundle::Bundle, revert, status, watchpoint::Strategy};
+use livepatch_testkit::mock_api::{self, expect_get, next, respond, ApiHandle};
 use serde_json::Value;
 use sha2::Digest;
 use std::collections::HashMap;
-use tower_test::mock::{self, Handle, SendResponse};
-
-type ApiHandle = Handle<Request<Body>, Response<Body>>;
 
 const NODE: &str = "node-1";
 const TASK: &str = "cart-fix-cart-a";
@@ -223,28 +220,6 @@ mod base64_engine {
     }
 }
 
-async fn next(handle: &mut ApiHandle) -> (String, String, Option<String>, Value, SendResponse<Response<Body>>) {
-    let (request, send) = tokio::time::timeout(Duration::from_secs(10), handle.next_request())
-        .await
-        .expect("the agent sends another request")
-        .expect("the client is alive");
-    let (parts, body) = request.into_parts();
-    let bytes = body.collect_bytes().await.unwrap();
-    let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
-    let content_type = parts.headers.get("content-type").map(|v| v.to_str().unwrap().to_string());
-    (parts.method.to_string(), parts.uri.to_string(), content_type, body, send)
-}
-
-fn respond(send: SendResponse<Response<Body>>, status: StatusCode, body: &Value) {
-    send.send_response(Response::builder().status(status).body(Body::from(serde_json::to_vec(body).unwrap())).unwrap());
-}
-
-async fn expect_get(handle: &mut ApiHandle, uri: &str, answer: Value) {
-    let (method, got, _, _, send) = next(handle).await;
-    assert_eq!((method.as_str(), got.as_str()), ("GET", uri));
-    respond(send, StatusCode::OK, &answer);
-}
-
 /// The pod, then the bundle's ConfigMap: the first two requests of every apply.
 async fn expect_pod_and_bundle(handle: &mut ApiHandle, pod: Value, bundle: &[u8]) {
     expect_get(handle, POD, pod).await;
@@ -258,16 +233,7 @@ fn running_pod(labels: Value) -> Value {
 
 /// Expect a server-side apply of the task status; answer it; return the status sent.
 async fn expect_status(handle: &mut ApiHandle, task: &LivePatchTask) -> Value {
-    let (method, uri, content_type, body, send) = next(handle).await;
-    assert_eq!((method.as_str(), uri.as_str()), ("PATCH", TASK_STATUS));
-    assert_eq!(content_type.as_deref(), Some("application/apply-patch+yaml"));
-    assert_eq!(body["apiVersion"], "livepatch.dev/v1alpha1");
-    assert_eq!(body["kind"], "LivePatchTask");
-    assert_eq!(body.as_object().unwrap().len(), 3, "only apiVersion, kind and status: {body}");
-    let mut answer = serde_json::to_value(task).unwrap();
-    answer["status"] = body["status"].clone();
-    respond(send, StatusCode::OK, &answer);
-    body["status"].clone()
+    mock_api::expect_status_apply(handle, TASK_STATUS, "LivePatchTask", &serde_json::to_value(task).unwrap()).await
 }
 
 /// Expect the merge patch of the pod's restart-required label; answer it; return the label value.
@@ -288,8 +254,8 @@ where
     F: FnOnce(ApiHandle, Arc<LivePatchTask>) -> Fut,
     Fut: std::future::Future<Output = ApiHandle>,
 {
-    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let ctx = setup.context(Client::new(service, "default"));
+    let (client, handle) = mock_api::client();
+    let ctx = setup.context(client);
     let running = tokio::spawn(reconcile(task.clone(), ctx.clone()));
     let mut handle = script(handle, task).await;
     let result = tokio::time::timeout(Duration::from_secs(10), running).await.expect("reconcile finishes").unwrap();

@@ -9,8 +9,7 @@
 use super::*;
 use std::os::unix::fs::symlink;
 
-#[path = "../../../tests/skip.rs"]
-mod skip;
+use livepatch_testkit::skip;
 
 pub(crate) const ID: &str = "4f2c8e1d9a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d";
 pub(crate) const OTHER_ID: &str = "9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b3a2f1e0d9c8b7a6f5e4d3c2b1a0f9e8d";

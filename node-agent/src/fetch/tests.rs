@@ -117,8 +117,8 @@ fn http_response(status: &str, body: &[u8]) -> Vec<u8> {
 
 fn fetcher(ca: Option<&std::path::Path>) -> Fetcher {
     // The kube client is never used for URL sources.
-    let (service, _handle) = tower_test::mock::pair::<http::Request<kube::client::Body>, http::Response<kube::client::Body>>();
-    let mut f = Fetcher::new(Client::new(service, "default"), tls_config(ca).unwrap());
+    let (client, _handle) = livepatch_testkit::mock_api::client();
+    let mut f = Fetcher::new(client, tls_config(ca).unwrap());
     f.url_timeout = Duration::from_secs(10);
     f
 }

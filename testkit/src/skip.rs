@@ -3,8 +3,7 @@
 //! installs all of it). Only `LIVEPATCH_ALLOW_SKIP=1`, for a local run, turns the failure into
 //! a skip, printed as `SKIPPED: reason`.
 //!
-//! Shared by the test crates of the workspace: `#[path = ".../tests/skip.rs"] mod skip;`.
-#![allow(dead_code)]
+//! Shared by the test crates of the workspace: `use livepatch_testkit::skip;`.
 
 /// The opt-out variable.
 pub const ALLOW_SKIP: &str = "LIVEPATCH_ALLOW_SKIP";
