@@ -350,6 +350,29 @@ fn main() {
     println!("| {n}, one invocation (`--pid` x {n}, one thread per CPU) | {:.2} s ({:.1} ms per process) | {peak:.1} MiB |", total.as_secs_f64(), total.as_secs_f64() * 1e3 / n as f64);
     json["one_invocation"] = serde_json::json!({ "processes": n, "total_s": total.as_secs_f64(), "peak_rss_mib": peak });
     drop(targets);
+    // The same with quiet processes (their output to /dev/null, as idle servers): the rows
+    // above share the 2 cores with 200 targets that each wake every millisecond and a bench
+    // that reads every line they write.
+    let quiet: Vec<Child> = (0..n).map(|_| Command::new(&v1).args(["idle", "1"]).stdin(Stdio::null()).stdout(Stdio::null()).spawn().unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut args: Vec<String> = vec!["apply".into()];
+    for c in &quiet {
+        args.push("--pid".into());
+        args.push(c.id().to_string());
+    }
+    args.extend([b.to_string(), "--json".into()]);
+    let start = Instant::now();
+    let out = Command::new(tool()).args(&args).stdout(Stdio::piped()).output().unwrap();
+    let total = start.elapsed();
+    assert!(out.status.success(), "apply to {n} quiet processes failed");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let peak = v["peak_rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0;
+    println!("| {n} quiet (output to /dev/null), one invocation | {:.2} s ({:.1} ms per process) | {peak:.1} MiB |", total.as_secs_f64(), total.as_secs_f64() * 1e3 / n as f64);
+    json["one_invocation_quiet"] = serde_json::json!({ "processes": n, "total_s": total.as_secs_f64(), "peak_rss_mib": peak });
+    for mut c in quiet {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
     write_results(&json, quick);
     let _ = std::fs::remove_dir_all(&dir);
 }
