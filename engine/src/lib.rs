@@ -9,8 +9,10 @@
 //! * [`extract`] compares two ELF executables and writes a [`bundle`].
 //! * [`map`] places a region near the old code of a running process (ptrace, no cooperation).
 //! * [`fixup`] binds the new code's references to the live process.
-//! * [`watchpoint`] decides when it is safe to switch (stack check or trap).
-//! * [`jump`] writes the jumps, keeping the original bytes in the region header ([`region`]).
+//! * [`watchpoint`] decides when it is safe to switch (stack check; with `trap`, the entries
+//!   lead to their [`gate`]s while old frames drain).
+//! * [`jump`] switches: one write of the gates' commit word, then the jumps and the direct
+//!   calls, keeping the original bytes in the region header ([`region`]).
 //! * [`revert`] and [`status`] work from what the target itself holds.
 //!
 //! Architecture specifics live in [`arch`], one module per ISA behind `cfg(target_arch)`.
