@@ -388,6 +388,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     for e in &p.entries {
                         println!("    {:<32} {} -> {} {}", e.name, e.entry, e.target, e.state);
                     }
+                    if let Some(lib) = &p.library {
+                        println!("    in the shared library {lib}");
+                    }
                     if p.calls_retargeted > 0 {
                         println!("    {} direct call(s) lead straight to the new code", p.calls_retargeted);
                     }

@@ -109,15 +109,11 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &Options) -> Result<Report> {
     Ok(report)
 }
 
-/// The bundle fits this process: built against the executable it runs, not a recorded
-/// refusal, and no patch is left partly switched.
+/// The bundle fits this process: built against the executable it runs or a library it maps,
+/// not a recorded refusal, and no patch is left partly switched.
 fn check(target: &Target, bundle: &Bundle) -> Result<Executable> {
     let m = &bundle.manifest;
-    let exe = target.executable()?;
-    let running = exe.elf.build_id_hex().unwrap_or_else(|| "none".into());
-    if running != m.target.build_id {
-        return Err(Error::BuildIdMismatch { pid: target.pid, expected: m.target.build_id.clone(), found: running });
-    }
+    let exe = target.object(&m.target.build_id)?;
     if let Some(reason) = &m.refusal {
         return Err(Error::Refused {
             kind: m.refusal_kind.unwrap_or(RefusalKind::Recorded),

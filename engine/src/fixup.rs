@@ -325,7 +325,7 @@ pub struct Image {
 /// Fix up `bundle` for the region placed by `layout` in `target`: bind imports (asking IFUNC
 /// resolvers in the target), build the image, and write the header into it.
 pub fn fixup(target: &target::Target, exe: &Executable, bundle: &Bundle, entries: &[OldEntry], layout: &Layout) -> Result<Image> {
-    let imports = resolve_imports(target, exe_inode(&target.proc)?, layout)?;
+    let imports = resolve_imports(target, exe.inode, layout)?;
     let mut bytes = build_image(bundle, layout, &imports)?;
     let mut header = header(target, exe, bundle, entries, layout, &bytes)?;
     match gates(target, bundle, entries, layout, &mut bytes) {
@@ -459,6 +459,7 @@ fn header(target: &target::Target, exe: &Executable, bundle: &Bundle, entries: &
         gates: Vec::new(),
         control: layout.control(),
         ungated: None,
+        library: exe.library.clone(),
     })
 }
 
@@ -479,11 +480,6 @@ fn call_records(target: &target::Target, exe: &Executable, bundle: &Bundle, layo
         }
     }
     Ok(out)
-}
-
-fn exe_inode(proc: &crate::process::Process) -> Result<u64> {
-    use std::os::unix::fs::MetadataExt;
-    Ok(std::fs::metadata(proc.exe_path()).map_err(|e| crate::process::proc_err(proc.pid, "stat its executable", e))?.ino())
 }
 
 /// Live addresses of the dynamic symbols the new code needs and OLD never linked.

@@ -109,6 +109,9 @@ pub struct Header {
     pub control: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ungated: Option<String>,
+    /// The shared library patched (its path as the process maps it); `None`: the executable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub library: Option<String>,
 }
 
 /// The rel32 field at `at` of a direct call (or jump) to `name` leads to `target` once
@@ -279,6 +282,7 @@ mod tests {
             gates: vec![GateRecord { name: "f".into(), entry: 0x1000, at: 0x12100, len: 180, decided: 25, old_path: 167, depths: vec![(0, 0), (1, 1), (13, 0), (26, 1)] }],
             control: 0x13000,
             ungated: None,
+            library: None,
         };
         let mem = Snapshot(vec![(0x10000, h.encode())]);
         assert_eq!(Header::decode(&mem, 0x10000).unwrap(), h);

@@ -41,6 +41,9 @@ pub struct PatchStatus {
     pub state: String,
     /// Direct calls of the old functions that lead straight to this patch's code.
     pub calls_retargeted: usize,
+    /// The shared library the patch is for (its path in the process); absent: the executable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub library: Option<String>,
     /// Frames of old functions moved to this patch's code when it was applied.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub switched: Vec<crate::watchpoint::FrameSwitch>,
@@ -142,6 +145,7 @@ pub fn status(pid: i32) -> Result<Status> {
             },
             switched: a.header.switched.clone(),
             calls_retargeted: a.header.calls.iter().filter(|c| c.retargeted(&mem)).count(),
+            library: a.header.library.clone(),
         })
         .collect();
     for a in list.iter().filter(|a| partly_switched(&mem, a)) {
@@ -160,7 +164,7 @@ pub fn status(pid: i32) -> Result<Status> {
         warnings.push(format!("{stacked} patches are stacked (more than {STACK_LIMIT}): an offline restart on an executable with the fixes built in is recommended"));
     }
     if let Some(bid) = &build_id {
-        for a in &list {
+        for a in list.iter().filter(|a| a.header.library.is_none()) {
             if &a.header.build_id != bid {
                 warnings.push(format!("patch {} was built for build id {}, the process runs {bid}", a.header.patch_id, a.header.build_id));
             }

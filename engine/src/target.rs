@@ -36,7 +36,37 @@ impl Target {
     pub fn executable(&self) -> Result<Executable> {
         let elf = self.proc.exe()?;
         let bias = self.proc.exe_bias(&elf, &self.maps)?;
-        Ok(Executable { elf, bias })
+        use std::os::unix::fs::MetadataExt;
+        let inode = std::fs::metadata(self.proc.exe_path()).map(|m| m.ino()).map_err(|e| crate::process::proc_err(self.pid, "stat its executable", e))?;
+        Ok(Executable { elf, bias, inode, library: None })
+    }
+
+    /// The object a bundle built for `build_id` patches: the executable, or a shared library
+    /// the process maps (found by the build id of each mapped file, read as the process sees
+    /// it), with its load bias.
+    pub fn object(&self, build_id: &str) -> Result<Executable> {
+        let exe = self.executable()?;
+        let running = exe.elf.build_id_hex().unwrap_or_else(|| "none".into());
+        if running == build_id {
+            return Ok(exe);
+        }
+        let mut seen = Vec::new();
+        for m in self.maps.iter().filter(|m| m.offset == 0 && m.inode != 0 && m.inode != exe.inode && m.path.starts_with('/') && !m.path.starts_with("/memfd:")) {
+            if seen.contains(&(m.inode, m.path.clone())) || !self.maps.iter().any(|x| x.path == m.path && x.is_exec()) {
+                continue;
+            }
+            seen.push((m.inode, m.path.clone()));
+            let file = std::path::PathBuf::from(format!("/proc/{}/map_files/{:x}-{:x}", self.pid, m.start, m.end));
+            let file = if file.exists() { file } else { std::path::PathBuf::from(format!("/proc/{}/root{}", self.pid, m.path)) };
+            let Ok(elf) = ElfFile::open(&file) else { continue };
+            if elf.build_id_hex().as_deref() != Some(build_id) {
+                continue;
+            }
+            let first = elf.loads.iter().map(|l| l.vaddr).min().unwrap_or(0) & !0xfff;
+            let bias = m.start.checked_sub(first).ok_or_else(|| Error::Process { pid: self.pid, msg: format!("{} is mapped below its first segment", m.path) })?;
+            return Ok(Executable { elf, bias, inode: m.inode, library: Some(m.path.clone()) });
+        }
+        Err(Error::BuildIdMismatch { pid: self.pid, expected: build_id.to_string(), found: format!("{running} (its executable; no library it maps has build id {build_id} either)") })
     }
 
     /// The patches in effect, oldest first.
@@ -115,10 +145,15 @@ impl Target {
     }
 }
 
-/// The running executable and its load bias (AVMA = SVMA + bias).
+/// The object being patched (the running executable, or a shared library it maps) and its load
+/// bias (AVMA = SVMA + bias).
 pub struct Executable {
     pub elf: ElfFile,
     pub bias: u64,
+    /// The file's inode (its own symbols are bound directly, not looked up in other objects).
+    pub inode: u64,
+    /// The library's path as the process maps it; `None` for the executable.
+    pub library: Option<String>,
 }
 
 impl Executable {

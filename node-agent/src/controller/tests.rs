@@ -74,6 +74,7 @@ impl Engine for FakeEngine {
                 state: "applied".into(),
                 switched: vec![],
                 calls_retargeted: 0,
+                library: None,
             })
             .collect();
         Ok(status::Status { pid, build_id: None, patches, stacked: live.len(), restart_recommended: live.len() > 4, warnings: vec![] })
