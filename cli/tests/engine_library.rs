@@ -1,7 +1,8 @@
 //! Shared libraries, the engine's part (issue 14): a bundle built from two builds of a library
 //! (`tests/libraries/parse`, Debian's hardening flags, `-fPIC -shared`) applies to a running
 //! program that maps it: the library is found among the process's mappings by its build id and
-//! patched at its own load address; the library's state (a call counter) is kept; `status`
+//! patched at its own load address; the library's state (a call counter, thread-local counters
+//! reached through `__tls_get_addr`) is kept; `status`
 //! names the library; `revert` restores it. A process that maps no object with the bundle's
 //! build id is refused (`BuildIdMismatch`).
 
@@ -51,20 +52,21 @@ fn library_function_patched_in_a_running_program() {
     let (old, new, prog) = build(dir.path());
     let bundle = build_bundle(&old, &new, &[]);
     let mut t = Target::start(&prog);
-    t.expect("call aaaaaaaaaaaa", "parse 12 count 1");
+    t.expect("call aaaaaaaaaaaa", "parse 12 count 1 tls 1012");
     let before = text_snapshot(t.pid);
     let run = apply(t.pid, &bundle, IDLE);
     run.assert_ok();
     assert_eq!(run.json()["gated"], true, "{}", run.stdout);
-    // The fix, in the library's own code; its state (the counter) carried on.
-    t.expect("call aaaaaaaaaaaa", "parse -1 count 2");
-    t.expect("call aaaa", "parse 4 count 3");
+    // The fix, in the library's own code; its state (the counter, the thread-local counters
+    // through the old library's TLS index pairs) carried on.
+    t.expect("call aaaaaaaaaaaa", "parse -1 count 2 tls 2024");
+    t.expect("call aaaa", "parse 4 count 3 tls 3028");
     let st = status(t.pid);
     let lib = st.raw["patches"][0]["library"].as_str().unwrap_or_default().to_string();
     assert!(lib.ends_with("/v1/libparse.so"), "status names the library: {}", st.raw);
     revert(t.pid, &["--all"]).assert_ok();
     assert_text_unchanged(&before, t.pid);
-    t.expect("call aaaaaaaaaaaa", "parse 12 count 4");
+    t.expect("call aaaaaaaaaaaa", "parse 12 count 4 tls 4040");
 }
 
 #[test]
@@ -92,6 +94,6 @@ fn library_mapped_at_different_addresses_in_two_processes() {
     assert_ne!(base(a.pid), base(b.pid), "ASLR put the library at the same address in both processes");
     let run = livepatch(["apply".to_string(), "--pid".into(), a.pid.to_string(), "--pid".into(), b.pid.to_string(), bundle.path.to_string_lossy().into_owned(), "--json".into()]);
     run.assert_ok();
-    a.expect("call aaaaaaaaaaaa", "parse -1 count 1");
-    b.expect("call aaaaaaaaaaaa", "parse -1 count 1");
+    a.expect("call aaaaaaaaaaaa", "parse -1 count 1 tls 1012");
+    b.expect("call aaaaaaaaaaaa", "parse -1 count 1 tls 1012");
 }

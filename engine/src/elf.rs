@@ -162,12 +162,17 @@ pub struct Reloc {
 }
 
 /// What a GOT slot of the executable holds.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GotSlot {
     /// The address of a dynamic symbol (GLOB_DAT, JUMP_SLOT, 64).
     Symbol(String),
     /// An address inside the executable itself (RELATIVE: the addend is the SVMA).
     Local(u64),
+    /// The first word of a thread-local index pair (DTPMOD64, then the offset word), which
+    /// general- and local-dynamic TLS code passes to `__tls_get_addr`: the module of `sym`
+    /// (empty: this object's own block) and, for this object's own block, the offset the link
+    /// wrote in the second word.
+    TlsIndex { sym: String, offset: u64 },
 }
 
 #[derive(Debug, Clone)]
@@ -356,6 +361,7 @@ impl ElfFile {
             sections.iter().filter(|s| s.name == ".got" || s.name == ".got.plt").map(|s| (s.addr, s.addr.saturating_add(s.size))).collect();
         let in_got = |a: u64| got_sections.iter().any(|(lo, hi)| a >= *lo && a < *hi);
         let mut dyn_pointers = std::collections::BTreeMap::new();
+        let mut tls_indexes = Vec::new();
         for r in elf.dynrelas.iter().chain(elf.pltrelocs.iter()).chain(elf.dynrels.iter()) {
             use goblin::elf::reloc::*;
             match r.r_type {
@@ -380,6 +386,7 @@ impl ElfFile {
                 R_X86_64_COPY => {
                     copies.insert(r.r_offset, dynname(r.r_sym));
                 }
+                R_X86_64_DTPMOD64 => tls_indexes.push((r.r_offset, if r.r_sym != 0 { dynname(r.r_sym) } else { String::new() })),
                 _ => {}
             }
         }
@@ -424,6 +431,10 @@ impl ElfFile {
         };
         drop(elf);
         f.data = data;
+        for (slot, sym) in tls_indexes {
+            let offset = if sym.is_empty() { f.read(slot + 8, 8).map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes"))) } else { 0 };
+            f.got.insert(slot, GotSlot::TlsIndex { sym, offset });
+        }
         f.index_plt();
         Ok(f)
     }

@@ -268,6 +268,19 @@ impl<'a> Builder<'a> {
             return Ok(());
         }
         if let Some(slot) = self.new.got.get(&t).cloned() {
+            if let GotSlot::TlsIndex { sym, .. } = &slot {
+                // `lea rdi, [rip + x@tlsgd]` (or `@tlsld`) before `call __tls_get_addr`: the
+                // same index pair in OLD holds the running module's id and the same offset.
+                let old = self.old.got.iter().find(|(_, v)| **v == slot).map(|(a, _)| *a).ok_or_else(|| {
+                    Error::refused_kind(RefusalKind::UnsupportedReference, format!(
+                        "function {} uses a thread-local variable{} the old object has no index for (new, or moved in the thread-local block); an offline restart is needed",
+                        f.name,
+                        if sym.is_empty() { String::new() } else { format!(" `{sym}`") }
+                    ))
+                })?;
+                self.fixups.push(fix(Target::Old { svma: old, name: "tls-index".into() }));
+                return Ok(());
+            }
             if !r.is_mem || r.is_lea {
                 return Err(Error::refused_kind(RefusalKind::UnsupportedReference, format!("function {} takes the address of a GOT entry at {:#x}", f.name, r.ip)));
             }
@@ -276,6 +289,7 @@ impl<'a> Builder<'a> {
                     Some(s) => Target::Old { svma: s, name: format!("{name}@got") },
                     None => Target::Slot { of: Box::new(Target::Import { name }) },
                 },
+                GotSlot::TlsIndex { .. } => unreachable!("handled above"),
                 GotSlot::Local(a) => {
                     let inner = self.classify_addr(a, Some(f), &format!("GOT entry used by {}", f.name))?;
                     match &inner {

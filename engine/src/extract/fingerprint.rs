@@ -53,6 +53,7 @@ pub(super) fn describe(elf: &ElfFile, f: &Symbol, r: &CodeRef) -> String {
         return match slot {
             GotSlot::Symbol(n) => format!("got:{n}"),
             GotSlot::Local(a) => format!("got-local:{}", describe_addr(elf, *a)),
+            GotSlot::TlsIndex { sym, offset } => format!("got-tls:{sym}+{offset}"),
         };
     }
     describe_addr(elf, t)
@@ -112,6 +113,7 @@ pub(super) fn data_fingerprint(elf: &ElfFile, lo: u64, hi: u64) -> String {
         let what = match p {
             GotSlot::Local(v) => describe_leaf(elf, *v),
             GotSlot::Symbol(n) => format!("dyn:{n}"),
+            GotSlot::TlsIndex { sym, offset } => format!("tls:{sym}+{offset}"),
         };
         ptrs.insert(*a, what);
     }

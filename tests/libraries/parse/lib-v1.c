@@ -6,16 +6,26 @@
 #include <string.h>
 
 static long calls;
+/* Thread-local state of the library (general- and local-dynamic TLS through __tls_get_addr). */
+__thread long thread_calls;
+static __thread long thread_bytes;
 
 long count(void)
 {
     return calls;
 }
 
+long thread_count(void)
+{
+    return thread_calls * 1000 + thread_bytes;
+}
+
 /* ==== BEGIN VERSIONED ==== */
 long parse(const char *s)
 {
     calls++;
+    thread_calls++;
+    thread_bytes += (long)strlen(s);
     return (long)strlen(s);
 }
 /* ==== END VERSIONED ==== */

@@ -1,12 +1,14 @@
 /*
- * A program linked with libparse.so (tests/libraries/parse): `call STR` -> "parse N count C"
- * (N: parse(STR), C: the library's own call counter); the usual `ping`/`quit` of
+ * A program linked with libparse.so (tests/libraries/parse): `call STR` -> "parse N count C tls T"
+ * (N: parse(STR), C: the library's own call counter, T: its thread-local counters of the calling
+ * thread, calls*1000 + bytes); the usual `ping`/`quit` of
  * tests/targets/common/target.h.
  */
 #include "../../targets/common/target.h"
 
 long parse(const char *s);
 long count(void);
+long thread_count(void);
 
 int main(void)
 {
@@ -15,7 +17,7 @@ int main(void)
     while (next_command(line, sizeof line)) {
         if (!strncmp(line, "call ", 5)) {
             long n = parse(line + 5);
-            say("parse %ld count %ld", n, count());
+            say("parse %ld count %ld tls %ld", n, count(), thread_count());
         } else if (command_is(line, "ping", NULL)) {
             say("pong");
         } else if (command_is(line, "quit", NULL)) {
