@@ -81,11 +81,12 @@ pub struct KeyRef {
 
 /// How the agent makes sure no thread is executing a procedure while its entry is overwritten.
 /// `Trap` (default): stop the process once, and if a patched procedure is active on some stack,
-/// put a watched area (breakpoint) on it and switch at the moment it is next entered or left.
+/// lead its entry to a gate in the patch region (new calls wait there, in the target) and switch
+/// as soon as the active frames have left (docs/gates.md).
 /// `Wait`: stop, check every stack, resume and retry until the procedures are inactive.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
 pub enum Strategy {
-    /// Watched area: trap the moment the procedure is inactive, stop the process only then.
+    /// Watched area: new calls wait at the entry's gate while the old frames drain.
     #[default]
     Trap,
     /// Poll: stop, check the stacks, resume, retry.
