@@ -329,7 +329,9 @@ fn main() {
             }
         }
         println!("| {n} | {:.2} s ({:.1} ms per process) | {:.1} MiB |", total.as_secs_f64(), total.as_secs_f64() * 1e3 / n as f64, peak_kb as f64 / 1024.0);
-        json["processes"].as_array_mut().map(|a| a.push(serde_json::json!({ "processes": n, "total_s": total.as_secs_f64(), "peak_rss_mib": peak_kb as f64 / 1024.0 })));
+        if let Some(rows) = json["processes"].as_array_mut() {
+            rows.push(serde_json::json!({ "processes": n, "total_s": total.as_secs_f64(), "peak_rss_mib": peak_kb as f64 / 1024.0 }));
+        }
     }
     // One invocation for every process, patched concurrently (one thread per process at a
     // time, as the node agent runs the engine): time and the tool's own peak memory.

@@ -170,18 +170,7 @@ fn main() -> ExitCode {
             let code = engine.map(|e| e.exit_code()).unwrap_or(1);
             eprintln!("livepatch: {e:#}");
             if json {
-                // The machine-readable verdict: scripts act on `refusal_kind`, never on the text.
-                let kind = engine.and_then(|e| e.refusal_kind());
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "error": format!("{e:#}"),
-                        "exit_code": code,
-                        "refusal_kind": kind,
-                        "restart_required": engine.is_some_and(|e| e.restart_required()),
-                        "advice": kind.map(|k| k.advice()),
-                    })
-                );
+                println!("{}", error_json(&format!("{e:#}"), code, engine));
             }
             ExitCode::from(code as u8)
         }
@@ -251,7 +240,9 @@ fn apply_many(pids: &[i32], jobs: Option<usize>, b: &Bundle, opts: &livepatch::a
             Err(e) => {
                 let code = e.exit_code();
                 if json {
-                    out.push(serde_json::json!({ "pid": pid, "error": e.to_string(), "exit_code": code, "refusal_kind": e.refusal_kind(), "restart_required": e.restart_required() }));
+                    let mut v = error_json(&e.to_string(), code, Some(&e));
+                    v["pid"] = (*pid).into();
+                    out.push(v);
                 } else {
                     eprintln!("livepatch: process {pid}: {e}");
                 }
@@ -268,6 +259,18 @@ fn apply_many(pids: &[i32], jobs: Option<usize>, b: &Bundle, opts: &livepatch::a
         Some(e) => Err(e.into()),
         None => Ok(()),
     }
+}
+
+/// The machine-readable verdict of a failure: scripts act on `refusal_kind`, never on the text.
+fn error_json(message: &str, code: i32, engine: Option<&livepatch::Error>) -> serde_json::Value {
+    let kind = engine.and_then(|e| e.refusal_kind());
+    serde_json::json!({
+        "error": message,
+        "exit_code": code,
+        "refusal_kind": kind,
+        "restart_required": engine.is_some_and(|e| e.restart_required()),
+        "advice": kind.map(|k| k.advice()),
+    })
 }
 
 /// A failure already reported on stdout (as JSON): only its exit code is left to give.

@@ -520,6 +520,12 @@ impl ElfFile {
         })
     }
 
+    /// The page of the lowest loadable segment: where the offset-0 mapping of the file starts,
+    /// less the load bias.
+    pub fn first_page(&self) -> u64 {
+        self.loads.iter().map(|l| l.vaddr).min().unwrap_or(0) & !0xfff
+    }
+
     pub fn build_id_hex(&self) -> Option<String> {
         self.build_id.as_ref().map(hex::encode)
     }

@@ -16,7 +16,7 @@
 //!
 //! [`Gated`] is the side effect "entries lead to gates": dropped without a commit, it sends
 //! every thread the fallback way, puts the entries back, and waits until no thread is left in
-//! a gate (so the region can go); [`Gated::abort`] does the same and says whether it can.
+//! a gate (so the region can go); [`give_up`] does the same and says whether it can.
 use crate::arch::x86_64::gate::{FALLBACK_OFF, HEARTBEAT_OFF, NEW, OLD, PARK, STATE_OFF};
 use crate::error::{Error, Result};
 use crate::process::{MemoryReader, ProcMem, Process};
@@ -89,8 +89,8 @@ struct Heartbeat {
 }
 
 impl Heartbeat {
-    fn start(pid: i32, control: u64) -> Result<Heartbeat> {
-        let mem = ProcMem::open(pid)?;
+    fn start(mem: &ProcMem, control: u64) -> Result<Heartbeat> {
+        let mem = mem.try_clone()?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
@@ -117,6 +117,9 @@ impl Drop for Heartbeat {
         }
     }
 }
+
+/// For an entry: what it holds before a switch (checked) and what it gets after.
+pub type EntryBytes<'a> = dyn Fn(&crate::region::Entry) -> Result<(Vec<u8>, Vec<u8>)> + 'a;
 
 /// One entry led to its gate.
 struct Led {
@@ -151,12 +154,12 @@ impl Gated {
     /// for a switch `way`. `before_after` gives what each entry holds now (checked) and what
     /// it gets after the switch. With `heartbeat`, the threads will run with the gates armed:
     /// the tool's heartbeat starts.
-    pub fn install(mem: &ProcMem, _stopped: &Stopped, h: &Header, way: Way, heartbeat: bool, before_after: &dyn Fn(&crate::region::Entry) -> Result<(Vec<u8>, Vec<u8>)>) -> Result<Gated> {
+    pub fn install(mem: &ProcMem, _stopped: &Stopped, h: &Header, way: Way, heartbeat: bool, before_after: &EntryBytes) -> Result<Gated> {
         let pid = mem.pid();
         let mem = mem.try_clone()?;
         let mut g = Gated { pid, mem, control: h.control, way, entries: Vec::new(), ranges: h.gates.iter().map(|r| (r.at, r.at + r.len)).collect(), heartbeat: None, done: false, taken_back: false };
         if heartbeat {
-            g.heartbeat = Some(Heartbeat::start(pid, h.control)?);
+            g.heartbeat = Some(Heartbeat::start(&g.mem, h.control)?);
         }
         set(&g.mem, h.control, FALLBACK_OFF, way.fallback())?;
         for e in &h.entries {
@@ -165,13 +168,7 @@ impl Gated {
             let (before, after) = before_after(e)?;
             let now = g.mem.read_vec(e.entry, before.len())?;
             if now != before && now != gate_jump {
-                return Err(Error::Other(format!(
-                    "the entry of `{}` at {:#x} changed under us (found {}, expected {}); is another tool patching this process?",
-                    e.name,
-                    e.entry,
-                    hex::encode(&now),
-                    hex::encode(&before)
-                )));
+                return Err(crate::jump::changed_under_us(&format!("the entry of `{}`", e.name), e.entry, &now, &before));
             }
             g.mem.write(e.entry, &gate_jump)?;
             g.entries.push(Led { name: e.name.clone(), at: e.entry, gate: gate_jump, before: now, after });
@@ -202,14 +199,9 @@ impl Gated {
         }
     }
 
-    /// Live ranges of the gates' code.
-    pub fn ranges(&self) -> &[(u64, u64)] {
-        &self.ranges
-    }
-
     /// Take the gates back while the caller holds every thread stopped: every thread the
-    /// fallback way, the entries as they were. [`Gated::abort`] then waits for the threads to
-    /// leave the gates once they run.
+    /// fallback way, the entries as they were. [`give_up`] then waits for the threads to leave
+    /// the gates once they run.
     pub fn take_back(&mut self) -> Result<()> {
         set(&self.mem, self.control, STATE_OFF, self.way.fallback())?;
         self.heartbeat = None;
@@ -225,7 +217,7 @@ impl Gated {
     /// Give up the switch (the threads must not be held by the caller): take the gates back
     /// if not done yet, then wait until no thread is left in one. Whether none is (else the
     /// region must stay mapped).
-    pub fn abort(mut self) -> bool {
+    fn abort(mut self) -> bool {
         self.done = true;
         self.abort_now()
     }
@@ -259,6 +251,18 @@ impl Drop for Gated {
             self.abort_now();
         }
     }
+}
+
+/// Give up a switch. With `stopped` (every thread still held), take the gates back at once;
+/// then let the threads go and wait until none is left in a gate. Whether the region may be
+/// unmapped: no gates, or they were taken back while held and no thread stayed inside.
+pub fn give_up(gated: Option<Gated>, stopped: Option<Stopped>) -> bool {
+    let Some(mut g) = gated else { return true };
+    let taken = stopped.as_ref().is_none_or(|_| g.take_back().is_ok());
+    drop(stopped);
+    // A failed take-back is retried by abort (which stops the threads itself).
+    let drained = g.abort();
+    taken && drained
 }
 
 /// Wait until no thread of `pid` has a frame in `ranges` (or a word of its stack that may
@@ -307,9 +311,4 @@ pub fn in_flight(h: &Header, old_path: bool) -> Vec<crate::watchpoint::Guarded> 
         }
     }
     out
-}
-
-/// The unwind row of a pc parked in a gate: how many words it pushed.
-pub fn parked_depth(headers: &[Header], pc: u64) -> Option<u8> {
-    headers.iter().flat_map(|h| h.gates.iter()).find_map(|r| r.depth_at(pc))
 }

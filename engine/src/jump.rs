@@ -22,6 +22,11 @@ pub struct Site {
     pub write: Vec<u8>,
 }
 
+/// Bytes to overwrite hold something else than expected.
+pub(crate) fn changed_under_us(what: &str, at: u64, found: &[u8], expected: &[u8]) -> Error {
+    Error::Other(format!("{what} at {at:#x} changed under us (found {}, expected {}); is another tool patching this process?", hex::encode(found), hex::encode(expected)))
+}
+
 pub struct Jumps<'a> {
     mem: &'a ProcMem,
     written: Vec<(u64, Vec<u8>)>,
@@ -36,13 +41,7 @@ impl<'a> Jumps<'a> {
         for s in sites {
             let now = mem.read_vec(s.at, s.expect.len())?;
             if now != s.expect {
-                return Err(Error::Other(format!(
-                    "{} at {:#x} changed under us (found {}, expected {}); is another tool patching this process?",
-                    s.name,
-                    s.at,
-                    hex::encode(&now),
-                    hex::encode(&s.expect)
-                )));
+                return Err(changed_under_us(&s.name, s.at, &now, &s.expect));
             }
             mem.write(s.at, &s.write)?;
             j.written.push((s.at, s.expect.clone()));
@@ -102,12 +101,8 @@ pub fn jump(target: &Target, mapped: Mapped, watched: Watched) -> Result<Switche
     if let Err(e) = done {
         // Take the gates back while every thread is stopped, let the threads go, and wait
         // for them to leave the gates before the region goes.
-        let taken = gated.as_mut().map(|g| g.take_back());
-        drop(stopped);
-        if let Some(g) = gated {
-            if matches!(taken, Some(Err(_))) || !g.abort() {
-                mapped.region.leave_mapped();
-            }
+        if !crate::gate::give_up(gated, Some(stopped)) {
+            mapped.region.leave_mapped();
         }
         return Err(e);
     }
@@ -165,7 +160,7 @@ fn write_jumps(target: &Target, mapped: &Mapped, stopped: &Stopped, switched: &[
 /// code). A field that no longer holds what it held when the region was built is left alone.
 fn retarget_calls(mem: &ProcMem, header: &Header) {
     for c in &header.calls {
-        let (Ok(previous), Some(written)) = (hex::decode(&c.previous), c.written()) else { continue };
+        let (Ok(previous), Some(written)) = (c.previous_bytes(), c.written()) else { continue };
         match mem.read_vec(c.at, 4) {
             Ok(now) if now == previous => {
                 if let Err(e) = mem.write(c.at, &written) {
@@ -181,8 +176,7 @@ fn retarget_calls(mem: &ProcMem, header: &Header) {
 /// again (which still lead to the patch's code until the switch back).
 pub fn restore_calls(mem: &ProcMem, header: &Header) -> Result<()> {
     for c in header.calls.iter().filter(|c| c.retargeted(mem)) {
-        let previous = hex::decode(&c.previous).map_err(|_| Error::Other("corrupt region header".into()))?;
-        mem.write(c.at, &previous)?;
+        mem.write(c.at, &c.previous_bytes()?)?;
     }
     Ok(())
 }

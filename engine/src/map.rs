@@ -309,7 +309,7 @@ pub fn map_region(proc: &Process, mem: &ProcMem, maps: &[Mapping], gadget: Gadge
         drop(region);
         return Err(match control {
             Err(e) => e,
-            Ok(c) => Error::Process { pid, msg: format!("mmap of the patch region's control page failed: {}", c as i64) },
+            Ok(c) => Error::Process { pid, msg: format!("mmap of the patch region's control page failed: {c}") },
         });
     }
     Ok(region)

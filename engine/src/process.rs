@@ -193,7 +193,7 @@ impl Process {
         let meta = std::fs::metadata(self.exe_path()).map_err(|e| proc_err(self.pid, "stat its executable", e))?;
         use std::os::unix::fs::MetadataExt;
         let ino = meta.ino();
-        let first = exe.loads.iter().map(|l| l.vaddr).min().unwrap_or(0) & !0xfff;
+        let first = exe.first_page();
         let m = maps
             .iter()
             .filter(|m| m.inode == ino && m.offset == 0)

@@ -42,6 +42,11 @@ impl Entry {
         }
     }
 
+    /// What the entry held just before this patch (what revert restores).
+    pub fn previous_bytes(&self) -> Result<Vec<u8>> {
+        decode_field(&self.previous)
+    }
+
     /// The jump this entry writes; `None` when the target is out of reach.
     pub fn jump(&self) -> Option<Vec<u8>> {
         if self.short {
@@ -127,6 +132,11 @@ pub struct CallRecord {
 }
 
 impl CallRecord {
+    /// What the field held just before this patch.
+    pub fn previous_bytes(&self) -> Result<Vec<u8>> {
+        decode_field(&self.previous)
+    }
+
     /// The field's bytes once retargeted (`None`: out of reach).
     pub fn written(&self) -> Option<[u8; 4]> {
         let rel = (self.target as i64).checked_sub(self.at as i64 + 4)?;
@@ -165,6 +175,11 @@ impl GateRecord {
     pub fn jump(&self) -> Option<Vec<u8>> {
         crate::arch::x86_64::jmp_rel32(self.entry, self.at).map(|b| b.to_vec())
     }
+}
+
+/// Bytes the header keeps in hex.
+fn decode_field(hex_bytes: &str) -> Result<Vec<u8>> {
+    hex::decode(hex_bytes).map_err(|_| Error::Other("corrupt region header".into()))
 }
 
 fn is_zero(n: &usize) -> bool {

@@ -10,6 +10,7 @@ use crate::target::Target;
 use crate::status::Applied;
 use crate::unwind::Modules;
 use crate::gate::{Gated, Way};
+use crate::ptrace::Stopped;
 use crate::watchpoint::{self, Frames, Guarded, Resume, Strategy, View};
 use serde::Serialize;
 use std::time::{Duration, Instant};
@@ -78,37 +79,34 @@ fn revert_newest(pid: i32, all: bool, strategy: Strategy, timeout: Duration, fra
     // died after a commit) and gets back what it had before the patch.
     let revert_entry = |e: &crate::region::Entry| -> Result<(Vec<u8>, Vec<u8>)> {
         let before = e.jump().ok_or_else(|| Error::Other("corrupt region header".into()))?;
-        let after = hex::decode(&e.previous).map_err(|_| Error::Other("corrupt region header".into()))?;
-        Ok((before, after))
+        Ok((before, e.previous_bytes()?))
+    };
+    // Calls straight to the patch's code would pass the gates: through the entries again.
+    let install = |s: &Stopped, heartbeat: bool| -> Result<Gated> {
+        crate::jump::restore_calls(mem, &newest.header)?;
+        Gated::install(mem, s, &newest.header, Way::Revert, heartbeat, &revert_entry)
     };
     let mut gate: Option<Gated> = None;
     let quiet = watchpoint::until_inactive(&view, strategy, &guarded, timeout, &mut |s| {
         if gated && gate.is_none() {
-            // Calls straight to the patch's code would pass the gates: through the entries again.
-            crate::jump::restore_calls(mem, &newest.header)?;
-            gate = Some(Gated::install(mem, s, &newest.header, Way::Revert, true, &revert_entry)?);
+            gate = Some(install(s, true)?);
             tracing::debug!(entries = newest.header.gates.len(), "gates armed");
             crate::fault::point("trap-armed");
         }
         Ok(())
     });
-    let abort = |gate: Option<Gated>| {
-        if let Some(g) = gate {
-            g.abort();
-        }
-    };
+    // Reverting never unmaps on failure: whether the region could go does not matter here.
     let watchpoint::Quiet { stopped, attempts, stacks, .. } = match quiet {
         Ok(q) => q,
         Err(e) => {
-            abort(gate);
+            crate::gate::give_up(gate, None);
             return Err(e);
         }
     };
     let switched = match watchpoint::frames_to_switch(&view, &stopped, &guarded, &stacks) {
         Ok(s) => s,
         Err(e) => {
-            drop(stopped);
-            abort(gate);
+            crate::gate::give_up(gate, Some(stopped));
             return Err(e);
         }
     };
@@ -116,8 +114,7 @@ fn revert_newest(pid: i32, all: bool, strategy: Strategy, timeout: Duration, fra
     let done = (|| -> Result<()> {
         if gated {
             if gate.is_none() {
-                crate::jump::restore_calls(mem, &newest.header)?;
-                gate = Some(Gated::install(mem, &stopped, &newest.header, Way::Revert, false, &revert_entry)?);
+                gate = Some(install(&stopped, false)?);
             }
             crate::fault::point("jump");
             gate.as_mut().expect("installed above").switch()?;
@@ -143,11 +140,7 @@ fn revert_newest(pid: i32, all: bool, strategy: Strategy, timeout: Duration, fra
         Ok(())
     })();
     if let Err(e) = done {
-        let taken = gate.as_mut().map(|g| g.take_back());
-        drop(stopped);
-        if matches!(taken, Some(Ok(()))) {
-            abort(gate);
-        }
+        crate::gate::give_up(gate, Some(stopped));
         return Err(e);
     }
     let since = stopped.since();

@@ -56,14 +56,11 @@ impl Target {
                 continue;
             }
             seen.push((m.inode, m.path.clone()));
-            let file = std::path::PathBuf::from(format!("/proc/{}/map_files/{:x}-{:x}", self.pid, m.start, m.end));
-            let file = if file.exists() { file } else { std::path::PathBuf::from(format!("/proc/{}/root{}", self.pid, m.path)) };
-            let Ok(elf) = ElfFile::open(&file) else { continue };
+            let Ok(elf) = ElfFile::open(&crate::unwind::map_file(self.pid, &self.maps, &m.path)) else { continue };
             if elf.build_id_hex().as_deref() != Some(build_id) {
                 continue;
             }
-            let first = elf.loads.iter().map(|l| l.vaddr).min().unwrap_or(0) & !0xfff;
-            let bias = m.start.checked_sub(first).ok_or_else(|| Error::Process { pid: self.pid, msg: format!("{} is mapped below its first segment", m.path) })?;
+            let bias = m.start.checked_sub(elf.first_page()).ok_or_else(|| Error::Process { pid: self.pid, msg: format!("{} is mapped below its first segment", m.path) })?;
             return Ok(Executable { elf, bias, inode: m.inode, library: Some(m.path.clone()) });
         }
         Err(Error::BuildIdMismatch { pid: self.pid, expected: build_id.to_string(), found: format!("{running} (its executable; no library it maps has build id {build_id} either)") })
@@ -110,8 +107,7 @@ impl Target {
             let Some(g) = a.header.gates.iter().find(|g| g.entry == e.entry) else { continue };
             let Some(jump) = g.jump() else { continue };
             if self.mem.read_vec(e.entry, jump.len())? == jump {
-                let previous = hex::decode(&e.previous).map_err(|_| Error::Other("corrupt region header".into()))?;
-                self.mem.write(e.entry, &previous)?;
+                self.mem.write(e.entry, &e.previous_bytes()?)?;
             }
         }
         Ok(())

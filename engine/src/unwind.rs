@@ -129,8 +129,7 @@ impl Modules {
             // Read the file as the target sees it (its mount namespace).
             let file = map_file(pid, maps, &path);
             let Ok(elf) = ElfFile::open(&file) else { continue };
-            let first = elf.loads.iter().map(|l| l.vaddr).min().unwrap_or(0) & !0xfff;
-            let bias = base.wrapping_sub(first);
+            let bias = base.wrapping_sub(elf.first_page());
             if let Some(m) = Module::from_elf(&path, &elf, start, end, bias) {
                 modules.push(m);
             }
@@ -138,8 +137,7 @@ impl Modules {
         if let Some((start, end)) = vdso {
             if let Ok(bytes) = mem.read_vec(start, (end - start) as usize) {
                 if let Ok(elf) = ElfFile::parse(std::path::Path::new("[vdso]"), bytes) {
-                    let first = elf.loads.iter().map(|l| l.vaddr).min().unwrap_or(0) & !0xfff;
-                    if let Some(m) = Module::from_elf("[vdso]", &elf, start, end, start.wrapping_sub(first)) {
+                    if let Some(m) = Module::from_elf("[vdso]", &elf, start, end, start.wrapping_sub(elf.first_page())) {
                         modules.push(m);
                     }
                 }
@@ -168,7 +166,7 @@ impl Modules {
 
 /// The file behind a mapping, through `/proc/PID/map_files` (works across mount namespaces),
 /// else through the process's root.
-fn map_file(pid: i32, maps: &[Mapping], path: &str) -> PathBuf {
+pub(crate) fn map_file(pid: i32, maps: &[Mapping], path: &str) -> PathBuf {
     if let Some(m) = maps.iter().find(|m| m.path == path) {
         let p = PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end));
         if p.exists() {

@@ -191,7 +191,7 @@ pub struct Watched {
 
 /// What each entry of `h` holds before an apply through its gate, and gets after.
 pub fn apply_entry(e: &crate::region::Entry) -> Result<(Vec<u8>, Vec<u8>)> {
-    let before = hex::decode(&e.previous).map_err(|_| Error::Other("corrupt region header".into()))?;
+    let before = e.previous_bytes()?;
     let after = e.jump().ok_or_else(|| Error::Other(format!("`{}`: new code out of jump range", e.name)))?;
     Ok((before, after))
 }
@@ -241,15 +241,15 @@ pub fn watch(target: &Target, exe: &Executable, bundle: &Bundle, mapped: &Mapped
         }
         Ok(())
     });
-    let abort = |gated: Option<Gated>| {
-        if gated.is_some_and(|g| !g.abort()) {
+    let give_up = |gated: Option<Gated>, stopped: Option<Stopped>| {
+        if !crate::gate::give_up(gated, stopped) {
             mapped.region.leave_mapped();
         }
     };
     let Quiet { stopped, attempts, waited, stacks } = match quiet {
         Ok(q) => q,
         Err(e) => {
-            abort(gated);
+            give_up(gated, None);
             return Err(e);
         }
     };
@@ -259,9 +259,7 @@ pub fn watch(target: &Target, exe: &Executable, bundle: &Bundle, mapped: &Mapped
     let switched = match checked {
         Ok(s) => s,
         Err(e) => {
-            // Let the threads go before the gates are taken back (which stops them again).
-            drop(stopped);
-            abort(gated);
+            give_up(gated, Some(stopped));
             return Err(e);
         }
     };
