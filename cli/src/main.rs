@@ -1,5 +1,6 @@
 //! The `livepatch` command line: the engine, locally, with no cluster.
 mod demo;
+mod manifest;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -47,6 +48,8 @@ enum Cmd {
         /// it refuses (exit 3) and flags the process for an offline restart.
         #[arg(long)]
         record_refusal: bool,
+        #[command(flatten)]
+        manifest: manifest::ManifestArgs,
         #[arg(long)]
         json: bool,
     },
@@ -288,6 +291,14 @@ impl std::error::Error for Reported {}
 /// This process's peak resident memory (`VmHWM`, KiB): the high-water mark of its own address
 /// space only. (`getrusage` and `wait4` report a `ru_maxrss` that also holds the parent's
 /// resident size at the exec that started us: useless for a small tool started by a big one.)
+/// Write through a temporary file in the same directory, so a reader (or a crash) never sees
+/// half a file.
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+}
+
 fn peak_rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()
@@ -325,7 +336,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print_diff(&d);
             }
         }
-        Cmd::Build { old, new, output, functions, source, record_refusal, json } => {
+        Cmd::Build { old, new, output, functions, source, record_refusal, manifest, json } => {
+            let rollout = manifest.plan(&output)?;
             let (o, n) = (ElfFile::open(&old)?, ElfFile::open(&new)?);
             let opts = extract::BuildOptions { functions, record_refusal, source: source.input()? };
             let (manifest, blob, diff) = extract::build(&o, &n, &opts)?;
@@ -346,13 +358,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 eprintln!("livepatch: warning: this update cannot be applied live ({r}); the bundle records the refusal, and applying it flags the process for an offline restart");
             }
             let b = Bundle::write(&manifest, &blob, &output).with_context(|| format!("writing {}", output.display()))?;
+            let emitted = match &rollout {
+                Some(plan) => {
+                    let bytes = std::fs::read(&output).with_context(|| format!("reading back {}", output.display()))?;
+                    let yaml = plan.render(&b, &bytes).with_context(|| format!("the bundle {} is written; its manifest is not", output.display()))?;
+                    write_atomically(plan.file(), yaml.as_bytes())?;
+                    Some(plan.file())
+                }
+                None => None,
+            };
             if json {
                 println!("{}", serde_json::json!({"bundle": output, "patch_id": b.patch_id(), "sha256": b.digest,
-                    "functions": b.manifest.functions.iter().map(|f| &f.name).collect::<Vec<_>>()}));
+                    "functions": b.manifest.functions.iter().map(|f| &f.name).collect::<Vec<_>>(), "manifest": emitted}));
             } else {
                 println!("wrote {} ({} bytes, patch {} sha256 {})", output.display(), std::fs::metadata(&output)?.len(), b.patch_id(), b.digest);
                 for f in &b.manifest.functions {
                     println!("  {:<10} {}", format!("{:?}", f.kind).to_lowercase(), f.name);
+                }
+                if let Some(f) = emitted {
+                    println!("wrote {} (kubectl apply -f {})", f.display(), f.display());
                 }
             }
         }

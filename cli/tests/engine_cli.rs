@@ -128,3 +128,75 @@ fn demo_runs_end_to_end() {
     let reverted = &out[out.find("== reverted").unwrap()..];
     assert!(reverted.contains("10 x 10 = 100") || reverted.contains("11 x 10 = 110") || reverted.contains("12 x 10 = 120"), "{reverted}");
 }
+
+/// `build --emit-manifest`: a ConfigMap holding exactly the bundle and a LivePatch naming it with
+/// its digest and the old build id; stable names; the same file for the same fix under
+/// `SOURCE_DATE_EPOCH`; bad rollout flags are refused before anything is written.
+#[test]
+fn build_emits_a_manifest() {
+    let old = compile("plain", "v1", Variant::REAL[0]);
+    let new = compile("plain", "v2", Variant::REAL[0]);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("Plain_Fix.lpatch");
+    let args = |extra: &[&str]| {
+        let mut a: Vec<String> = vec!["build".into(), "--old".into(), old.display().to_string(), "--new".into(), new.display().to_string(), "-o".into(), out.display().to_string()];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let flags = ["--emit-manifest", "--namespace", "shop", "--selector", "app=cart,tier=web", "--container", "app", "--json"];
+    let run = spawn_livepatch_env(args(&flags), &[("SOURCE_DATE_EPOCH", "1700000000")]).finish(TOOL_TIMEOUT);
+    run.assert_code(0);
+    let info: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let yaml_path = dir.path().join("plain-fix.yaml");
+    assert_eq!(info["manifest"].as_str().map(std::path::PathBuf::from), Some(yaml_path.clone()));
+    let yaml = std::fs::read_to_string(&yaml_path).unwrap();
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&yaml).unwrap();
+    assert_eq!(docs.len(), 2, "{yaml}");
+    let (cm, lp) = (&docs[0], &docs[1]);
+    assert_eq!((cm["kind"].as_str(), cm["metadata"]["name"].as_str(), cm["metadata"]["namespace"].as_str()), (Some("ConfigMap"), Some("plain-fix-bundle"), Some("shop")));
+    let b64 = cm["binaryData"]["patch.lpatch"].as_str().unwrap();
+    let bytes = std::fs::read(&out).unwrap();
+    assert_eq!(base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).unwrap(), bytes, "the ConfigMap holds another file than the bundle");
+    let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+    assert_eq!(info["sha256"].as_str(), Some(digest.as_str()));
+    assert_eq!((lp["apiVersion"].as_str(), lp["kind"].as_str(), lp["metadata"]["name"].as_str()), (Some("livepatch.dev/v1alpha1"), Some("LivePatch"), Some("plain-fix")));
+    let spec = &lp["spec"];
+    assert_eq!(spec["patch"]["sha256"].as_str(), Some(digest.as_str()));
+    assert_eq!(spec["patch"]["configMapRef"], serde_json::json!({"name": "plain-fix-bundle", "key": "patch.lpatch"}));
+    assert_eq!(spec["target"]["buildID"].as_str(), Elf::read(&old).build_id().as_deref());
+    assert_eq!(spec["selector"], serde_json::json!({"matchLabels": {"app": "cart", "tier": "web"}}));
+    assert_eq!(spec["container"].as_str(), Some("app"));
+    for generated in ["status", "uid", "resourceVersion", "creationTimestamp", "generation"] {
+        assert!(lp.get(generated).is_none() && lp["metadata"].get(generated).is_none(), "{generated} written:\n{yaml}");
+    }
+
+    // The same fix built again: the same bundle and manifest, byte for byte.
+    spawn_livepatch_env(args(&flags), &[("SOURCE_DATE_EPOCH", "1700000000")]).finish(TOOL_TIMEOUT).assert_code(0);
+    assert_eq!(std::fs::read(&out).unwrap(), bytes);
+    assert_eq!(std::fs::read_to_string(&yaml_path).unwrap(), yaml);
+
+    // A URL source: no ConfigMap.
+    livepatch(args(&["--emit-manifest", "-n", "shop", "-l", "app=cart", "--name", "by-url", "--bundle-url", "https://patches.example.com/fix.lpatch"])).assert_code(0);
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&std::fs::read_to_string(dir.path().join("by-url.yaml")).unwrap()).unwrap();
+    assert_eq!(docs.len(), 1);
+    assert_eq!(docs[0]["spec"]["patch"]["url"].as_str(), Some("https://patches.example.com/fix.lpatch"));
+
+    // Refused before the build: nothing new is written.
+    let fresh = dir.path().join("fresh.lpatch");
+    for bad in [
+        vec!["--emit-manifest", "-l", "app=cart"],
+        vec!["--emit-manifest", "-n", "shop"],
+        vec!["--emit-manifest", "-n", "shop", "-l", "app in (a,b)"],
+        vec!["--emit-manifest", "-n", "Shop", "-l", "app=cart"],
+        vec!["--emit-manifest", "-n", "shop", "-l", "app=cart", "--bundle-url", "http://insecure/x"],
+    ] {
+        let mut a = args(&bad);
+        let o = a.iter().position(|x| x == "-o").unwrap();
+        a[o + 1] = fresh.display().to_string();
+        let run = livepatch(&a);
+        run.assert_code(1);
+        assert!(!fresh.exists(), "{bad:?}: a bundle was written although the flags were refused");
+    }
+    let run = livepatch(args(&["--namespace", "shop"]));
+    run.assert_code(2); // --namespace without --emit-manifest: a usage error
+}

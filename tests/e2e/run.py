@@ -602,7 +602,7 @@ class Env:
         if p.returncode != 0:
             return None, p.stderr.strip()
         info = json.loads(p.stdout)
-        self.bundles[name] = {"path": out, "sha256": info["sha256"], "patch_id": info["patch_id"]}
+        self.bundles[name] = {"path": out, "sha256": info["sha256"], "patch_id": info["patch_id"], "manifest": info.get("manifest")}
         return self.bundles[name], None
 
     def bundle_configmap(self, name, bundle):
@@ -962,32 +962,21 @@ def s_apply(t):
     kl.create_pod("other-0", {"app": "other"}, "v1")  # runs the same executable, not selected
     for name in ("greeter-0", "greeter-1", "other-0"):
         kl.pods[name]["container"].wait_output("v1 hello", count=2)
-    b, err = t.build_bundle("fix", "v1", "v2")
+    # The one-step path: `livepatch build --emit-manifest` writes the ConfigMap and the LivePatch;
+    # the API server accepts them (server-side dry run) and `kubectl apply -f` rolls the fix out.
+    b, err = t.build_bundle("greeter-fix", "v1", "v2", "--emit-manifest", "--namespace", APP_NS,
+                            "--selector", "app=greeter", "--container", "app", "--target-path", TARGET_PATH)
     if not b:
-        raise Fail(f"livepatch build v1 -> v2: {err}")
-    t.bundle_configmap("greeter-fix", b)
+        raise Fail(f"livepatch build v1 -> v2 --emit-manifest: {err}")
+    manifest = os.path.join(os.path.dirname(b["path"]), "greeter-fix.yaml")
+    if b.get("manifest") != manifest:
+        raise Fail(f"build --emit-manifest wrote {b.get('manifest')!r}, expected {manifest!r}")
+    t.kube("apply", "--dry-run=server", "-f", manifest)
+    if t.kube("get", LP, "greeter-fix", "-n", APP_NS, check=False).returncode == 0:
+        raise Fail("a server-side dry run created the LivePatch")
     served_before = {n: kl.pods[n]["container"].last_hello() for n in ("greeter-0", "greeter-1")}
     marks = {n: kl.pods[n]["container"].mark() for n in kl.pods}
-    # Through kubectl, as YAML, as a user would.
-    yaml = f"""apiVersion: livepatch.dev/v1alpha1
-kind: LivePatch
-metadata:
-  name: greeter-fix
-  namespace: {APP_NS}
-spec:
-  selector:
-    matchLabels: {{app: greeter}}
-  container: app
-  target:
-    buildID: {t.targets.build_id['v1']}
-    path: {TARGET_PATH}
-  patch:
-    configMapRef: {{name: greeter-fix, key: patch.lpatch}}
-    sha256: {b['sha256']}
-  safety: {{strategy: Trap, timeoutSeconds: 20}}
-  rollout: {{maxConcurrent: 1}}
-"""
-    t.kube("apply", "-f", "-", input=yaml)
+    t.kube("apply", "-f", manifest)
     o = t.wait_phase("greeter-fix", "Applied", timeout=120)
     st = o["status"]
     c = st.get("counts") or {}

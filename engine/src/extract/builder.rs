@@ -62,7 +62,7 @@ fn base_manifest(target: TargetId, new: &ElfFile, d: &Diff) -> Manifest {
         arch: "x86_64".into(),
         target,
         new_build_id: new.build_id_hex(),
-        created_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        created_at: build_time(),
         reference_source: d.reference_source.clone(),
         span: Span { lo: 0, len: 0 },
         pieces: vec![],
@@ -631,4 +631,14 @@ impl<'a> Builder<'a> {
         }
         None
     }
+}
+
+/// Unix seconds of the build, or `SOURCE_DATE_EPOCH` when set (reproducible builds): two builds
+/// of the same fix are then the same file, so an emitted manifest's digest does not churn in a
+/// GitOps repository.
+fn build_time() -> u64 {
+    std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0))
 }
