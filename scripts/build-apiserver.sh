@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Build the real kube-apiserver and etcd used by the end-to-end tests, from the Go module in
+# Build the real Kubernetes binaries the tests run, from the Go module in
 # tests/cluster/apiserver-build, into a cache outside the clone keyed by both versions:
 #
-#   ${LIVEPATCH_CACHE:-~/.cache/livepatch}/k8s-<k8s version>-etcd-<etcd version>/bin/{kube-apiserver,etcd}
+#   ${LIVEPATCH_CACHE:-~/.cache/livepatch}/k8s-<k8s version>-etcd-<etcd version>/bin/
+#       etcd, kube-apiserver                          (the control plane: tests/cluster, tests/e2e)
+#       kubelet, kube-controller-manager, kube-scheduler   (the real node: tests/node)
 #
-# Exits at once when both binaries are already there. Safe to run concurrently (flock) and
+# Exits at once when every binary is already there; builds only the missing ones. Safe to run concurrently (flock) and
 # after an interrupted build (binaries are built in a temporary directory and moved in last).
 #
 #   scripts/build-apiserver.sh            build (or reuse) and print the bin directory
@@ -22,6 +24,8 @@ MOD="$ROOT/tests/cluster/apiserver-build"
 CACHE="${LIVEPATCH_CACHE:-$HOME/.cache/livepatch}"
 
 log() { echo "build-apiserver: $*" >&2; }
+# The Kubernetes commands built, all from the same module version.
+K8S_TOOLS="kube-apiserver kubelet kube-controller-manager kube-scheduler"
 
 regen() {
     local k8s="$1" etcd="$2" upstream minor
@@ -36,7 +40,7 @@ regen() {
         echo
         echo "go $(sed -n 's/^go //p' "$upstream")"
         echo
-        echo "tool k8s.io/kubernetes/cmd/kube-apiserver"
+        for t in $K8S_TOOLS; do echo "tool k8s.io/kubernetes/cmd/$t"; done
         echo
         echo "require ("
         echo "	go.etcd.io/etcd/server/v3 $etcd"
@@ -67,7 +71,10 @@ ETCD_VERSION="$(modver go.etcd.io/etcd/server/v3)"
 DIR="$CACHE/k8s-$K8S_VERSION-etcd-$ETCD_VERSION"
 BIN="$DIR/bin"
 
-have() { [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/etcd" ]; }
+have() {
+    local t
+    for t in etcd $K8S_TOOLS; do [ -x "$BIN/$t" ] || return 1; done
+}
 
 if [ "${1:-}" = "--print" ]; then
     echo "$BIN"
@@ -115,16 +122,20 @@ cd "$MOD"
 log "go $(go env GOVERSION), GOMAXPROCS=$GOMAXPROCS, module cache $(go env GOMODCACHE)"
 log "downloading modules"
 "${NICE[@]}" go mod download
-log "building etcd $ETCD_VERSION"
-"${NICE[@]}" go build -trimpath -ldflags "-s -w" -o "$TMP/etcd" ./cmd/etcd
-log "building kube-apiserver $K8S_VERSION (slow)"
-"${NICE[@]}" go build -trimpath -ldflags "$k8s_ldflags" -o "$TMP/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver
-"$TMP/etcd" --version >&2
-"$TMP/kube-apiserver" --version >&2
-
 mkdir -p "$BIN"
-mv -f "$TMP/etcd" "$BIN/etcd"
-mv -f "$TMP/kube-apiserver" "$BIN/kube-apiserver"
+if [ ! -x "$BIN/etcd" ]; then
+    log "building etcd $ETCD_VERSION"
+    "${NICE[@]}" go build -trimpath -ldflags "-s -w" -o "$TMP/etcd" ./cmd/etcd
+    "$TMP/etcd" --version >&2
+    mv -f "$TMP/etcd" "$BIN/etcd"
+fi
+for t in $K8S_TOOLS; do
+    [ -x "$BIN/$t" ] && continue
+    log "building $t $K8S_VERSION (the first one is slow; the others share its packages)"
+    "${NICE[@]}" go build -trimpath -ldflags "$k8s_ldflags" -o "$TMP/$t" "k8s.io/kubernetes/cmd/$t"
+    "$TMP/$t" --version >&2
+    mv -f "$TMP/$t" "$BIN/$t"
+done
 elapsed=$(( $(date +%s) - start ))
 printf 'kubernetes %s\netcd %s\ngo %s\nbuild_seconds %s\nbuilt %s\n' \
     "$K8S_VERSION" "$ETCD_VERSION" "$(go env GOVERSION)" "$elapsed" "$(date -u +%FT%TZ)" > "$DIR/BUILD-INFO"

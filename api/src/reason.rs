@@ -54,6 +54,9 @@ reasons! {
     NoMatchingProcess,
     /// The processes run another build of the executable than the bundle was built for.
     BuildIDMismatch,
+    /// The container runs the fixed build already (the build the bundle's new code comes from,
+    /// e.g. after a rollout to the fixed image): nothing to patch, counted as patched (`Applied`).
+    UpToDate,
     /// The bundle was built for another build id than the LivePatch names.
     BundleTargetMismatch,
     /// The bundle could not be fetched (missing object or key, download failure).

@@ -338,6 +338,7 @@ impl<'a> Work<'a> {
             container_id: parse_container_id(&self.task.spec.container_id)?,
             pod_uid: self.task.spec.pod_uid.clone(),
             build_id,
+            fixed_build_id: None,
             path: self.task.spec.target.path.clone(),
             pod_in_cgroup,
         })
@@ -451,7 +452,7 @@ impl<'a> Work<'a> {
             return self.finish(v, true, Some(&pod)).await;
         }
         let query = match self.query(Some(bundle_build_id), false) {
-            Ok(q) => q,
+            Ok(q) => Query { fixed_build_id: bundle.manifest.new_build_id.clone(), ..q },
             Err(e) => return self.finish(Verdict::early(TargetPhase::Failed, Reason::InvalidTask, e.to_string(), Next::Settled), true, Some(&pod)).await,
         };
         let found = match self.find(&query).await? {
@@ -460,6 +461,12 @@ impl<'a> Work<'a> {
         };
         if found.targets.is_empty() && !found.container_absent() {
             let any = |kind: SkipKind| found.skipped.iter().any(|s| s.kind == kind);
+            if any(SkipKind::Fixed) && !any(SkipKind::OtherBuild) && !any(SkipKind::PermissionDenied) {
+                // Rolled out to the fixed image: these pods have the fix, as patched ones do.
+                let pids = found.skipped.iter().filter(|s| s.kind == SkipKind::Fixed).map(|s| i64::from(s.pid)).collect();
+                let v = Verdict { pids, ..Verdict::early(TargetPhase::Applied, Reason::UpToDate, "the container runs the fixed build already: nothing to patch".into(), Next::Settled) };
+                return self.finish(v, true, Some(&pod)).await;
+            }
             let detail = found.skipped.iter().map(|s| format!("pid {}: {}", s.pid, s.reason)).collect::<Vec<_>>().join("; ");
             let (reason, metric) = if any(SkipKind::OtherBuild) {
                 (Reason::BuildIDMismatch, "build_id_mismatch")

@@ -42,6 +42,9 @@ pub struct Query {
     pub pod_uid: String,
     /// GNU build id the executable must have (lowercase hex); `None`: any executable.
     pub build_id: Option<String>,
+    /// GNU build id of the fixed executable (the bundle's new build): a process running it is
+    /// skipped as [`SkipKind::Fixed`], not as another build.
+    pub fixed_build_id: Option<String>,
     /// Absolute path of the executable inside the container, if the task names one.
     pub path: Option<String>,
     /// The cgroup path must name the pod (its UID) above the container: set when nothing but
@@ -83,6 +86,8 @@ pub enum SkipKind {
     Unreadable,
     /// It runs another build: another GNU build id than the bundle's, or none.
     OtherBuild,
+    /// It runs the fixed build already (the bundle's new build id, at the task's path).
+    Fixed,
     /// It does not run the task's path.
     OtherPath,
     /// Its cgroup names the container under another pod's UID.
@@ -312,18 +317,28 @@ impl Discovery {
         if let Some(want) = &query.build_id {
             match &build_id {
                 Some(have) if have == want => {}
+                Some(have) if query.fixed_build_id.as_ref() == Some(have) => {
+                    Self::check_path(&dir, &exe, query)?;
+                    return Err((SkipKind::Fixed, format!("runs the fixed build {have} already")));
+                }
                 Some(have) => return Err((SkipKind::OtherBuild, format!("runs build id {have}, the bundle is for {want}"))),
                 None => return Err((SkipKind::OtherBuild, format!("its executable has no GNU build id, the bundle is for {want}"))),
             }
         }
+        Self::check_path(&dir, &exe, query)?;
+        Ok(build_id)
+    }
+
+    /// The task's path inside the container's root is the process's executable (same file).
+    fn check_path(dir: &Path, exe: &Path, query: &Query) -> Result<(), (SkipKind, String)> {
         if let Some(path) = &query.path {
-            let exe_meta = fs::metadata(&exe).map_err(|e| (SkipKind::Unreadable, format!("cannot stat its executable: {e}")))?;
+            let exe_meta = fs::metadata(exe).map_err(|e| (SkipKind::Unreadable, format!("cannot stat its executable: {e}")))?;
             let in_root = stat_in_root(&dir.join("root"), path).map_err(|e| (SkipKind::OtherPath, format!("{path} inside its root: {e}")))?;
             if (in_root.dev, in_root.ino) != (exe_meta.dev(), exe_meta.ino()) {
                 return Err((SkipKind::OtherPath, format!("does not run {path} (its executable is another file)")));
             }
         }
-        Ok(build_id)
+        Ok(())
     }
 
     /// Repeat every test of [`Discovery::find`] for one target, right before the engine touches

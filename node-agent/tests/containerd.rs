@@ -246,6 +246,7 @@ fn patches_a_container_found_by_container_id_and_pod_uid() {
         pod_uid: pod_uid.clone(),
         build_id: Some(bundle.manifest.target.build_id.clone()),
         path: Some("/usr/local/bin/app".into()),
+        fixed_build_id: None,
         pod_in_cgroup: false,
     };
     let found = discovery.find(&query).unwrap();

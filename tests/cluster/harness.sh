@@ -19,6 +19,8 @@
 #                                 (default: where scripts/build-apiserver.sh puts them)
 #              KUBECTL            kubectl to use (default: ~/.cache/livepatch/bin/kubectl or PATH)
 #              HARNESS_READY_TIMEOUT  seconds to wait for /readyz (default 120)
+#              HARNESS_NODE_IP    for a real node (tests/node/node.sh): also serve on all
+#                                 addresses, advertise this one, admit service accounts
 #
 # Cluster facts the tests can rely on:
 #   - authorization RBAC only (no Node authorizer); admin = CN livepatch-admin, O system:masters
@@ -98,7 +100,7 @@ gen_certs() {  # gen_certs DIR
 basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=serverAuth
-subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
+subjectAltName=IP:127.0.0.1,IP:10.96.0.1${HARNESS_NODE_IP:+,IP:$HARNESS_NODE_IP},DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
 EOF
         openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
             -sha256 -extfile apiserver.ext -out apiserver.crt 2>/dev/null
@@ -224,10 +226,17 @@ EOF
         sleep 0.1
     done
 
+    # With a real node (tests/node/node.sh: HARNESS_NODE_IP), pods reach the API server at the
+    # node's address and the controller-manager creates service accounts, so the ServiceAccount
+    # admission plugin can mount their tokens. Without one, loopback only and no such plugin.
+    local bind=127.0.0.1 advertise=127.0.0.1 admission=(--disable-admission-plugins ServiceAccount)
+    if [ -n "${HARNESS_NODE_IP:-}" ]; then
+        bind=0.0.0.0 advertise="$HARNESS_NODE_IP" admission=()
+    fi
     say "starting kube-apiserver $("$bin/kube-apiserver" --version | awk '{print $2}') on $url"
     setsid "$bin/kube-apiserver" \
         --etcd-servers "http://127.0.0.1:$etcd_port" \
-        --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
+        --bind-address "$bind" --advertise-address "$advertise" --secure-port "$api_port" \
         --tls-cert-file "$DIR/pki/apiserver.crt" --tls-private-key-file "$DIR/pki/apiserver.key" \
         --client-ca-file "$DIR/pki/ca.crt" \
         --authorization-mode RBAC \
@@ -236,7 +245,7 @@ EOF
         --service-account-key-file "$DIR/pki/sa.pub" \
         --service-account-signing-key-file "$DIR/pki/sa.key" \
         --service-cluster-ip-range 10.96.0.0/16 \
-        --disable-admission-plugins ServiceAccount \
+        "${admission[@]}" \
         --allow-privileged=true \
         --enable-priority-and-fairness=false \
         --profiling=false \

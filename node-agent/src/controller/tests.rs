@@ -22,10 +22,15 @@ const CONFIGMAP: &str = "/api/v1/namespaces/shop/configmaps/cart-fix";
 
 /// A valid bundle for `build_id` (one replaced function; the fake engine never runs it).
 pub(crate) fn bundle_bytes(build_id: &str) -> Vec<u8> {
+    bundle_fixing(build_id, None)
+}
+
+/// A bundle for `build_id` whose new code comes from the build `fixed`.
+fn bundle_fixing(build_id: &str, fixed: Option<&str>) -> Vec<u8> {
     let manifest: livepatch::bundle::Manifest = serde_json::from_value(json!({
         "format_version": 1, "arch": "x86_64",
         "target": {"build_id": build_id, "path": null, "pie": true},
-        "new_build_id": null, "created_at": 0, "reference_source": "decoded",
+        "new_build_id": fixed, "created_at": 0, "reference_source": "decoded",
         "span": {"lo": 4096, "len": 4096},
         "pieces": [{"name": "price", "kind": "code", "svma": 4096, "len": 16, "blob": 0}],
         "functions": [{"name": "price", "kind": "changed", "old_svma": 8192, "old_size": 16, "old_digest": "00", "new_svma": 4096, "new_size": 16}],
@@ -829,6 +834,23 @@ fn settled_by_reason() {
     let mut unknown = (*status("Failed", None, 1)).clone();
     unknown.status.as_mut().unwrap().reason = Some("SomethingNew".into());
     assert!(!settled(&unknown, 5));
+}
+
+/// The container runs the fixed build (a rollout to the fixed image): `Applied` with `UpToDate`,
+/// the process named, and no engine call.
+#[tokio::test]
+async fn a_container_running_the_fixed_build_is_up_to_date() {
+    let mut setup = Setup::new();
+    setup.bundle = bundle_fixing(&build_id("/bin/true"), Some(&build_id("/bin/false")));
+    std::fs::remove_dir_all(setup.tree.proc_root().join("4242")).unwrap();
+    let fixed = setup.tree.rootfs("rootfs-fixed", "/bin/false");
+    setup.tree.process(4243, &layouts(ID, UID)[3].1, &fixed.join("usr/local/bin/app"), &fixed);
+    let (s, action, _ctx) = one_status(&setup, configmap_json(&setup.bundle)).await;
+    assert_eq!((s["phase"].as_str(), s["reason"].as_str()), (Some("Applied"), Some("UpToDate")), "{s}");
+    assert_eq!(s["pids"], json!([4243]));
+    // Checked again later like any applied target (the container may restart on another image).
+    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+    assert!(setup.engine.calls().is_empty(), "{:?}", setup.engine.calls());
 }
 
 /// The container's only process runs another build: `BuildIDMismatch` (from the discovery's typed

@@ -5,7 +5,7 @@ use super::tests::{build_id, layouts, Tree, ID, OTHER_UID, UID};
 use super::*;
 
 fn query(path: Option<&str>) -> Query {
-    Query { container_id: ID.into(), pod_uid: UID.into(), build_id: Some(build_id("/bin/true")), path: path.map(String::from), pod_in_cgroup: false }
+    Query { container_id: ID.into(), pod_uid: UID.into(), build_id: Some(build_id("/bin/true")), fixed_build_id: None, path: path.map(String::from), pod_in_cgroup: false }
 }
 
 fn kinds(found: &Found) -> Vec<(i32, SkipKind)> {
@@ -36,6 +36,24 @@ fn every_skipped_process_says_why_in_a_kind() {
         vec![(11, SkipKind::OtherBuild), (12, SkipKind::NotRunning), (13, SkipKind::Unreadable), (15, SkipKind::OtherPath), (14, SkipKind::OtherPod)],
         "{found:?}"
     );
+}
+
+/// A process running the bundle's new build (the fixed image) is `Fixed`, not another build; at
+/// another path than the task's it is still `OtherPath`.
+#[test]
+fn the_fixed_build_is_its_own_kind() {
+    let tree = Tree::new();
+    let fixed = tree.rootfs("fixed", "/bin/false");
+    let cgroup = &layouts(ID, UID)[1].1;
+    tree.process(20, cgroup, &fixed.join("usr/local/bin/app"), &fixed);
+    let q = Query { fixed_build_id: Some(build_id("/bin/false")), ..query(Some("/usr/local/bin/app")) };
+    let found = tree.discovery().find(&q).unwrap();
+    assert!(found.targets.is_empty());
+    assert_eq!(kinds(&found), vec![(20, SkipKind::Fixed)]);
+    let elsewhere = Query { path: Some("/usr/bin/app".into()), ..q.clone() };
+    assert_eq!(kinds(&tree.discovery().find(&elsewhere).unwrap()), vec![(20, SkipKind::OtherPath)]);
+    // Without the bundle's new build id, the same process is another build.
+    assert_eq!(kinds(&tree.discovery().find(&query(Some("/usr/local/bin/app"))).unwrap()), vec![(20, SkipKind::OtherBuild)]);
 }
 
 /// Drop `CAP_DAC_OVERRIDE` and `CAP_DAC_READ_SEARCH` from the calling thread's effective set (as

@@ -68,7 +68,7 @@ pub(crate) fn build_id(path: &str) -> String {
 }
 
 fn query(build_id: Option<String>, path: Option<&str>) -> Query {
-    Query { container_id: ID.into(), pod_uid: UID.into(), build_id, path: path.map(String::from), pod_in_cgroup: false }
+    Query { container_id: ID.into(), pod_uid: UID.into(), build_id, fixed_build_id: None, path: path.map(String::from), pod_in_cgroup: false }
 }
 
 fn underscored(uid: &str) -> String {
@@ -497,6 +497,7 @@ fn real_processes_host_other_pod_and_pid_reuse() {
         container_id: id.clone(),
         pod_uid: uid.clone(),
         build_id: Some(build_id(exe.to_str().unwrap())),
+        fixed_build_id: None,
         path: Some(exe.to_str().unwrap().into()),
         pod_in_cgroup: true,
     };
