@@ -154,7 +154,9 @@ impl Gated {
     /// for a switch `way`. `before_after` gives what each entry holds now (checked) and what
     /// it gets after the switch. With `heartbeat`, the threads will run with the gates armed:
     /// the tool's heartbeat starts.
-    pub fn install(mem: &ProcMem, _stopped: &Stopped, h: &Header, way: Way, heartbeat: bool, before_after: &EntryBytes) -> Result<Gated> {
+    /// Entries at `deferred` are not led to their gates during the wait: they keep their bytes
+    /// until [`Gated::finish`] writes them (with every thread stopped).
+    pub fn install(mem: &ProcMem, _stopped: &Stopped, h: &Header, way: Way, heartbeat: bool, before_after: &EntryBytes, deferred: &[u64]) -> Result<Gated> {
         let pid = mem.pid();
         let mem = mem.try_clone()?;
         let mut g = Gated { pid, mem, control: h.control, way, entries: Vec::new(), ranges: h.gates.iter().map(|r| (r.at, r.at + r.len)).collect(), heartbeat: None, done: false, taken_back: false };
@@ -170,7 +172,9 @@ impl Gated {
             if now != before && now != gate_jump {
                 return Err(crate::jump::changed_under_us(&format!("the entry of `{}`", e.name), e.entry, &now, &before));
             }
-            g.mem.write(e.entry, &gate_jump)?;
+            if !deferred.contains(&e.entry) {
+                g.mem.write(e.entry, &gate_jump)?;
+            }
             g.entries.push(Led { name: e.name.clone(), at: e.entry, gate: gate_jump, before: now, after });
         }
         set(&g.mem, h.control, STATE_OFF, PARK)?;
@@ -181,6 +185,13 @@ impl Gated {
     /// commit word. Until [`Gated::finish`] the caller may still [`Gated::take_back`] (no
     /// thread has run since); a kill from here on leaves the switch made.
     pub fn switch(&mut self) -> Result<()> {
+        // Deferred entries lead to their gates now (no thread is in the old code): a kill
+        // after the commit leaves every entry going the same way.
+        for e in &self.entries {
+            if self.mem.read_vec(e.at, e.before.len())? == e.before {
+                self.mem.write(e.at, &e.gate)?;
+            }
+        }
         set(&self.mem, self.control, STATE_OFF, self.way.to())?;
         self.heartbeat = None;
         crate::fault::point("committed");

@@ -118,7 +118,7 @@ pub fn jump(target: &Target, mapped: Mapped, watched: Watched) -> Result<Switche
 /// gates back (no thread has run since the switch: the word goes back to the fallback).
 fn through_gates(target: &Target, mapped: &Mapped, stopped: &Stopped, switched: &[FrameSwitch], gated: &mut Option<Gated>) -> Result<()> {
     if gated.is_none() {
-        *gated = Some(Gated::install(&target.mem, stopped, &mapped.header, Way::Apply, false, &crate::watchpoint::apply_entry)?);
+        *gated = Some(Gated::install(&target.mem, stopped, &mapped.header, Way::Apply, false, &crate::watchpoint::apply_entry, &[])?);
     }
     let g = gated.as_mut().expect("installed above");
     // What a kill leaves from here to the switch: entries leading to gates that park threads

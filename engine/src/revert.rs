@@ -84,7 +84,7 @@ fn revert_newest(pid: i32, all: bool, strategy: Strategy, timeout: Duration, fra
     // Calls straight to the patch's code would pass the gates: through the entries again.
     let install = |s: &Stopped, heartbeat: bool| -> Result<Gated> {
         crate::jump::restore_calls(mem, &newest.header)?;
-        Gated::install(mem, s, &newest.header, Way::Revert, heartbeat, &revert_entry)
+        Gated::install(mem, s, &newest.header, Way::Revert, heartbeat, &revert_entry, &[])
     };
     let mut gate: Option<Gated> = None;
     let quiet = watchpoint::until_inactive(&view, strategy, &guarded, timeout, &mut |s| {

@@ -6,7 +6,7 @@
 //! the old entries to their gates ([`crate::gate`]), so a thread is stopped exactly when it is
 //! about to enter old code, and polls until the active frames have left.
 use crate::error::{Error, Result};
-use crate::process::{Mapping, ProcMem, Process};
+use crate::process::{Mapping, MemoryReader, ProcMem, Process};
 use crate::ptrace::Stopped;
 use crate::bundle::{Bundle, FunctionKind};
 use crate::gate::{Gated, Way};
@@ -72,6 +72,9 @@ pub struct Guarded {
     pub switch: BTreeMap<u64, Resume>,
     /// Return addresses where a frame cannot be switched, and why.
     pub stuck: BTreeMap<u64, String>,
+    /// Guarded code jumps to this entry (a tail call, or a loop back to the entry): a thread
+    /// standing on the entry may be in the middle of guarded code, so it counts as active.
+    pub entered_by_jump: bool,
 }
 
 /// Where a switched frame continues, and the registers it gets there.
@@ -90,11 +93,12 @@ impl Guarded {
     }
 
     /// Whether a frame at `pc` keeps this code active. Depth 0 executes `pc` (standing exactly
-    /// on the entry is not having entered); deeper frames return to `pc`, which lies after
-    /// their call, so a call at the very end of the code returns to `end`.
+    /// on the entry is not having entered, unless guarded code jumps there); deeper frames
+    /// return to `pc`, which lies after their call, so a call at the very end of the code
+    /// returns to `end`.
     pub fn holds(&self, pc: u64, depth: usize) -> bool {
         if depth == 0 {
-            pc >= self.start && pc < self.end && pc != self.start
+            pc >= self.start && pc < self.end && (pc != self.start || self.entered_by_jump)
         } else {
             pc > self.start && pc <= self.end && !self.switch.contains_key(&pc)
         }
@@ -108,6 +112,26 @@ impl Guarded {
         }
         // A scanned word is no frame: it cannot be switched.
         st.scanned.iter().find(|w| **w > self.start && **w <= self.end).map(|w| (*w, st.pcs.len()))
+    }
+}
+
+/// Mark the guarded code that guarded code jumps to (read from the target as it is now). A
+/// tail call from one changed function to another leaves no frame: the thread standing on the
+/// second one's entry carries arguments made by the first one's old code, so it must neither
+/// be switched there nor wait in that entry's gate for the new code.
+pub fn mark_jump_entered(mem: &ProcMem, guarded: &mut [Guarded]) {
+    let mut targets = std::collections::HashSet::new();
+    for g in guarded.iter() {
+        let len = g.end.saturating_sub(g.start);
+        if len == 0 || len > 1 << 20 {
+            continue;
+        }
+        if let Ok(code) = mem.read_vec(g.start, len as usize) {
+            targets.extend(crate::arch::x86_64::jump_targets(&code, g.start));
+        }
+    }
+    for g in guarded.iter_mut() {
+        g.entered_by_jump = targets.contains(&g.start);
     }
 }
 
@@ -218,6 +242,11 @@ pub fn watch(target: &Target, exe: &Executable, bundle: &Bundle, mapped: &Mapped
             }
         }
     }
+    mark_jump_entered(&target.mem, &mut guarded);
+    // Entries reached by a jump from the old code keep leading to it while the old code drains
+    // (a thread parked in their gate could not tell where it came from); they are switched with
+    // the others, every thread stopped.
+    let deferred: Vec<u64> = guarded.iter().filter(|g| g.entered_by_jump).map(|g| g.start).collect();
     // A thread in a gate that read the commit word before the switch, or on the old way out
     // of it, is about to run old code.
     guarded.extend(crate::gate::in_flight(header, true));
@@ -234,7 +263,7 @@ pub fn watch(target: &Target, exe: &Executable, bundle: &Bundle, mapped: &Mapped
             if find_activation(&view, s, &entry_bytes)?.is_err() {
                 return Ok(()); // at the next check
             }
-            gated = Some(Gated::install(&target.mem, s, header, Way::Apply, true, &apply_entry)?);
+            gated = Some(Gated::install(&target.mem, s, header, Way::Apply, true, &apply_entry, &deferred)?);
             // The tests wait for this line (LIVEPATCH_LOG=debug) before they interrupt a wait.
             tracing::debug!(entries = header.gates.len(), "gates armed");
             crate::fault::point("trap-armed");
@@ -327,3 +356,20 @@ pub mod frames;
 pub mod trap;
 
 pub use frames::{frames_to_switch, FrameSwitch, RegWrite};
+
+#[cfg(test)]
+mod tests {
+    use super::Guarded;
+
+    /// Standing on an entry is not being inside, unless guarded code jumps there (a tail call
+    /// from another changed function: that thread is in the middle of the old code).
+    #[test]
+    fn an_entry_reached_by_a_jump_is_inside() {
+        let mut g = Guarded::new("c6".into(), 0x1000, 0x1009);
+        assert!(!g.holds(0x1000, 0) && g.holds(0x1004, 0) && !g.holds(0x1009, 0));
+        g.entered_by_jump = true;
+        assert!(g.holds(0x1000, 0));
+        // A return address equal to the entry belongs to the code before it.
+        assert!(!g.holds(0x1000, 1));
+    }
+}

@@ -202,6 +202,27 @@ pub fn instruction_starts(code: &[u8], ip: u64) -> Result<Vec<u64>, DecodeError>
     Ok(out)
 }
 
+/// Targets of the direct jumps (unconditional and conditional, not calls) in `code` placed at
+/// `ip`: a tail call leaves no frame behind, so a thread standing on a function's entry may be
+/// in the middle of the code that jumped there. Undecodable bytes end the scan.
+pub fn jump_targets(code: &[u8], ip: u64) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut decoder = Decoder::with_ip(64, code, ip, DecoderOptions::NONE);
+    let mut insn = Instruction::default();
+    while decoder.can_decode() {
+        decoder.decode_out(&mut insn);
+        if insn.is_invalid() {
+            break;
+        }
+        if matches!(insn.flow_control(), FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch)
+            && matches!(insn.op0_kind(), OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64)
+        {
+            out.push(insn.near_branch_target());
+        }
+    }
+    out
+}
+
 /// Encode `jmp rel32` at `from` to `to`; `None` when out of reach.
 pub fn jmp_rel32(from: u64, to: u64) -> Option<[u8; JUMP_LEN]> {
     let rel = (to as i128) - (from as i128 + JUMP_LEN as i128);
@@ -376,6 +397,14 @@ pub fn is_padding(b: u8) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn jump_targets_are_jumps_not_calls() {
+        // add $1,%rdi; jmp rel8 -0x14; jne rel32; call rel32; jmp *%rax
+        let code = [0x48, 0x83, 0xc7, 0x01, 0xeb, 0xea, 0x0f, 0x85, 0x10, 0, 0, 0, 0xe8, 0x20, 0, 0, 0, 0xff, 0xe0];
+        let t = super::jump_targets(&code, 0x1850);
+        assert_eq!(t, vec![0x1840, 0x185c + 0x10]);
+    }
+
     use super::*;
 
     #[test]
