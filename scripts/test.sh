@@ -34,6 +34,8 @@ if [ $QUICK = 0 ]; then
     step containerd-smoke bash tests/cluster/containerd-smoke.sh
     step chart bash tests/e2e/chart.sh
     step e2e bash tests/e2e/e2e.sh
+    # A real node: kubelet + containerd CRI run the chart's pods from images built here.
+    step node python3 tests/node/run.py
 fi
 
 echo

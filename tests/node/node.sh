@@ -114,7 +114,7 @@ failSwapOn: false
 failCgroupV1: false
 localStorageCapacityIsolation: false
 containerRuntimeEndpoint: unix://$DIR/containerd/containerd.sock
-podLogsDirectory: $DIR/pod-logs
+podLogsDir: $DIR/pod-logs
 address: 127.0.0.1
 port: $port
 readOnlyPort: 0
@@ -234,6 +234,10 @@ print(*[x.getsockname()[1] for x in s])')"
         [ $SECONDS -lt $deadline ] || fail "node $NODE_NAME not Ready in time: $("${k[@]}" get node "$NODE_NAME" -o jsonpath='{.status.conditions}' 2>&1)"
         sleep 0.5
     done
+    # A misspelt setting is only logged by the kubelet: stop on it.
+    if grep -q "strict decoding error" "$DIR/kubelet.log"; then
+        fail "the kubelet ignored settings of $DIR/kubelet/config.yaml: $(grep -o 'strict decoding error.*' "$DIR/kubelet.log" | head -1)"
+    fi
     # The namespace "default" has its service account once the controller-manager runs.
     until "${k[@]}" -n default get serviceaccount default >/dev/null 2>&1; do
         [ $SECONDS -lt $deadline ] || fail "no default service account (controller-manager)"

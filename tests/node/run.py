@@ -13,8 +13,11 @@ Scenarios, in order (each needs the previous ones):
                  both pods patched, their own logs continue the counter with v2's output
   crash          a target container killed: the kubelet restarts it on v1, the patch is
                  re-applied to the new process without anyone asking
+  probe          a failing liveness probe: the kubelet restarts the container, re-patched
   agent-restart  the agent pod deleted while a new pod waits to be patched: the DaemonSet's new
                  agent pod patches it
+  drain          kubectl drain evicts the targets and the operator; after uncordon the new pods
+                 are patched
   rollout        the Deployment rolled to the fixed image (v2): its new pods run the fixed build
                  and count as patched (UpToDate), not Failed/BuildIDMismatch
   revert         deleting the LivePatch reverts the patched pods
@@ -238,7 +241,13 @@ class Test:
             json.dump(values, f)  # JSON is YAML
         run([HELM, "install", "livepatch", os.path.join(ROOT, "charts", "livepatch"), "-n", RELEASE_NS,
              "--kubeconfig", self.node.env["KUBECONFIG"], "-f", vf, "--wait", "--timeout", "180s"], timeout=240)
-        pods = self.node.pods(RELEASE_NS, "app.kubernetes.io/instance=livepatch")
+        # helm --wait may return before the DaemonSet controller made its pod: wait for both.
+        def up():
+            ps = self.node.pods(RELEASE_NS, "app.kubernetes.io/instance=livepatch")
+            ready = [p for p in ps if p["status"].get("phase") == "Running"
+                     and all(c.get("ready") for c in p["status"].get("containerStatuses") or [{}])]
+            return ps if len(ps) == 2 and len(ready) == 2 else None
+        pods = wait_until("the operator and agent pods Running and Ready", up, timeout=120)
         comps = sorted(p["metadata"]["labels"].get("app.kubernetes.io/component", "?") for p in pods)
         images = sorted({c["image"] for p in pods for c in p["spec"]["containers"]})
         if comps != ["agent", "operator"]:
@@ -316,6 +325,50 @@ class Test:
         newpid = host_pid(p["status"]["containerStatuses"][0]["containerID"])
         return f"{name} killed (pid {pid}), restarted by the kubelet (pid {newpid}), re-patched: {lines[0]!r}"
 
+    def s_probe(self):
+        """A liveness probe that fails (nothing listens on its port): the kubelet restarts the container, the patch follows."""
+        k = self.node.kubectl
+        probe = {"spec": {"template": {"spec": {"containers": [{"name": "app", "livenessProbe": {
+            "tcpSocket": {"port": 8080}, "initialDelaySeconds": 3, "periodSeconds": 2, "failureThreshold": 1}}]}}}}
+        k("-n", APP_NS, "patch", "deployment/greeter", "--type=strategic", "-p", json.dumps(probe))
+        k("-n", APP_NS, "rollout", "status", "deployment/greeter", "--timeout=120s", timeout=150)
+
+        def restarted():
+            ps = [p for p in self.node.pods(APP_NS, "app=greeter") if not p["metadata"].get("deletionTimestamp")]
+            done = [p for p in ps if (p["status"].get("containerStatuses") or [{}])[0].get("restartCount", 0) >= 1
+                    and (p["status"].get("containerStatuses") or [{}])[0].get("state", {}).get("running")]
+            return done[0] if done else None
+        p = wait_until("a container restarted by its failing liveness probe", restarted, timeout=90)
+        reason = ((p["status"]["containerStatuses"][0].get("lastState") or {}).get("terminated") or {}).get("reason")
+        lines = self.wait_output(p, "v2 hello", count=2, timeout=60)
+        # Take the probe out again (a rollout: new pods, patched on start).
+        k("-n", APP_NS, "patch", "deployment/greeter", "--type=json", "-p",
+          json.dumps([{"op": "remove", "path": "/spec/template/spec/containers/0/livenessProbe"}]))
+        k("-n", APP_NS, "rollout", "status", "deployment/greeter", "--timeout=120s", timeout=150)
+        self.wait_lp("greeter-fix", lambda st: st.get("phase") == "Applied" and (st.get("counts") or {}).get("patched") == 2, timeout=120)
+        return f"{p['metadata']['name']} restarted by the kubelet (last state {reason}), re-patched: {lines[0]!r}"
+
+    def s_drain(self):
+        """`kubectl drain` evicts the targets (and the operator); uncordon brings them back, patched."""
+        k = self.node.kubectl
+        node = self.node.env["NODE_NAME"]
+        before = {p["metadata"]["uid"] for p in self.running_pods("app=greeter", 3)}
+        operator = {p["metadata"]["uid"] for p in self.node.pods(RELEASE_NS, "app.kubernetes.io/component=operator")}
+        k("drain", node, "--ignore-daemonsets", "--delete-emptydir-data", "--timeout=120s", timeout=150)
+        wait_until("the drained targets gone", lambda: not [p for p in self.node.pods(APP_NS, "app=greeter")
+                                                            if p["status"].get("phase") == "Running"], timeout=90)
+        k("uncordon", node)
+        pods = self.running_pods("app=greeter", 3)
+        if {p["metadata"]["uid"] for p in pods} & before:
+            raise Fail("a target pod survived the drain")
+        now = {p["metadata"]["uid"] for p in self.node.pods(RELEASE_NS, "app.kubernetes.io/component=operator")}
+        if not now or now & operator:
+            raise Fail(f"the operator pod was not evicted and recreated: {operator} -> {now}")
+        self.wait_lp("greeter-fix", lambda st: st.get("phase") == "Applied" and (st.get("counts") or {}).get("patched") == 3, timeout=180)
+        for p in pods:
+            self.wait_output(p, "v2 hello", count=2)
+        return "drained (targets and operator evicted), uncordoned: 3 new pods patched"
+
     def s_agent_restart(self):
         k = self.node.kubectl
         agent = [p for p in self.node.pods(RELEASE_NS, "app.kubernetes.io/component=agent")][0]
@@ -382,7 +435,7 @@ class Test:
             log(f"work directory kept: {self.work}")
 
 
-SCENARIOS = ["install", "apply", "crash", "agent_restart", "rollout", "revert"]
+SCENARIOS = ["install", "apply", "crash", "probe", "agent_restart", "drain", "rollout", "revert"]
 
 
 def main():
