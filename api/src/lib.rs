@@ -48,6 +48,14 @@ pub const FINALIZER: &str = "livepatch.dev/revert";
 pub const FORCE_RELEASE_ANNOTATION: &str = "livepatch.dev/force-release";
 /// Label the node agent puts on a pod that needs an ordinary (offline) restart to get the fix.
 pub const RESTART_REQUIRED_LABEL: &str = "livepatch.dev/restart-required";
+/// Pod label: `enabled` asks the operator's admission webhook for an agent sidecar in the pod
+/// (sidecar mode, for clusters that forbid `hostPID`).
+pub const SIDECAR_LABEL: &str = "livepatch.dev/sidecar";
+/// Pod label set by the webhook: `sidecar` when the pod carries its own agent, so node agents
+/// leave its tasks to it.
+pub const AGENT_LABEL: &str = "livepatch.dev/agent";
+/// Name of the injected sidecar container.
+pub const SIDECAR_CONTAINER: &str = "livepatch-agent";
 
 /// Default of `spec.safety.timeoutSeconds`.
 pub const DEFAULT_TIMEOUT_SECONDS: i32 = 30;

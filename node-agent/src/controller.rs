@@ -37,7 +37,7 @@ use kube::{
     Client, ResourceExt,
 };
 use livepatch::{apply, bundle::Bundle};
-use livepatch_api::{LivePatchTask, LivePatchTaskStatus, Reason, TargetPhase, TaskAction, NODE_LABEL, RESTART_REQUIRED_LABEL};
+use livepatch_api::{LivePatchTask, LivePatchTaskStatus, Reason, TargetPhase, TaskAction, AGENT_LABEL, NODE_LABEL, RESTART_REQUIRED_LABEL};
 use serde_json::json;
 use tokio::{sync::Semaphore, task::JoinSet};
 use tracing::{debug, info, instrument, warn};
@@ -94,6 +94,8 @@ pub struct Context {
     pub backoff: Duration,
     /// Per task: the content (generation, container id) last worked on, and when to look again.
     schedule: Mutex<HashMap<(String, String), Scheduled>>,
+    /// Which tasks this agent acts on (node agent or sidecar).
+    pub scope: Scope,
 }
 
 #[derive(Clone, Debug)]
@@ -102,6 +104,42 @@ struct Scheduled {
     container_id: String,
     action: TaskAction,
     at: Instant,
+}
+
+/// Which tasks an agent acts on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Scope {
+    /// The node agent (DaemonSet, `hostPID`): every task of its node, except those of pods that
+    /// carry their own agent (label `livepatch.dev/agent=sidecar`).
+    #[default]
+    Node,
+    /// A sidecar agent: only the tasks of its own pod, read in its namespace (it sees nothing
+    /// but its pod's processes: the pod's shared PID namespace).
+    Pod { namespace: String, uid: String },
+}
+
+impl Scope {
+    fn tasks(&self, client: Client) -> Api<LivePatchTask> {
+        match self {
+            Scope::Node => Api::all(client),
+            Scope::Pod { namespace, .. } => Api::namespaced(client, namespace),
+        }
+    }
+
+    fn pods(&self, client: Client) -> Api<Pod> {
+        match self {
+            Scope::Node => Api::all(client),
+            Scope::Pod { namespace, .. } => Api::namespaced(client, namespace),
+        }
+    }
+
+    /// Whether this agent acts on `task` of `pod` (None: gone).
+    fn owns(&self, task: &LivePatchTask, pod: Option<&Pod>) -> bool {
+        match self {
+            Scope::Node => pod.is_none_or(|p| p.labels().get(AGENT_LABEL).map(String::as_str) != Some("sidecar")),
+            Scope::Pod { uid, .. } => task.spec.pod_uid == *uid,
+        }
+    }
 }
 
 impl Context {
@@ -119,6 +157,7 @@ impl Context {
             resync: Duration::from_secs(300),
             backoff: Duration::from_secs(5),
             schedule: Mutex::new(HashMap::new()),
+            scope: Scope::Node,
         }
     }
 
@@ -273,8 +312,17 @@ pub async fn reconcile(task: Arc<LivePatchTask>, ctx: Arc<Context>) -> Result<Ac
     if let Some(left) = ctx.not_yet(&task) {
         return Ok(Action::requeue(left));
     }
+    if let Scope::Pod { uid, .. } = &ctx.scope {
+        if task.spec.pod_uid != *uid {
+            return Ok(Action::await_change());
+        }
+    }
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let pod = pods.get_opt(&task.spec.pod_name).await?;
+    if !ctx.scope.owns(&task, pod.as_ref()) {
+        debug!(pod = %task.spec.pod_name, "the pod carries its own agent: its sidecar acts on the task");
+        return Ok(Action::await_change());
+    }
     let work = Work::new(&task, &ctx, &ns);
     match (task.spec.action, check_pod(&task, pod, &ctx.node)) {
         (_, PodCheck::Elsewhere(msg)) => {
@@ -611,9 +659,9 @@ where
 /// The controller of this node's tasks; its `store()` is the cache for [`Context::tasks`]. The
 /// cache follows every change of the tasks (statuses included); only [`reconcile_triggers`]
 /// reach the reconciler.
-pub fn task_controller(client: Client, node: &str) -> Controller<LivePatchTask> {
+pub fn task_controller(client: Client, node: &str, scope: &Scope) -> Controller<LivePatchTask> {
     let (store, writer) = reflector::store();
-    let tasks = reflector::reflector(writer, watcher::watcher(Api::all(client), task_watch_config(node))).applied_objects();
+    let tasks = reflector::reflector(writer, watcher::watcher(scope.tasks(client), task_watch_config(node))).applied_objects();
     Controller::for_stream(reconcile_triggers(tasks), store)
 }
 
@@ -627,7 +675,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let node = ctx.node.clone();
-    let pods_api: Api<Pod> = Api::all(ctx.client.clone());
+    let pods_api: Api<Pod> = ctx.scope.pods(ctx.client.clone());
     let store = controller.store();
     let waiting = store.clone();
     tokio::spawn(async move {

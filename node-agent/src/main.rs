@@ -78,6 +78,15 @@ struct Args {
     log_format: LogFormat,
 
     /// Run even when a start-up check fails (the failures are logged).
+    /// Sidecar mode: act only on the tasks of this agent's own pod (`POD_NAMESPACE`, `POD_UID`),
+    /// reading its namespace only; the pod shares its PID namespace (no `hostPID`).
+    #[arg(long, env = "LIVEPATCH_SIDECAR", default_value_t = false)]
+    sidecar: bool,
+    #[arg(long, env = "POD_NAMESPACE", required_if_eq("sidecar", "true"))]
+    pod_namespace: Option<String>,
+    #[arg(long, env = "POD_UID", required_if_eq("sidecar", "true"))]
+    pod_uid: Option<String>,
+
     #[arg(long, env = "LIVEPATCH_SKIP_PREFLIGHT", default_value_t = false)]
     skip_preflight: bool,
 }
@@ -111,7 +120,15 @@ async fn run(args: Args, signatures: fetch::Signatures) -> anyhow::Result<()> {
     fetcher.max_bytes = args.bundle_max_bytes;
     fetcher.url_timeout = Duration::from_secs(args.bundle_url_timeout_seconds);
     fetcher.signatures = signatures;
-    let task_controller = controller::task_controller(client.clone(), &args.node_name);
+    let scope = match (args.sidecar, args.pod_namespace.clone(), args.pod_uid.clone()) {
+        (true, Some(namespace), Some(uid)) => {
+            info!(%namespace, %uid, "sidecar mode: this pod's tasks only");
+            controller::Scope::Pod { namespace, uid }
+        }
+        (true, _, _) => anyhow::bail!("--sidecar needs POD_NAMESPACE and POD_UID (the webhook sets them from the downward API)"),
+        (false, _, _) => controller::Scope::Node,
+    };
+    let task_controller = controller::task_controller(client.clone(), &args.node_name, &scope);
     let store = task_controller.store();
     let mut ctx = Context::new(
         client,
@@ -126,6 +143,7 @@ async fn run(args: Args, signatures: fetch::Signatures) -> anyhow::Result<()> {
     ctx.max_attempts = args.max_attempts.max(1);
     ctx.backoff = Duration::from_secs(args.retry_seconds.max(1));
     ctx.resync = Duration::from_secs(args.resync_seconds.max(10));
+    ctx.scope = scope;
     let ctx = Arc::new(ctx);
     // The task gauges are counted from the watch cache at each scrape.
     let (scrape_store, scrape_metrics) = (store.clone(), metrics.clone());

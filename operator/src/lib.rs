@@ -14,3 +14,4 @@ pub mod leader;
 pub mod metrics;
 pub mod plan;
 pub mod pods;
+pub mod webhook;

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use clap::{Parser, Subcommand};
 use livepatch_operator::{
     controller::{self, Context},
-    crdgen, leader,
+    crdgen, leader, webhook,
     metrics::Metrics,
 };
 use livepatch_runtime::{telemetry, Endpoints, Health, LogFormat, Server, Shutdown};
@@ -69,6 +69,26 @@ struct RunArgs {
     /// Re-reconcile every LivePatch at least this often (seconds).
     #[arg(long, env = "LIVEPATCH_RESYNC_SECONDS", default_value_t = 300)]
     resync_seconds: u64,
+
+    /// Sidecar mode: serve the admission webhook that injects an agent into pods labelled
+    /// `livepatch.dev/sidecar=enabled`, on this address (HTTPS; every replica serves it).
+    #[arg(long, env = "LIVEPATCH_WEBHOOK_ADDR", requires_all = ["webhook_cert_dir", "sidecar_image"])]
+    webhook_addr: Option<SocketAddr>,
+    /// Directory with the webhook's `tls.crt` and `tls.key`.
+    #[arg(long, env = "LIVEPATCH_WEBHOOK_CERT_DIR")]
+    webhook_cert_dir: Option<std::path::PathBuf>,
+    /// Image of the injected agent (the chart's image).
+    #[arg(long, env = "LIVEPATCH_SIDECAR_IMAGE")]
+    sidecar_image: Option<String>,
+    #[arg(long, env = "LIVEPATCH_SIDECAR_PULL_POLICY", default_value = "IfNotPresent")]
+    sidecar_pull_policy: String,
+    /// Extra environment of the injected agent, `NAME=VALUE` (repeatable).
+    #[arg(long = "sidecar-env", value_parser = name_value)]
+    sidecar_env: Vec<(String, String)>,
+}
+
+fn name_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).filter(|(k, _)| !k.is_empty()).ok_or_else(|| format!("{s:?}: want NAME=VALUE"))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -100,6 +120,25 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let scrape = metrics.clone();
     let server = Server::spawn(args.metrics_addr, Endpoints::new(health.clone(), move || scrape.encode()), &shutdown);
 
+    let webhook = match (&args.webhook_addr, &args.webhook_cert_dir, &args.sidecar_image) {
+        (Some(addr), Some(dir), Some(image)) => {
+            let cfg = webhook::Serve { addr: *addr, cert: dir.join("tls.crt"), key: dir.join("tls.key") };
+            let sidecar = webhook::Sidecar { image: image.clone(), pull_policy: args.sidecar_pull_policy.clone(), env: args.sidecar_env.clone() };
+            let (stop, down) = (shutdown.requested(), shutdown.clone());
+            Some(tokio::spawn(async move {
+                let r = webhook::serve(cfg, sidecar, stop).await;
+                if let Err(e) = &r {
+                    // Without its webhook the operator is not what the chart installed: stop, so
+                    // the pod restarts and its status shows it.
+                    error!(error = %format!("{e:#}"), "sidecar webhook failed; stopping");
+                    down.request();
+                }
+                r
+            }))
+        }
+        _ => None,
+    };
+
     let mut ctx = Context::new(client.clone(), metrics.clone(), &identity);
     ctx.resync = Duration::from_secs(args.resync_seconds);
     let ctx = Arc::new(ctx);
@@ -130,5 +169,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // The controller may have ended by itself (an error): stop the server too.
     shutdown.request();
     server.join().await;
+    if let Some(w) = webhook {
+        if let Ok(Err(e)) = w.await {
+            return Err(e.context("sidecar webhook"));
+        }
+    }
     result
 }

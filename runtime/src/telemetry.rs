@@ -19,6 +19,7 @@ pub fn init(format: LogFormat) {
         LogFormat::Json => registry
             .with(fmt::layer().json().flatten_event(true).with_current_span(true).with_span_list(false))
             .init(),
-        LogFormat::Text => registry.with(fmt::layer()).init(),
+        // Colours only on a terminal: a container's log file would keep the escape codes.
+        LogFormat::Text => registry.with(fmt::layer().with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))).init(),
     }
 }

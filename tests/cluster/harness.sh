@@ -231,7 +231,8 @@ EOF
     # admission plugin can mount their tokens. Without one, loopback only and no such plugin.
     local bind=127.0.0.1 advertise=127.0.0.1 admission=(--disable-admission-plugins ServiceAccount)
     if [ -n "${HARNESS_NODE_IP:-}" ]; then
-        bind=0.0.0.0 advertise="$HARNESS_NODE_IP" admission=()
+        # No kube-proxy: the API server reaches webhooks at their endpoints, not the Service IP.
+        bind=0.0.0.0 advertise="$HARNESS_NODE_IP" admission=(--enable-aggregator-routing=true)
     fi
     say "starting kube-apiserver $("$bin/kube-apiserver" --version | awk '{print $2}') on $url"
     setsid "$bin/kube-apiserver" \

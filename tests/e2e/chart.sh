@@ -53,13 +53,14 @@ render() {  # render NAME ARGS...
     local name="$1"; shift
     "$HELM" template livepatch "$CHART" --namespace "$NS" --include-crds --kube-version 1.34.0 "$@" >"$WORK/$name.yaml"
 }
-for variant in default custom e2e watch; do
+for variant in default custom e2e watch sidecar; do
     case $variant in
         default) args=() ;;
         custom) args=(-f "$E2E/values-custom.yaml") ;;
         e2e) args=(-f "$E2E/values-e2e.yaml") ;;
         watch) args=(--set operator.watchNamespace=shop --set operator.replicas=1 --set operator.leaderElection.enabled=false
                      --set agent.rbac.readSecrets=false) ;;
+        sidecar) args=(--set sidecar.webhook.enabled=true --set-json 'sidecar.serviceAccounts=[{"namespace":"shop","name":"default"}]') ;;
     esac
     run "helm template ($variant values)" render "$variant" "${args[@]}"
     [ -s "$WORK/$variant.yaml" ] || continue

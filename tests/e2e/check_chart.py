@@ -98,7 +98,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("rendered")
     ap.add_argument("--namespace", default="livepatch-system")
-    ap.add_argument("--values", choices=["default", "custom", "watch"], default="default",
+    ap.add_argument("--values", choices=["default", "custom", "watch", "sidecar"], default="default",
                     help="which values rendered it: default (or e2e), custom (values-custom.yaml), watch (watchNamespace=shop, 1 replica, no Secrets)")
     a = ap.parse_args()
 
@@ -196,7 +196,7 @@ def main():
     check(bool(port), "metrics port")
     check((c.get("livenessProbe") or {}).get("httpGet", {}).get("path") == "/healthz", "liveness /healthz")
     check((c.get("readinessProbe") or {}).get("httpGet", {}).get("path") == "/readyz", "readiness /readyz")
-    if a.values == "default":
+    if a.values in ("default", "sidecar"):
         check(dep["spec"]["replicas"] == 2, "2 replicas")
         check("--leader-election=true" in args and "--lease-namespace=$(POD_NAMESPACE)" in args, "leader election on, lease in own namespace")
         check(bool(by_kind.get("PodDisruptionBudget")), "PodDisruptionBudget for 2 replicas")
@@ -228,6 +228,11 @@ def main():
     check(not any(t[1] in ("secrets",) for t in triples(op_cr[0]["rules"])), "operator never reads secrets")
     for b in by_kind.get("ClusterRoleBinding", []) + by_kind.get("RoleBinding", []):
         subj = b["subjects"]
+        if b["roleRef"]["name"].endswith("-sidecar"):
+            # Sidecar mode: an application's service account, in its own namespace only.
+            check(b["kind"] == "RoleBinding" and len(subj) == 1 and subj[0]["kind"] == "ServiceAccount"
+                  and subj[0]["namespace"] == b["metadata"]["namespace"], f"RoleBinding/{b['metadata']['name']}: one ServiceAccount of its namespace")
+            continue
         check(len(subj) == 1 and subj[0]["kind"] == "ServiceAccount" and subj[0]["namespace"] == ns,
               f"{b['kind']}/{b['metadata']['name']}: bound to one ServiceAccount of {ns}")
 
@@ -258,6 +263,27 @@ def main():
               "AppArmor profile from values")
     else:
         check("ConfigMap" not in by_kind, "no trusted keys ConfigMap without keys")
+
+    webhooks = by_kind.get("MutatingWebhookConfiguration", [])
+    if a.values == "sidecar":
+        print("sidecar mode:")
+        check(len(webhooks) == 1, "one MutatingWebhookConfiguration")
+        (wh,) = webhooks[0]["webhooks"]
+        check(wh["objectSelector"] == {"matchLabels": {"livepatch.dev/sidecar": "enabled"}}, "webhook sees opted-in pods only")
+        check(wh["rules"] == [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"], "scope": "Namespaced"}],
+              "webhook on pod creation only")
+        check(wh["failurePolicy"] == "Fail" and wh["sideEffects"] == "None" and len(wh["clientConfig"].get("caBundle", "")) > 100,
+              "fails closed, no side effects, CA bundle from the chart's certificate")
+        args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+        check(any(x.startswith("--webhook-addr=") for x in args) and any(x.startswith("--sidecar-image=") for x in args), "operator serves the webhook")
+        mounts = dep["spec"]["template"]["spec"]["containers"][0].get("volumeMounts") or []
+        check([m.get("readOnly") for m in mounts] == [True], "webhook certificate mounted read-only")
+        (scr,) = [r for (k, n), r in roles.items() if k == "ClusterRole" and n.endswith("-sidecar")]
+        got = triples(scr["rules"])
+        check(got == AGENT_RULES, f"sidecar ClusterRole exactly the agent's contract (extra {sorted(got - AGENT_RULES)})")
+        check(any(b["roleRef"]["name"].endswith("-sidecar") for b in by_kind.get("RoleBinding", [])), "sidecar RoleBinding rendered")
+    else:
+        check(not webhooks, "no webhook unless sidecar mode is on")
 
     if FAILED:
         print(f"{len(FAILED)} check(s) failed:", *FAILED, sep="\n  ")

@@ -20,6 +20,8 @@ Scenarios, in order (each needs the previous ones):
                  are patched
   rollout        the Deployment rolled to the fixed image (v2): its new pods run the fixed build
                  and count as patched (UpToDate), not Failed/BuildIDMismatch
+  sidecar        sidecar mode: the webhook injects an agent into an opted-in pod, which patches
+                 its own pod only (its PID namespace holds nothing else) and reverts on delete
   revert         deleting the LivePatch reverts the patched pods
 
 Usage: tests/node/run.py [--keep] [--only NAME...]   (prints "N passed, M failed" last)
@@ -49,9 +51,13 @@ CFLAGS = ["-g", "-O2", "-fstack-protector-strong", "-D_FORTIFY_SOURCE=2", "-fPIE
           "-Wl,-z,relro,-z,now", "-Wl,--build-id"]
 RELEASE_NS = "livepatch-system"
 APP_NS = "shop"
+SOLO_NS = "solo"  # pods with their own agent (sidecar mode)
 TARGET_PATH = "/app/greeter"
 LP = "livepatches.livepatch.dev"
 LPT = "livepatchtasks.livepatch.dev"
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class Fail(Exception):
@@ -130,12 +136,19 @@ class Node:
             f = os.path.join(d, f"{restart}.log")
         try:
             with open(f, errors="replace") as fh:
-                return [line.split(" ", 3)[3].rstrip("\n") for line in fh if line.count(" ") >= 3]
+                return [ANSI.sub("", line.split(" ", 3)[3].rstrip("\n")) for line in fh if line.count(" ") >= 3]
         except FileNotFoundError:
             return []
 
 
-def host_pid(container_id):
+def safe_readlink(path):
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
+
+
+def host_pid(container_id, exe_name="greeter"):
     """The host PID of a container's process, from the cgroups the kubelet's CRI made."""
     cid = container_id.split("://", 1)[-1]
     for d in os.listdir("/proc"):
@@ -147,7 +160,7 @@ def host_pid(container_id):
             exe = os.readlink(f"/proc/{d}/exe")
         except OSError:
             continue
-        if cid in cg and exe.endswith("greeter"):
+        if cid in cg and exe.endswith(exe_name):
             return int(d)
     return None
 
@@ -213,10 +226,10 @@ class Test:
             return ready if len(ready) == n and len(pods) == n else None
         return wait_until(f"{n} running pods {selector}", ok, timeout=120)
 
-    def wait_output(self, pod, prefix, count=3, after=None, timeout=60):
+    def wait_output(self, pod, prefix, count=3, after=None, timeout=60, namespace=APP_NS):
         """`count` lines starting with `prefix` in the pod's current container log (after line `after`)."""
         def ok():
-            p = self.node.get("pod", pod["metadata"]["name"], APP_NS)
+            p = self.node.get("pod", pod["metadata"]["name"], namespace)
             lines = self.node.container_log(p, "app")
             if after is not None:
                 lines = lines[after:]
@@ -228,6 +241,7 @@ class Test:
     def s_install(self):
         k = self.node.kubectl
         k("create", "namespace", RELEASE_NS)
+        k("create", "namespace", SOLO_NS)  # sidecar mode: its service account is bound by the chart
         k("label", "namespace", RELEASE_NS, "pod-security.kubernetes.io/enforce=privileged")
         api = [{"name": "KUBERNETES_SERVICE_HOST", "value": self.node.env["NODE_IP"]},
                {"name": "KUBERNETES_SERVICE_PORT", "value": self.node.env["APISERVER_PORT"]}]
@@ -235,6 +249,8 @@ class Test:
             "image": {"repository": "livepatch", "tag": self.image_tag, "pullPolicy": "Never"},
             "operator": {"replicas": 1, "extraEnv": api, "leaderElection": {"enabled": False}},
             "agent": {"extraEnv": api},
+            "sidecar": {"webhook": {"enabled": True}, "extraEnv": api,
+                        "serviceAccounts": [{"namespace": SOLO_NS, "name": "default"}]},
         }
         vf = os.path.join(self.work, "values-node.yaml")
         with open(vf, "w") as f:
@@ -404,6 +420,79 @@ class Test:
             raise Fail(f"the tasks of the fixed pods do not say UpToDate: {reasons}")
         return f"rolled to the fixed image: {o['status']['counts']}, task reasons {reasons}"
 
+    def s_sidecar(self):
+        """Sidecar mode: the webhook injects an agent into an opted-in pod; that agent patches its
+        own pod (the node agent leaves it alone) and shares a PID namespace with it only."""
+        k = self.node.kubectl
+        dep = self.deployment("v1", replicas=1)
+        dep["metadata"] = {"name": "solo", "namespace": SOLO_NS}
+        dep["spec"]["selector"]["matchLabels"] = {"app": "solo"}
+        dep["spec"]["template"]["metadata"]["labels"] = {"app": "solo", "livepatch.dev/sidecar": "enabled"}
+        k("apply", "-f", "-", input=json.dumps(dep))
+
+        def running():
+            ps = [p for p in self.node.pods(SOLO_NS, "app=solo") if p["status"].get("phase") == "Running"
+                  and all(c.get("ready") for c in p["status"].get("containerStatuses") or [{}])]
+            return ps[0] if ps else None
+        pod = wait_until("the opted-in pod running", running, timeout=120)
+        spec = pod["spec"]
+        init = [c for c in spec.get("initContainers") or [] if c["name"] == "livepatch-agent"]
+        if not (init and init[0].get("restartPolicy") == "Always" and spec.get("shareProcessNamespace") is True
+                and pod["metadata"]["labels"].get("livepatch.dev/agent") == "sidecar"):
+            raise Fail(f"the webhook did not inject the sidecar: init {init}, shareProcessNamespace {spec.get('shareProcessNamespace')}")
+        caps = init[0]["securityContext"]["capabilities"]
+        if caps != {"drop": ["ALL"], "add": ["SYS_PTRACE"]} or spec.get("hostPID"):
+            raise Fail(f"the sidecar's privileges: {caps}, hostPID {spec.get('hostPID')}")
+        # Isolation: the agent's PID namespace holds exactly this pod's processes.
+        statuses = {c["name"]: c for c in pod["status"].get("initContainerStatuses", []) + pod["status"]["containerStatuses"]}
+        agent_pid, app_pid = host_pid(statuses["livepatch-agent"]["containerID"], "node-agent"), host_pid(statuses["app"]["containerID"])
+        other = self.node.pods(RELEASE_NS, "app.kubernetes.io/component=operator")[0]
+        other_pid = host_pid(other["status"]["containerStatuses"][0]["containerID"], "livepatch-operator")
+        ns = lambda pid: os.readlink(f"/proc/{pid}/ns/pid")
+        if not agent_pid or ns(agent_pid) != ns(app_pid) or ns(agent_pid) == ns(other_pid):
+            raise Fail(f"PID namespaces: agent {agent_pid}, app {app_pid}, another pod's {other_pid}")
+        members = sorted(os.readlink(f"/proc/{d}/exe").rsplit("/", 1)[-1] for d in os.listdir("/proc") if d.isdigit()
+                         and os.path.exists(f"/proc/{d}/ns/pid") and safe_readlink(f"/proc/{d}/ns/pid") == ns(agent_pid))
+        if members != sorted(["greeter", "node-agent", "pause"]):
+            raise Fail(f"the agent's PID namespace holds {members}")
+        self.wait_output(pod, "v1 hello", count=2, namespace=SOLO_NS)
+        out = os.path.join(self.work, "bundles", "solo-fix.lpatch")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        info = json.loads(self.livepatch("build", "--old", self.exe["v1"], "--new", self.exe["v2"], "-o", out,
+                                         "--emit-manifest", "--namespace", SOLO_NS, "--selector", "app=solo",
+                                         "--container", "app", "--json").stdout)
+        mark = len(self.node.container_log(pod, "app"))
+        k("apply", "-f", info["manifest"])
+
+        def applied():
+            o = self.node.get(LP, "solo-fix", SOLO_NS)
+            st = o.get("status") or {}
+            return o if st.get("phase") == "Applied" and (st.get("counts") or {}).get("patched") == 1 else None
+        wait_until("LivePatch solo-fix Applied", applied, timeout=120)
+        self.wait_output(pod, "v2 hello", count=3, after=mark, namespace=SOLO_NS)
+        # The sidecar wrote the task's status; the node agent never did (its reconciles are logged
+        # with the task's namespace).
+        wrote = lambda lines: [l for l in lines if f"namespace={SOLO_NS}" in l and "task status" in l]
+        sidecar_lines = wrote(self.node.container_log(self.node.get("pod", pod["metadata"]["name"], SOLO_NS), "livepatch-agent"))
+        if not any(info["patch_id"] in l and "Applied" in l for l in sidecar_lines):
+            raise Fail(f"the sidecar did not report the patch applied: {sidecar_lines[-5:]}")
+        node_agent = self.node.pods(RELEASE_NS, "app.kubernetes.io/component=agent")[0]
+        if wrote(self.node.container_log(node_agent, "agent")):
+            raise Fail(f"the node agent acted on the sidecar's pod: {wrote(self.node.container_log(node_agent, 'agent'))[:3]}")
+        # The application restarts: its sidecar re-applies the patch to the new process.
+        os.kill(host_pid(pod["status"]["containerStatuses"][0]["containerID"]), signal.SIGKILL)
+
+        def restarted():
+            p = self.node.get("pod", pod["metadata"]["name"], SOLO_NS)
+            c = p["status"]["containerStatuses"][0]
+            return p if c.get("restartCount", 0) >= 1 and c.get("state", {}).get("running") else None
+        pod = wait_until("the opted-in pod's application restarted", restarted, timeout=90)
+        self.wait_output(pod, "v2 hello", count=3, namespace=SOLO_NS, timeout=90)
+        k("-n", SOLO_NS, "delete", LP, "solo-fix", "--timeout=120s", timeout=150)
+        self.wait_output(pod, "v1 hello", count=3, namespace=SOLO_NS,
+                         after=len(self.node.container_log(self.node.get("pod", pod["metadata"]["name"], SOLO_NS), "app")))
+        return f"sidecar injected (SYS_PTRACE only, shared PID namespace of {members}), patched its pod to v2, re-patched it after a crash, reverted it"
+
     def s_revert(self):
         pods = self.running_pods("app=greeter", 3)
         k = self.node.kubectl
@@ -435,7 +524,7 @@ class Test:
             log(f"work directory kept: {self.work}")
 
 
-SCENARIOS = ["install", "apply", "crash", "probe", "agent_restart", "drain", "rollout", "revert"]
+SCENARIOS = ["install", "apply", "crash", "probe", "agent_restart", "drain", "rollout", "sidecar", "revert"]
 
 
 def main():

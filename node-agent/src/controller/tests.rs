@@ -867,3 +867,20 @@ async fn a_container_running_another_build_is_a_build_id_mismatch() {
     assert_eq!(action, Action::await_change());
     assert!(ctx.metrics.encode().contains("livepatch_agent_errors_total{kind=\"build_id_mismatch\"} 1"));
 }
+
+/// The node agent leaves the tasks of a pod that carries its own agent; a sidecar acts on its
+/// own pod's tasks only.
+#[test]
+fn scopes_split_the_tasks() {
+    let setup = Setup::new();
+    let task = setup.task("Apply", 1, None);
+    let pod = |labels: Value| -> Pod { serde_json::from_value(json!({"metadata": {"name": "cart-0", "namespace": "shop", "labels": labels}})).unwrap() };
+    let plain = pod(json!({"app": "cart"}));
+    let with_sidecar = pod(json!({"app": "cart", "livepatch.dev/agent": "sidecar"}));
+    assert!(Scope::Node.owns(&task, Some(&plain)));
+    assert!(!Scope::Node.owns(&task, Some(&with_sidecar)));
+    assert!(Scope::Node.owns(&task, None), "a gone pod's revert stays the node agent's");
+    let mine = Scope::Pod { namespace: "shop".into(), uid: task.spec.pod_uid.clone() };
+    let other = Scope::Pod { namespace: "shop".into(), uid: "another-uid".into() };
+    assert!(mine.owns(&task, Some(&with_sidecar)) && !other.owns(&task, Some(&with_sidecar)));
+}
