@@ -22,6 +22,9 @@ Scenarios, in order (each needs the previous ones):
                  and count as patched (UpToDate), not Failed/BuildIDMismatch
   sidecar        sidecar mode: the webhook injects an agent into an opted-in pod, which patches
                  its own pod only (its PID namespace holds nothing else) and reverts on delete
+  sha_mismatch   a LivePatch pinning another sha256 than the bundle's: Failed, nothing patched
+  restart_required  a data-layout change: RestartRequired, pod labelled; the rollout to the fixed
+                 image clears it
   revert         deleting the LivePatch reverts the patched pods
 
 Usage: tests/node/run.py [--keep] [--only NAME...]   (prints "N passed, M failed" last)
@@ -184,7 +187,7 @@ class Test:
     def prepare(self):
         # The target, two versions, each as an image with exactly its libraries.
         images = []
-        for v in ("v1", "v2"):
+        for v in ("v1", "v2", "v3"):
             exe = os.path.join(self.work, "bin", v, "greeter")
             os.makedirs(os.path.dirname(exe), exist_ok=True)
             run([CC, *CFLAGS, "-o", exe, os.path.join(ROOT, "tests", "e2e", "targets", f"greeter-{v}.c")])
@@ -242,6 +245,7 @@ class Test:
         k = self.node.kubectl
         k("create", "namespace", RELEASE_NS)
         k("create", "namespace", SOLO_NS)  # sidecar mode: its service account is bound by the chart
+        k("create", "namespace", APP_NS)
         k("label", "namespace", RELEASE_NS, "pod-security.kubernetes.io/enforce=privileged")
         api = [{"name": "KUBERNETES_SERVICE_HOST", "value": self.node.env["NODE_IP"]},
                {"name": "KUBERNETES_SERVICE_PORT", "value": self.node.env["APISERVER_PORT"]}]
@@ -293,7 +297,6 @@ class Test:
 
     def s_apply(self):
         k = self.node.kubectl
-        k("create", "namespace", APP_NS)
         k("apply", "-f", "-", input=json.dumps(self.deployment("v1")))
         pods = self.running_pods("app=greeter", 2)
         for p in pods:
@@ -493,6 +496,67 @@ class Test:
                          after=len(self.node.container_log(self.node.get("pod", pod["metadata"]["name"], SOLO_NS), "app")))
         return f"sidecar injected (SYS_PTRACE only, shared PID namespace of {members}), patched its pod to v2, re-patched it after a crash, reverted it"
 
+    def small(self, name, version):
+        dep = self.deployment(version, replicas=1)
+        dep["metadata"]["name"] = name
+        dep["spec"]["selector"]["matchLabels"] = {"app": name}
+        dep["spec"]["template"]["metadata"]["labels"] = {"app": name}
+        self.node.kubectl("apply", "-f", "-", input=json.dumps(dep))
+        (pod,) = self.running_pods(f"app={name}", 1)
+        self.wait_output(pod, f"{version} hello", count=2)
+        return pod
+
+    def manifest(self, name, old, new, selector, *extra):
+        out = os.path.join(self.work, "bundles", f"{name}.lpatch")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        return json.loads(self.livepatch("build", "--old", self.exe[old], "--new", self.exe[new], "-o", out, *extra,
+                                         "--emit-manifest", "--namespace", APP_NS, "--selector", selector,
+                                         "--container", "app", "--json").stdout)
+
+    def s_sha_mismatch(self):
+        """A LivePatch whose sha256 is not the bundle's: Failed/BundleDigestMismatch, nothing patched."""
+        pod = self.small("sha", "v1")
+        info = self.manifest("sha-fix", "v1", "v2", "app=sha")
+        wrong = "f" * 64
+        text = open(info["manifest"]).read().replace(f"sha256: {info['sha256']}", f"sha256: {wrong}")
+        if wrong not in text:
+            raise Fail("the emitted manifest has no sha256 line to change")
+        mark = len(self.node.container_log(pod, "app"))
+        self.node.kubectl("apply", "-f", "-", input=text)
+        o = self.wait_lp("sha-fix", lambda st: st.get("phase") == "Degraded")
+        (task,) = [x for x in self.node.get(LPT, ns=APP_NS)["items"] if x["spec"]["podName"] == pod["metadata"]["name"]]
+        s = task.get("status") or {}
+        if (s.get("phase"), s.get("reason")) != ("Failed", "BundleDigestMismatch") or wrong not in (s.get("message") or ""):
+            raise Fail(f"task status: {s}")
+        self.wait_output(pod, "v1 hello", count=5, after=mark)
+        self.node.kubectl("-n", APP_NS, "delete", LP, "sha-fix", "--timeout=120s", timeout=150)
+        self.node.kubectl("-n", APP_NS, "delete", "deployment", "sha")
+        return f"Failed/BundleDigestMismatch, LivePatch {o['status']['phase']}, output still v1"
+
+    def s_restart_required(self):
+        """A data-layout change (v3's struct grows): the bundle records the refusal; the pod is
+        flagged RestartRequired and labelled; rolled to the fixed image, the flag clears."""
+        pod = self.small("layout", "v1")
+        info = self.manifest("layout-fix", "v1", "v3", "app=layout", "--record-refusal")
+        mark = len(self.node.container_log(pod, "app"))
+        self.node.kubectl("apply", "-f", info["manifest"])
+        o = self.wait_lp("layout-fix", lambda st: st.get("phase") == "RestartRequired")
+        reasons = [r.get("reason") for r in o["status"].get("restartRequired") or []]
+        wait_until("the pod labelled restart-required", lambda: (self.node.get("pod", pod["metadata"]["name"], APP_NS)["metadata"]
+                                                                   .get("labels") or {}).get("livepatch.dev/restart-required") == "true", timeout=60)
+        self.wait_output(pod, "v1 hello", count=5, after=mark)
+        # The offline restart the flag asks for: the Deployment rolled to the fixed image.
+        self.node.kubectl("-n", APP_NS, "set", "image", "deployment/layout", "app=lp-greeter:v3")
+        self.node.kubectl("-n", APP_NS, "rollout", "status", "deployment/layout", "--timeout=120s", timeout=150)
+        (new,) = self.running_pods("app=layout", 1)
+        self.wait_output(new, "v3 hello", count=2)
+        o = self.wait_lp("layout-fix", lambda st: st.get("phase") == "Applied" and not st.get("restartRequired"), timeout=120)
+        if "livepatch.dev/restart-required" in (new["metadata"].get("labels") or {}):
+            raise Fail("the new pod carries the restart-required label")
+        self.node.kubectl("-n", APP_NS, "delete", LP, "layout-fix", "--timeout=120s", timeout=150)
+        self.node.kubectl("-n", APP_NS, "delete", "deployment", "layout")
+        return f"RestartRequired ({reasons}), pod labelled, output unchanged; rolled to v3: {o['status']['counts']}"
+
     def s_revert(self):
         pods = self.running_pods("app=greeter", 3)
         k = self.node.kubectl
@@ -524,7 +588,8 @@ class Test:
             log(f"work directory kept: {self.work}")
 
 
-SCENARIOS = ["install", "apply", "crash", "probe", "agent_restart", "drain", "rollout", "sidecar", "revert"]
+SCENARIOS = ["install", "apply", "crash", "probe", "agent_restart", "drain", "rollout", "sidecar", "sha_mismatch",
+             "restart_required", "revert"]
 
 
 def main():
