@@ -131,6 +131,8 @@ struct Led {
     before: Vec<u8>,
     /// What it holds after the commit.
     after: Vec<u8>,
+    /// Led to its gate now; a deferred entry is led at the switch.
+    armed: bool,
 }
 
 /// Entries of one patch led to their gates, with the commit word `PARK`.
@@ -172,10 +174,11 @@ impl Gated {
             if now != before && now != gate_jump {
                 return Err(crate::jump::changed_under_us(&format!("the entry of `{}`", e.name), e.entry, &now, &before));
             }
-            if !deferred.contains(&e.entry) {
+            let armed = !deferred.contains(&e.entry);
+            if armed {
                 g.mem.write(e.entry, &gate_jump)?;
             }
-            g.entries.push(Led { name: e.name.clone(), at: e.entry, gate: gate_jump, before: now, after });
+            g.entries.push(Led { name: e.name.clone(), at: e.entry, gate: gate_jump, before: now, after, armed });
         }
         set(&g.mem, h.control, STATE_OFF, PARK)?;
         Ok(g)
@@ -187,10 +190,9 @@ impl Gated {
     pub fn switch(&mut self) -> Result<()> {
         // Deferred entries lead to their gates now (no thread is in the old code): a kill
         // after the commit leaves every entry going the same way.
-        for e in &self.entries {
-            if self.mem.read_vec(e.at, e.before.len())? == e.before {
-                self.mem.write(e.at, &e.gate)?;
-            }
+        for e in self.entries.iter_mut().filter(|e| !e.armed) {
+            self.mem.write(e.at, &e.gate)?;
+            e.armed = true;
         }
         set(&self.mem, self.control, STATE_OFF, self.way.to())?;
         self.heartbeat = None;

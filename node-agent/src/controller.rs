@@ -119,25 +119,31 @@ pub enum Scope {
 }
 
 impl Scope {
-    fn tasks(&self, client: Client) -> Api<LivePatchTask> {
+    /// The objects of kind `K` this agent reads: every namespace, or its pod's.
+    fn api<K>(&self, client: Client) -> Api<K>
+    where
+        K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+    {
         match self {
             Scope::Node => Api::all(client),
             Scope::Pod { namespace, .. } => Api::namespaced(client, namespace),
         }
     }
 
-    fn pods(&self, client: Client) -> Api<Pod> {
+    /// Whether `task` is for this agent, before its pod is read: a sidecar's own pod only.
+    fn takes(&self, task: &LivePatchTask) -> bool {
         match self {
-            Scope::Node => Api::all(client),
-            Scope::Pod { namespace, .. } => Api::namespaced(client, namespace),
+            Scope::Node => true,
+            Scope::Pod { uid, .. } => task.spec.pod_uid == *uid,
         }
     }
 
-    /// Whether this agent acts on `task` of `pod` (None: gone).
-    fn owns(&self, task: &LivePatchTask, pod: Option<&Pod>) -> bool {
+    /// Whether this agent acts on a task of `pod` (None: gone): a node agent leaves pods that
+    /// carry their own agent.
+    fn serves(&self, pod: Option<&Pod>) -> bool {
         match self {
             Scope::Node => pod.is_none_or(|p| p.labels().get(AGENT_LABEL).map(String::as_str) != Some("sidecar")),
-            Scope::Pod { uid, .. } => task.spec.pod_uid == *uid,
+            Scope::Pod { .. } => true,
         }
     }
 }
@@ -312,14 +318,12 @@ pub async fn reconcile(task: Arc<LivePatchTask>, ctx: Arc<Context>) -> Result<Ac
     if let Some(left) = ctx.not_yet(&task) {
         return Ok(Action::requeue(left));
     }
-    if let Scope::Pod { uid, .. } = &ctx.scope {
-        if task.spec.pod_uid != *uid {
-            return Ok(Action::await_change());
-        }
+    if !ctx.scope.takes(&task) {
+        return Ok(Action::await_change());
     }
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let pod = pods.get_opt(&task.spec.pod_name).await?;
-    if !ctx.scope.owns(&task, pod.as_ref()) {
+    if !ctx.scope.serves(pod.as_ref()) {
         debug!(pod = %task.spec.pod_name, "the pod carries its own agent: its sidecar acts on the task");
         return Ok(Action::await_change());
     }
@@ -661,7 +665,7 @@ where
 /// reach the reconciler.
 pub fn task_controller(client: Client, node: &str, scope: &Scope) -> Controller<LivePatchTask> {
     let (store, writer) = reflector::store();
-    let tasks = reflector::reflector(writer, watcher::watcher(scope.tasks(client), task_watch_config(node))).applied_objects();
+    let tasks = reflector::reflector(writer, watcher::watcher(scope.api(client), task_watch_config(node))).applied_objects();
     Controller::for_stream(reconcile_triggers(tasks), store)
 }
 
@@ -675,7 +679,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let node = ctx.node.clone();
-    let pods_api: Api<Pod> = ctx.scope.pods(ctx.client.clone());
+    let pods_api: Api<Pod> = ctx.scope.api(ctx.client.clone());
     let store = controller.store();
     let waiting = store.clone();
     tokio::spawn(async move {

@@ -189,38 +189,25 @@ pub fn constant_of(code: &[u8], ip: u64) -> Option<u64> {
 
 /// Instruction boundaries of `code` placed at `ip` (for "is this pc at an instruction start").
 pub fn instruction_starts(code: &[u8], ip: u64) -> Result<Vec<u64>, DecodeError> {
-    let mut out = Vec::new();
-    let mut decoder = Decoder::with_ip(64, code, ip, DecoderOptions::NONE);
-    let mut insn = Instruction::default();
-    while decoder.can_decode() {
-        decoder.decode_out(&mut insn);
-        if insn.is_invalid() {
-            return Err(DecodeError { ip: insn.ip() });
-        }
-        out.push(insn.ip());
-    }
-    Ok(out)
+    Decoder::with_ip(64, code, ip, DecoderOptions::NONE)
+        .iter()
+        .map(|insn| if insn.is_invalid() { Err(DecodeError { ip: insn.ip() }) } else { Ok(insn.ip()) })
+        .collect()
 }
 
 /// Targets of the direct jumps (unconditional and conditional, not calls) in `code` placed at
 /// `ip`: a tail call leaves no frame behind, so a thread standing on a function's entry may be
 /// in the middle of the code that jumped there. Undecodable bytes end the scan.
 pub fn jump_targets(code: &[u8], ip: u64) -> Vec<u64> {
-    let mut out = Vec::new();
-    let mut decoder = Decoder::with_ip(64, code, ip, DecoderOptions::NONE);
-    let mut insn = Instruction::default();
-    while decoder.can_decode() {
-        decoder.decode_out(&mut insn);
-        if insn.is_invalid() {
-            break;
-        }
-        if matches!(insn.flow_control(), FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch)
-            && matches!(insn.op0_kind(), OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64)
-        {
-            out.push(insn.near_branch_target());
-        }
-    }
-    out
+    Decoder::with_ip(64, code, ip, DecoderOptions::NONE)
+        .iter()
+        .take_while(|insn| !insn.is_invalid())
+        .filter(|insn| {
+            matches!(insn.flow_control(), FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch)
+                && matches!(insn.op0_kind(), OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64)
+        })
+        .map(|insn| insn.near_branch_target())
+        .collect()
 }
 
 /// Encode `jmp rel32` at `from` to `to`; `None` when out of reach.
